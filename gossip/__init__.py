@@ -1,0 +1,1 @@
+"""What travels between peers and how it is mixed: messages, transports, mixing rules, protocols."""

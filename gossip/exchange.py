@@ -1,0 +1,109 @@
+"""One gossip step with the neighbours: send our state, collect theirs, mix.
+
+Shared by every protocol that mixes with a neighbourhood (D-PSGD, DFedSAM and its multiple
+gossip steps). Messages are keyed by gossip step, so a fast neighbour that is already one
+step ahead is buffered, and one that is late is dropped once its step has been mixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from gossip.learner import State
+from gossip.message import Message, PeerId
+from gossip.mixing import MixingRule, WeightedAverage
+from gossip.neighbourhood import Neighbourhood
+from gossip.transport import Clock, PeerUnreachable, Transport
+from gossip.validation import InvalidState, check_state
+
+log = logging.getLogger(__name__)
+
+MODEL = "model"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    state: State
+    expected: int  # neighbours whose model the step waited for
+    heard: int  # of those, how many arrived in time
+
+
+class StepInbox:
+    """Received models, by gossip step and sender; the first copy from a sender wins."""
+
+    def __init__(self) -> None:
+        self._by_step: dict[int, dict[PeerId, Message]] = {}
+        self._floor = 0  # steps below this are finished; their messages are late
+        self._arrived = asyncio.Event()
+
+    def put(self, message: Message) -> bool:
+        if message.round < self._floor:
+            return False
+        self._by_step.setdefault(message.round, {}).setdefault(message.sender, message)
+        self._arrived.set()
+        return True
+
+    async def collect(self, step: int, expected: set[PeerId], clock: Clock, timeout: float) -> dict[PeerId, Message]:
+        """Wait until every expected sender's model for ``step`` is here, or the timeout passes."""
+        got = self._by_step.setdefault(step, {})
+        try:
+            async with clock.timeout(timeout):
+                while not expected <= got.keys():
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError:
+            pass
+        self._floor = step + 1
+        for old in [s for s in self._by_step if s <= step]:
+            del self._by_step[old]
+        return {sender: got[sender] for sender in expected if sender in got}
+
+
+class NeighbourExchange:
+    def __init__(
+        self,
+        transport: Transport,
+        clock: Clock,
+        neighbourhood: Neighbourhood,
+        reference: State,
+        *,
+        timeout: float,
+        mixing: MixingRule | None = None,
+    ):
+        self.transport = transport
+        self.clock = clock
+        self.neighbourhood = neighbourhood
+        self.timeout = timeout
+        self.mixing = mixing or WeightedAverage()
+        self._reference = {k: v.detach() for k, v in reference.items()}
+        self._inbox = StepInbox()
+        transport.serve(MODEL, self._receive)
+
+    async def _receive(self, message: Message) -> None:
+        try:
+            check_state(message.tensors, self._reference)
+        except InvalidState as reason:
+            self.transport.counters.rejected += 1
+            log.warning("%s: rejected model from %s at step %d: %s", self.transport.peer_id, message.sender, message.round, reason)
+            return
+        self._inbox.put(message)
+
+    async def _send(self, peer: PeerId, message: Message) -> None:
+        try:
+            await self.transport.send(peer, message)
+        except PeerUnreachable as reason:
+            log.info("%s: could not send to %s: %s", self.transport.peer_id, peer, reason)
+
+    async def step(self, step: int, state: State) -> StepResult:
+        message = Message(MODEL, self.transport.peer_id, step, state)
+        await asyncio.gather(*(self._send(peer, message) for peer in self.neighbourhood.out_neighbours(step)))
+        weights = self.neighbourhood.in_weights(step)
+        received = await self._inbox.collect(step, set(weights), self.clock, self.timeout)
+        mixed = self.mixing.mix(
+            state,
+            self.neighbourhood.self_weight(step),
+            [(weights[peer], received[peer].tensors) for peer in sorted(received)],
+        )
+        return StepResult(mixed, expected=len(weights), heard=len(received))

@@ -1,0 +1,24 @@
+"""What a protocol needs from the model it trains: local steps and a model state to share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+# The shareable part of a model: its floating-point parameters and buffers, by name.
+State = dict[str, torch.Tensor]
+
+
+class Learner(ABC):
+    @abstractmethod
+    def train(self, steps: int) -> float:
+        """Take ``steps`` local optimisation steps; return the mean training loss."""
+
+    @abstractmethod
+    def state(self) -> State:
+        """A snapshot of the shareable state: new tensors that later training does not change."""
+
+    @abstractmethod
+    def load_state(self, state: State) -> None:
+        """Replace the shareable state (e.g. with the result of mixing)."""

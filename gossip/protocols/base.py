@@ -1,0 +1,42 @@
+"""The small base every protocol extends: it gets a context and runs rounds."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gossip.learner import Learner
+from gossip.neighbourhood import Neighbourhood
+from gossip.transport import Clock, Transport
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    round: int
+    train_loss: float
+    neighbours_expected: int = 0
+    neighbours_heard: int = 0
+
+
+@dataclass
+class ProtocolContext:
+    """Everything a protocol may touch. It never sees whether the world is simulated."""
+
+    transport: Transport
+    clock: Clock
+    learner: Learner
+    neighbourhood: Neighbourhood | None
+    # Awaited after every round, once the round's model is final (the runtime evaluates and records it).
+    round_finished: Callable[[RoundReport], Awaitable[None]]
+
+
+class Protocol(ABC):
+    name: str
+
+    def __init__(self, context: ProtocolContext):
+        self.context = context
+
+    @abstractmethod
+    async def run(self, rounds: int) -> None:
+        """Run ``rounds`` rounds, reporting each one through ``context.round_finished``."""

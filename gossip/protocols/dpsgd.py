@@ -1,0 +1,33 @@
+"""D-PSGD: K local SGD steps, then one gossip step with the neighbours (ALGORITHMS.md section 1)."""
+
+from __future__ import annotations
+
+from gossip.exchange import NeighbourExchange
+from gossip.mixing import MixingRule
+from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+
+
+class DPSGD(Protocol):
+    name = "dpsgd"
+
+    def __init__(self, context: ProtocolContext, *, local_steps: int, exchange_timeout: float, mixing: MixingRule | None = None):
+        super().__init__(context)
+        if context.neighbourhood is None:
+            raise ValueError("D-PSGD needs a neighbourhood")
+        self.local_steps = local_steps
+        self.exchange = NeighbourExchange(
+            context.transport,
+            context.clock,
+            context.neighbourhood,
+            context.learner.state(),
+            timeout=exchange_timeout,
+            mixing=mixing,
+        )
+
+    async def run(self, rounds: int) -> None:
+        learner, clock = self.context.learner, self.context.clock
+        for round_ in range(rounds):
+            loss = await clock.compute(learner.train, self.local_steps, steps=self.local_steps)
+            result = await self.exchange.step(round_, learner.state())
+            learner.load_state(result.state)
+            await self.context.round_finished(RoundReport(round_, loss, result.expected, result.heard))

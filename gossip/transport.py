@@ -1,0 +1,80 @@
+"""The two interfaces every protocol is written against: Transport and Clock.
+
+A protocol never knows whether it runs in the simulator or on a real network. The simulator
+(`peer.sim`) and the real world (hivemind P2P, wall clock) each implement both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from gossip.message import Message, PeerId
+
+T = TypeVar("T")
+
+# A handler gets an incoming message; for a request its return value is the reply.
+Handler = Callable[[Message], Awaitable[Message | None]]
+
+
+class PeerUnreachable(ConnectionError):
+    """Raised when a message cannot be handed to a peer (unknown, down or refused)."""
+
+
+@dataclass
+class TrafficCounters:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    rejected: int = 0
+
+
+class Transport(ABC):
+    """Moves messages between this peer and others."""
+
+    peer_id: PeerId
+    counters: TrafficCounters
+
+    @abstractmethod
+    async def send(self, peer: PeerId, message: Message) -> None:
+        """Send a one-way message. Delivery is not confirmed; loss shows up as a timeout."""
+
+    @abstractmethod
+    async def request(self, peer: PeerId, message: Message, timeout: float) -> Message:
+        """Send a message and wait for the handler's reply; raises TimeoutError or PeerUnreachable."""
+
+    @abstractmethod
+    def serve(self, kind: str, handler: Handler) -> None:
+        """Route incoming messages of this kind to ``handler``."""
+
+    @abstractmethod
+    def reachable(self) -> list[PeerId]:
+        """The peers this transport currently knows how to reach."""
+
+
+class Clock(ABC):
+    """Time as a protocol sees it, and the cost of local work."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """Seconds since this peer started."""
+
+    @abstractmethod
+    async def sleep(self, seconds: float) -> None: ...
+
+    def timeout(self, seconds: float) -> AbstractAsyncContextManager[Any]:
+        """A deadline for the enclosed block; both worlds run on an event loop whose time is the clock's."""
+        return asyncio.timeout(seconds)
+
+    @abstractmethod
+    async def compute(self, work: Callable[..., T], *args: Any, steps: int) -> T:
+        """Run local work (training) made of ``steps`` optimisation steps and return its result.
+
+        The real clock runs it in a worker thread so that the peer keeps serving its
+        neighbours; the simulated clock runs it inline and charges the peer's speed profile.
+        """

@@ -1,0 +1,67 @@
+"""One running peer: a trainer and a protocol wired to a transport and a clock, with its metrics.
+
+The same class runs in the simulator and on the network; only the transport and clock differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gossip.protocols import Protocol, RoundReport
+from gossip.transport import Clock, Transport
+from peer.metrics import MetricsLog, RoundRecord
+from peer.trainer import Trainer
+
+
+class PeerNode:
+    def __init__(
+        self,
+        transport: Transport,
+        clock: Clock,
+        trainer: Trainer,
+        metrics: MetricsLog,
+        *,
+        rounds: int,
+        eval_every: int,
+        on_record: Callable[[RoundRecord], None] | None = None,
+    ):
+        self.transport = transport
+        self.clock = clock
+        self.trainer = trainer
+        self.metrics = metrics
+        self.rounds = rounds
+        self.eval_every = eval_every
+        self.on_record = on_record
+        self.protocol: Protocol | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.transport.peer_id
+
+    async def round_finished(self, report: RoundReport) -> None:
+        last = report.round == self.rounds - 1
+        accuracy = loss = None
+        if last or (report.round + 1) % self.eval_every == 0:
+            accuracy, loss = await self.clock.compute(self.trainer.evaluate, steps=0)
+        counters = self.transport.counters
+        record = RoundRecord(
+            round=report.round,
+            peer=self.peer_id,
+            accuracy=accuracy,
+            loss=loss,
+            train_loss=report.train_loss,
+            bytes_sent=counters.bytes_sent,
+            bytes_received=counters.bytes_received,
+            virtual_time=self.clock.now(),
+            neighbours_expected=report.neighbours_expected,
+            neighbours_heard=report.neighbours_heard,
+            rejected=counters.rejected,
+        )
+        self.metrics.write(record)
+        if self.on_record:
+            self.on_record(record)
+
+    async def run(self) -> None:
+        if self.protocol is None:
+            raise RuntimeError("PeerNode.protocol must be set before run()")
+        await self.protocol.run(self.rounds)

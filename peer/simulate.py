@@ -1,0 +1,156 @@
+"""`peer simulate`: many peers in one process on an emulated network and a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gossip.mixing import average
+from gossip.neighbourhood import GraphNeighbourhood
+from gossip.protocols import DPSGD, FedAvgClient, FedAvgServer, ProtocolContext
+from peer.config import SimulationConfig
+from peer.metrics import MetricsLog, RoundRecord, write_json_atomic
+from peer.runtime import PeerNode
+from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
+from peer.tasks import Task, load_task, partition
+from peer.trainer import Trainer, resolve_device
+from topology import parse_topology
+
+SERVER_ID = "server"
+LABELS = {
+    "dpsgd": "D-PSGD (decentralised gossip)",
+    "fedavg": "FedAvg (centralised reference, simulation only)",
+}
+
+
+@dataclass
+class SimulationResult:
+    summary: dict[str, Any]
+    final: list[RoundRecord]  # each peer's last record
+
+
+def peer_ids(n: int) -> list[str]:
+    width = len(str(n - 1))
+    return [f"peer-{i:0{width}d}" for i in range(n)]
+
+
+def consensus_distance(states: list[dict[str, torch.Tensor]]) -> float:
+    """Mean over peers of the squared distance between a peer's model and the average model."""
+    mean = average(states)
+    return sum(
+        sum(float((state[name] - mean[name]).pow(2).sum()) for name in mean) for state in states
+    ) / len(states)
+
+
+def build_trainers(config: SimulationConfig, task: Task, device: torch.device) -> list[Trainer]:
+    shards = partition(task.train_y, config.peers, config.partition, config.seed)
+    torch.manual_seed(config.seed)
+    initial = task.make_model().state_dict()
+    trainers = []
+    for index, shard in enumerate(shards):
+        model = task.make_model()
+        model.load_state_dict(initial)  # every peer starts from the same model
+        shard_index = torch.as_tensor(shard, dtype=torch.long)
+        trainers.append(
+            Trainer(
+                model,
+                (task.train_x[shard_index], task.train_y[shard_index]),
+                (task.test_x, task.test_y),
+                lr=config.lr or task.learning_rate,
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+                batch_size=config.batch_size,
+                seed=config.seed * 100_003 + index,
+                device=device,
+            )
+        )
+    return trainers
+
+
+def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
+    """Run a whole simulation; raises TaskError, PartitionError, TopologyError or ValueError on bad input."""
+    torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    topology = parse_topology(config.topology, config.peers, weights=config.weights, seed=config.seed)
+    task = load_task(config.task, config.data_dir)
+    trainers = build_trainers(config, task, device)
+    ids = peer_ids(config.peers)
+
+    if config.out:
+        config.out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
+    network = SimNetwork(
+        LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
+    )
+    clock = SimClock(SpeedProfile(config.step_time))
+    # A round cannot take longer than its training plus this, so it bounds a FedAvg round.
+    round_timeout = config.exchange_timeout + config.local_steps * config.step_time
+
+    nodes = []
+    for peer_id, trainer in zip(ids, trainers):
+        node = PeerNode(
+            network.attach(peer_id), clock, trainer, metrics,
+            rounds=config.rounds, eval_every=config.eval_every, on_record=on_record,
+        )
+        context = ProtocolContext(node.transport, clock, trainer, None, node.round_finished)
+        if config.algorithm == "dpsgd":
+            context.neighbourhood = GraphNeighbourhood(topology, ids, peer_id)
+            node.protocol = DPSGD(context, local_steps=config.local_steps, exchange_timeout=config.exchange_timeout)
+        else:
+            node.protocol = FedAvgClient(
+                context, server=SERVER_ID, local_steps=config.local_steps, round_timeout=2 * round_timeout
+            )
+        nodes.append(node)
+
+    async def run_all() -> float:
+        if config.algorithm == "fedavg":
+            FedAvgServer(
+                network.attach(SERVER_ID), clock, trainers[0].state(), peers=config.peers, timeout=round_timeout
+            )
+        await asyncio.gather(*(node.run() for node in nodes))
+        return asyncio.get_running_loop().time()
+
+    started = time.perf_counter()
+    try:
+        with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+            virtual_seconds = runner.run(run_all())
+    finally:
+        metrics.close()
+    wall_seconds = time.perf_counter() - started
+
+    final = [metrics.latest[peer_id] for peer_id in ids]
+    accuracies = [record.accuracy for record in final]
+    summary = {
+        "algorithm": config.algorithm,
+        "label": LABELS[config.algorithm],
+        "task": config.task,
+        "topology": config.topology if config.algorithm == "dpsgd" else "server",
+        "spectral_gap": topology.spectral_gap() if config.algorithm == "dpsgd" else 1.0,
+        "partition": config.partition,
+        "peers": config.peers,
+        "rounds": config.rounds,
+        "local_steps": config.local_steps,
+        "batch_size": config.batch_size,
+        "lr": config.lr or task.learning_rate,
+        "seed": config.seed,
+        "device": str(device),
+        "mean_accuracy": sum(accuracies) / len(accuracies),
+        "min_accuracy": min(accuracies),
+        "max_accuracy": max(accuracies),
+        "mean_loss": sum(record.loss for record in final) / len(final),
+        "consensus_distance": consensus_distance([trainer.state() for trainer in trainers]),
+        "bytes_sent_total": sum(record.bytes_sent for record in final),
+        "bytes_received_total": sum(record.bytes_received for record in final),
+        "missed_exchanges_total": metrics.missed_exchanges,
+        "rejected_total": sum(record.rejected for record in final),
+        "virtual_seconds": virtual_seconds,
+        "wall_seconds": wall_seconds,
+    }
+    if config.out:
+        write_json_atomic(config.out / "summary.json", summary)
+    return SimulationResult(summary, final)

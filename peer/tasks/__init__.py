@@ -1,0 +1,52 @@
+"""Training tasks (dataset + model) by name, user-defined tasks, and partitions across peers."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable
+
+from peer.tasks.base import Task, TaskError
+from peer.tasks.fashion_mnist import load_fashion_mnist
+from peer.tasks.mnist1d import load_mnist1d
+from peer.tasks.partition import PARTITION_SPECS, PartitionError, partition
+
+__all__ = ["PARTITION_SPECS", "TASK_NAMES", "PartitionError", "Task", "TaskError", "load_task", "partition"]
+
+_BUILTIN_LOADERS: dict[str, Callable[[Path | None], Task]] = {
+    "mnist1d": load_mnist1d,
+    "fashion-mnist": load_fashion_mnist,
+}
+TASK_NAMES = tuple(_BUILTIN_LOADERS)
+_USER_TASK_CONTRACT = "def FUNCTION(data_dir: Path | None) -> peer.tasks.Task"
+
+
+def load_task(spec: str, data_dir: Path | None = None) -> Task:
+    """Load and validate a built-in task by name, or a user's task given as module:function."""
+    if spec in _BUILTIN_LOADERS:
+        task = _BUILTIN_LOADERS[spec](data_dir)
+    elif ":" in spec:
+        task = _load_user_task(spec, data_dir)
+    else:
+        raise TaskError(f"unknown task {spec!r}: use one of {', '.join(TASK_NAMES)}, or module:function for your own")
+    task.validate()
+    return task
+
+
+def _load_user_task(spec: str, data_dir: Path | None) -> Task:
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name.isidentifier():
+        raise TaskError(f"task {spec!r} must look like module:function, e.g. mytasks:cifar")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise TaskError(
+            f"cannot import task module {module_name!r} ({err}): put it on PYTHONPATH or run from its folder"
+        ) from err
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise TaskError(f"module {module_name!r} has no function {function_name!r}: define {_USER_TASK_CONTRACT}")
+    task = function(data_dir)
+    if not isinstance(task, Task):
+        raise TaskError(f"{spec} returned {type(task).__name__}, but it must be {_USER_TASK_CONTRACT}")
+    return task

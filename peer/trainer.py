@@ -1,0 +1,95 @@
+"""Local training and evaluation of one peer's model: SGD with momentum on the peer's own data."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gossip.learner import Learner, State
+from peer.config import ConfigError
+
+# Small enough that activations stay in the allocator cache instead of being mapped and unmapped per batch.
+EVAL_BATCH = 256
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when it is available; asking for CUDA without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but this torch build sees no CUDA device; use --device auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+class Trainer(Learner):
+    def __init__(
+        self,
+        model: nn.Module,
+        train: tuple[torch.Tensor, torch.Tensor],
+        test: tuple[torch.Tensor, torch.Tensor],
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+    ):
+        self.device = device
+        self.model = model.to(device)
+        self.train_x, self.train_y = (t.to(device) for t in train)
+        self.test_x, self.test_y = (t.to(device) for t in test)
+        self.batch_size = min(batch_size, len(self.train_y))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._position = 0
+        self.steps_taken = 0
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Epochs of sampling without replacement; a new permutation when the current one runs out.
+        if self._position + self.batch_size > len(self._order):
+            self._order = torch.randperm(len(self.train_y), generator=self._generator).to(self.device)
+            self._position = 0
+        index = self._order[self._position : self._position + self.batch_size]
+        self._position += self.batch_size
+        return self.train_x[index], self.train_y[index]
+
+    def train(self, steps: int) -> float:
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for _ in range(steps):
+            x, y = self._next_batch()
+            loss = F.cross_entropy(self.model(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.detach()
+        self.steps_taken += steps
+        return float(total) / max(steps, 1)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Accuracy and mean loss on the held-out test set."""
+        self.model.eval()
+        correct = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device)
+        for start in range(0, len(self.test_y), EVAL_BATCH):
+            x, y = self.test_x[start : start + EVAL_BATCH], self.test_y[start : start + EVAL_BATCH]
+            logits = self.model(x)
+            loss += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(dim=1) == y).sum()
+        n = len(self.test_y)
+        return float(correct) / n, float(loss) / n
+
+    def state(self) -> State:
+        return {name: t.detach().clone() for name, t in self.model.state_dict().items() if t.is_floating_point()}
+
+    @torch.no_grad()
+    def load_state(self, state: State) -> None:
+        own = self.model.state_dict()
+        for name, tensor in state.items():
+            own[name].copy_(tensor)

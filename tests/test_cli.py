@@ -1,0 +1,106 @@
+"""The command line: the happy path, config files, and one-line errors with exit code 2 for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from peer.cli import main
+
+FAST = ["--peers", "3", "--rounds", "2", "--local-steps", "1", "--partition", "iid"]
+
+
+def run_cli(capsys, *args):
+    code = main(["simulate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_simulate_prints_a_table_and_writes_files(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, *FAST, "--out", str(tmp_path))
+    assert code == 0
+    assert "test accuracy: mean" in out
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_config_file_supplies_settings_and_flags_win(capsys, tmp_path):
+    (tmp_path / "run.toml").write_text('peers = 5\nrounds = 1\nlocal-steps = 1\npartition = "iid"\ntopology = "complete"\n')
+    code, out, _ = run_cli(capsys, "--config", str(tmp_path / "run.toml"), "--peers", "3", "--out", str(tmp_path / "o"))
+    assert code == 0
+    import json
+
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["peers"] == 3  # the flag
+    assert summary["topology"] == "complete"  # the file
+
+
+BAD_INPUTS = {
+    "unknown topology": (["--topology", "hypercube"], "topology"),
+    "unknown task": (["--task", "imagenet"], "task"),
+    "disconnected graph": (["--topology", "erdos:0.01", "--peers", "12"], "disconnected"),
+    "one peer": (["--peers", "1"], "peers"),
+    "missing data directory": (["--task", "fashion-mnist", "--data-dir", "/nonexistent/data"], "--data-dir"),
+    "dirichlet alpha zero": (["--partition", "dirichlet:0"], "alpha"),
+    "dirichlet alpha negative": (["--partition", "dirichlet:-1"], "alpha"),
+    "unknown partition": (["--partition", "zipf"], "partition"),
+    "bad user task": (["--task", "no_such_module:task"], "module"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_code_2(capsys, case):
+    args, keyword = BAD_INPUTS[case]
+    code, _, err = run_cli(capsys, *FAST, *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert keyword.lower() in err.lower()
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args, keyword",
+    [
+        (["--algorithm", "sgd"], "algorithm"),
+        (["--rounds", "many"], "rounds"),
+        (["--device", "tpu"], "device"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_code_2(capsys, args, keyword):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert keyword in err
+
+
+@pytest.mark.parametrize(
+    "content, keyword",
+    [
+        ("peers = [", "TOML"),
+        ("peers = 4\nwarp_speed = 9\n", "warp_speed"),
+        ('rounds = "ten"\n', "rounds"),
+    ],
+)
+def test_malformed_config_file_is_one_line_and_exit_code_2(capsys, tmp_path, content, keyword):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    code, _, err = run_cli(capsys, "--config", str(path))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert keyword in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--config", str(tmp_path / "absent.toml"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_console_script_reports_errors_without_a_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "peer.cli", "simulate", "--topology", "nope"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1

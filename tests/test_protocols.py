@@ -1,0 +1,165 @@
+"""D-PSGD and FedAvg on the simulated world, with learners whose result can be predicted exactly."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from gossip.exchange import MODEL
+from gossip.message import Message
+from gossip.mixing import WeightedAverage
+from gossip.neighbourhood import GraphNeighbourhood
+from gossip.protocols import DPSGD, FedAvgClient, FedAvgServer, ProtocolContext, RoundReport
+from peer.sim import LinkModel, SimClock, SimNetwork, VirtualTimeLoop
+from tests.vector_learner import VectorLearner
+from topology import parse_topology
+
+
+def run(coro):
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        return runner.run(coro)
+
+
+def build_dpsgd(topology, values, *, timeout=30.0, network=None):
+    network = network or SimNetwork(LinkModel(latency=0.01))
+    ids = [f"p{i}" for i in range(topology.n)]
+    clock = SimClock()
+    learners, protocols, reports = [], [], {peer: [] for peer in ids}
+    for peer, value in zip(ids, values):
+        learner = VectorLearner(value)
+
+        async def finished(report, peer=peer):
+            reports[peer].append(report)
+
+        context = ProtocolContext(network.attach(peer), clock, learner, GraphNeighbourhood(topology, ids, peer), finished)
+        learners.append(learner)
+        protocols.append(DPSGD(context, local_steps=1, exchange_timeout=timeout))
+    return network, ids, learners, protocols, reports
+
+
+@pytest.mark.parametrize("spec", ["ring", "complete", "star", "exponential", "onepeer-exponential"])
+def test_dpsgd_rounds_apply_the_mixing_matrices(spec):
+    n, rounds = 8, 5
+    topology = parse_topology(spec, n, seed=0)
+    x0 = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, _, learners, protocols, _ = build_dpsgd(topology, list(x0))
+
+    async def main():
+        await asyncio.gather(*(p.run(rounds) for p in protocols))
+
+    run(main())
+    expected = x0.numpy()
+    for r in range(rounds):
+        expected = topology.mixing_matrix(r) @ expected
+    got = np.stack([learner.value.numpy() for learner in learners])
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
+def test_onepeer_exponential_reaches_the_exact_average_through_the_protocol():
+    n = 16
+    topology = parse_topology("onepeer-exponential", n)
+    x0 = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    _, _, learners, protocols, _ = build_dpsgd(topology, list(x0))
+
+    async def main():
+        await asyncio.gather(*(p.run(4) for p in protocols))
+
+    run(main())
+    for learner in learners:
+        assert learner.value.item() == pytest.approx(x0.mean().item(), abs=1e-12)
+
+
+def test_a_silent_neighbour_is_left_out_after_the_timeout_and_weights_are_renormalised():
+    topology = parse_topology("ring", 4)
+    values = [torch.tensor([float(i)]) for i in range(4)]
+    network, ids, learners, protocols, reports = build_dpsgd(topology, values, timeout=7.0)
+    network.crash("p2")
+
+    async def main():
+        await asyncio.gather(*(p.run(1) for i, p in enumerate(protocols) if i != 2))
+        return asyncio.get_running_loop().time()
+
+    elapsed = run(main())
+    assert elapsed >= 7.0  # p1 and p3 waited for p2 until the timeout
+    # p1 mixes itself (1/3) and p0 (1/3); p2's 1/3 is spread over the two that arrived.
+    assert learners[1].value.item() == pytest.approx((1.0 + 0.0) / 2)
+    assert learners[0].value.item() == pytest.approx((0.0 + 1.0 + 3.0) / 3)
+    assert reports["p1"] == [RoundReport(0, 0.0, neighbours_expected=2, neighbours_heard=1)]
+    assert reports["p0"][0].neighbours_heard == 2
+
+
+def test_lossy_links_never_stall_a_run():
+    topology = parse_topology("ring", 6)
+    network = SimNetwork(LinkModel(loss=0.3), seed=3)
+    values = [torch.tensor([float(i)]) for i in range(6)]
+    _, _, learners, protocols, reports = build_dpsgd(topology, values, timeout=2.0, network=network)
+
+    async def main():
+        await asyncio.gather(*(p.run(20) for p in protocols))
+
+    run(main())
+    assert all(len(r) == 20 for r in reports.values())
+    heard = sum(rep.neighbours_heard for r in reports.values() for rep in r)
+    assert 0 < heard < 6 * 2 * 20
+    # Renormalised mixing keeps every value inside the initial range: nothing shrinks to zero.
+    assert all(0.0 <= learner.value.item() <= 5.0 for learner in learners)
+
+
+def test_invalid_models_are_rejected_and_counted_without_touching_the_mix():
+    topology = parse_topology("ring", 3)
+    values = [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])]
+    network, ids, learners, protocols, _ = build_dpsgd(topology, values)
+    attacker = network.attach("mallory")
+    bad = [
+        {"x": torch.tensor([float("nan"), 0.0], dtype=torch.float64)},
+        {"x": torch.zeros(3, dtype=torch.float64)},
+        {"x": torch.zeros(2, dtype=torch.float32)},
+        {"y": torch.zeros(2, dtype=torch.float64)},
+    ]
+
+    async def main():
+        for tensors in bad:
+            await attacker.send("p0", Message(MODEL, "p1", 0, tensors))  # even posing as a neighbour
+        await asyncio.sleep(0.5)
+        await asyncio.gather(*(p.run(1) for p in protocols))
+
+    run(main())
+    assert network._endpoints["p0"].counters.rejected == len(bad)
+    for learner in learners:
+        assert torch.equal(learner.value, torch.tensor([1.0, 1.0], dtype=torch.float64))
+
+
+def test_weighted_average_needs_positive_weights():
+    with pytest.raises(ValueError):
+        WeightedAverage().mix({"x": torch.ones(1)}, 0.0, [])
+
+
+def test_fedavg_gives_every_peer_the_exact_average():
+    n = 5
+    network = SimNetwork()
+    clock = SimClock()
+    x0 = [torch.tensor([float(i), 2.0 * i]) for i in range(n)]
+    learners = [VectorLearner(x, drift=1.0) for x in x0]
+    server_reference = {"x": torch.zeros(2, dtype=torch.float64)}
+
+    async def noop(report):
+        pass
+
+    clients = [
+        FedAvgClient(
+            ProtocolContext(network.attach(f"p{i}"), clock, learner, None, noop),
+            server="server", local_steps=2, round_timeout=60,
+        )
+        for i, learner in enumerate(learners)
+    ]
+
+    async def main():
+        FedAvgServer(network.attach("server"), clock, server_reference, peers=n, timeout=30)
+        await asyncio.gather(*(c.run(3) for c in clients))
+
+    run(main())
+    # Each round adds 2 to every coordinate, then averages: the mean moves by 2 per round.
+    expected = torch.stack(x0).double().mean(dim=0) + 6.0
+    for learner in learners:
+        assert torch.allclose(learner.value, expected)

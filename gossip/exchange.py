@@ -31,15 +31,21 @@ class StepResult:
 
 
 class StepInbox:
-    """Received models, by gossip step and sender; the first copy from a sender wins."""
+    """Received models, by gossip step and sender; the first copy from a sender wins.
 
-    def __init__(self) -> None:
+    Only steps within ``horizon`` of the current one are buffered, so a peer that sends
+    models for far-future steps cannot make us hold an unbounded number of them.
+    """
+
+    def __init__(self, horizon: int = 16) -> None:
         self._by_step: dict[int, dict[PeerId, Message]] = {}
         self._floor = 0  # steps below this are finished; their messages are late
+        self._horizon = horizon
         self._arrived = asyncio.Event()
 
     def put(self, message: Message) -> bool:
-        if message.round < self._floor:
+        """Buffer a model; False when it is late or too far ahead."""
+        if not self._floor <= message.round < self._floor + self._horizon:
             return False
         self._by_step.setdefault(message.round, {}).setdefault(message.sender, message)
         self._arrived.set()
@@ -88,7 +94,8 @@ class NeighbourExchange:
             self.transport.counters.rejected += 1
             log.warning("%s: rejected model from %s at step %d: %s", self.transport.peer_id, message.sender, message.round, reason)
             return
-        self._inbox.put(message)
+        if not self._inbox.put(message):
+            log.debug("%s: dropped model from %s for step %d: late or too far ahead", self.transport.peer_id, message.sender, message.round)
 
     async def _send(self, peer: PeerId, message: Message) -> None:
         try:

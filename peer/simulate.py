@@ -32,6 +32,7 @@ LABELS = {
 class SimulationResult:
     summary: dict[str, Any]
     final: list[RoundRecord]  # each peer's last record
+    compute_wall_seconds: float  # wall time spent training and evaluating, the rest is the simulator's
 
 
 def peer_ids(n: int) -> list[str]:
@@ -153,4 +154,4 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
     }
     if config.out:
         write_json_atomic(config.out / "summary.json", summary)
-    return SimulationResult(summary, final)
+    return SimulationResult(summary, final, clock.compute_wall_seconds)

@@ -163,3 +163,31 @@ def test_fedavg_gives_every_peer_the_exact_average():
     expected = torch.stack(x0).double().mean(dim=0) + 6.0
     for learner in learners:
         assert torch.allclose(learner.value, expected)
+
+
+def test_models_for_far_future_steps_are_not_buffered():
+    from gossip.exchange import StepInbox
+
+    inbox = StepInbox(horizon=4)
+    assert inbox.put(Message(MODEL, "a", 3))
+    assert not inbox.put(Message(MODEL, "a", 4))
+    assert not inbox.put(Message(MODEL, "a", -1))
+
+
+def test_fedavg_peer_keeps_its_model_when_the_server_is_gone():
+    network = SimNetwork()
+    network.attach("server")  # attached but serving nothing: requests go unanswered
+    network.crash("server")
+    learner = VectorLearner(torch.tensor([1.0]), drift=1.0)
+    reports = []
+
+    async def finished(report):
+        reports.append(report)
+
+    client = FedAvgClient(
+        ProtocolContext(network.attach("p0"), SimClock(), learner, None, finished),
+        server="server", local_steps=1, round_timeout=5,
+    )
+    run(client.run(2))
+    assert [r.neighbours_heard for r in reports] == [0, 0]
+    assert learner.value.item() == pytest.approx(3.0)

@@ -64,3 +64,15 @@ def test_lossy_network_costs_timeouts_but_finishes():
     summary = simulate(SimulationConfig(**{**SMALL, "link_loss": 0.5, "exchange_timeout": 5.0})).summary
     assert summary["missed_exchanges_total"] > 0
     assert summary["virtual_seconds"] >= 5.0
+
+
+def test_fashion_mnist_runs_end_to_end_from_the_shared_data():
+    from tests.test_tasks import SHARED_DATA
+
+    config = SimulationConfig(
+        peers=2, topology="ring", task="fashion-mnist", data_dir=SHARED_DATA, partition="iid",
+        rounds=1, local_steps=30, seed=0,
+    )
+    summary = simulate(config).summary
+    assert summary["lr"] == 0.02  # the task's own learning rate
+    assert summary["mean_accuracy"] > 0.3

@@ -143,7 +143,6 @@ def test_mnist1d_model_has_the_standard_shape() -> None:
     assert sum(p.numel() for p in model.parameters()) == 5210
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "fashion-mnist").is_dir(), reason="shared Fashion-MNIST files not present")
 def test_fashion_mnist_loads_from_shared_data() -> None:
     task = load_task("fashion-mnist", SHARED_DATA)
     assert task.train_x.shape == (60000, 1, 28, 28) and task.test_x.shape == (10000, 1, 28, 28)

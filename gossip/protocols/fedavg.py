@@ -15,7 +15,7 @@ from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.mixing import average
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
-from gossip.transport import Clock, Transport
+from gossip.transport import Clock, PeerUnreachable, Transport
 from gossip.validation import InvalidState, check_state
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,12 @@ class FedAvgClient(Protocol):
         for round_ in range(rounds):
             loss = await clock.compute(learner.train, self.local_steps, steps=self.local_steps)
             update = Message(UPDATE, transport.peer_id, round_, learner.state())
-            reply = await transport.request(self.server, update, timeout=self.round_timeout)
+            try:
+                reply = await transport.request(self.server, update, timeout=self.round_timeout)
+            except (TimeoutError, PeerUnreachable) as reason:
+                # Without the server's average the peer keeps its own model for this round.
+                log.warning("%s: no global model for round %d: %r", transport.peer_id, round_, reason)
+                await self.context.round_finished(RoundReport(round_, loss, 1, 0))
+                continue
             learner.load_state(reply.tensors)
             await self.context.round_finished(RoundReport(round_, loss, 1, 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ class SpeedProfile:
 class SimClock(Clock):
     def __init__(self, profile: SpeedProfile | None = None):
         self.profile = profile or SpeedProfile()
+        self.compute_wall_seconds = 0.0  # real time spent in local work, to tell it apart from simulator overhead
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -32,6 +34,8 @@ class SimClock(Clock):
     async def compute(self, work: Callable[..., T], *args: Any, steps: int) -> T:
         # The work is real and runs now; the other peers do not see time pass until we
         # charge the profile's duration, which keeps the run independent of the host's speed.
+        started = time.perf_counter()
         result = work(*args)
+        self.compute_wall_seconds += time.perf_counter() - started
         await asyncio.sleep(steps * self.profile.seconds_per_step)
         return result

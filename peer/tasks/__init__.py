@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +39,10 @@ def _load_user_task(spec: str, data_dir: Path | None) -> Task:
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name.isidentifier():
         raise TaskError(f"task {spec!r} must look like module:function, e.g. mytasks:cifar")
+    # A console script does not put the working directory on sys.path as `python -m` does;
+    # users expect a task module next to them to be found, so look there last.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

@@ -1,0 +1,69 @@
+"""The local trainer: it learns, its state round-trips, and it respects the device setting."""
+
+import pytest
+import torch
+
+from peer.config import ConfigError
+from peer.trainer import Trainer, resolve_device
+
+
+def blobs(n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 2, generator=g) + 4 * torch.nn.functional.one_hot(y, 3)[:, :2].float()
+    return x, y
+
+
+def make_trainer(seed=0):
+    torch.manual_seed(0)
+    x, y = blobs()
+    return Trainer(
+        torch.nn.Linear(2, 3), (x[:300], y[:300]), (x[300:], y[300:]),
+        lr=0.1, momentum=0.9, weight_decay=0.0, batch_size=32, seed=seed, device=torch.device("cpu"),
+    )
+
+
+def test_training_lowers_the_loss_and_raises_accuracy():
+    trainer = make_trainer()
+    accuracy_before, loss_before = trainer.evaluate()
+    trainer.train(200)
+    accuracy_after, loss_after = trainer.evaluate()
+    assert loss_after < loss_before
+    assert accuracy_after > max(accuracy_before, 0.6)
+    assert trainer.steps_taken == 200
+
+
+def test_state_is_a_snapshot_and_load_state_restores_it():
+    trainer = make_trainer()
+    snapshot = trainer.state()
+    trainer.train(5)
+    assert not torch.equal(snapshot["weight"], trainer.state()["weight"])
+    trainer.load_state(snapshot)
+    assert torch.equal(snapshot["weight"], trainer.state()["weight"])
+
+
+def test_the_batch_order_depends_only_on_the_seed():
+    first, second, other = make_trainer(seed=1), make_trainer(seed=1), make_trainer(seed=2)
+    for trainer in (first, second, other):
+        trainer.train(20)
+    assert torch.equal(first.state()["weight"], second.state()["weight"])
+    assert not torch.equal(first.state()["weight"], other.state()["weight"])
+
+
+def test_a_batch_larger_than_the_data_uses_all_of_it():
+    x, y = blobs(20)
+    trainer = Trainer(torch.nn.Linear(2, 3), (x, y), (x, y), lr=0.1, momentum=0.0, weight_decay=0.0,
+                      batch_size=64, seed=0, device=torch.device("cpu"))
+    assert trainer.batch_size == 20
+    trainer.train(3)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ConfigError, match="--device auto or cpu"):
+            resolve_device("cuda")

@@ -48,6 +48,11 @@ def consensus_distance(states: list[dict[str, torch.Tensor]]) -> float:
     ) / len(states)
 
 
+def learning_rate(config: SimulationConfig, task: Task) -> float:
+    """The --lr that was given, else the task's own."""
+    return config.lr or task.learning_rate
+
+
 def build_trainers(config: SimulationConfig, task: Task, device: torch.device) -> list[Trainer]:
     shards = partition(task.train_y, config.peers, config.partition, config.seed)
     torch.manual_seed(config.seed)
@@ -62,7 +67,7 @@ def build_trainers(config: SimulationConfig, task: Task, device: torch.device) -
                 model,
                 (task.train_x[shard_index], task.train_y[shard_index]),
                 (task.test_x, task.test_y),
-                lr=config.lr or task.learning_rate,
+                lr=learning_rate(config, task),
                 momentum=config.momentum,
                 weight_decay=config.weight_decay,
                 batch_size=config.batch_size,
@@ -137,7 +142,7 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
         "rounds": config.rounds,
         "local_steps": config.local_steps,
         "batch_size": config.batch_size,
-        "lr": config.lr or task.learning_rate,
+        "lr": learning_rate(config, task),
         "seed": config.seed,
         "device": str(device),
         "mean_accuracy": sum(accuracies) / len(accuracies),

@@ -1,8 +1,8 @@
 """One gossip step with the neighbours: send our state, collect theirs, mix.
 
 Shared by every protocol that mixes with a neighbourhood (D-PSGD, DFedSAM and its multiple
-gossip steps). Messages are keyed by gossip step, so a fast neighbour that is already one
-step ahead is buffered, and one that is late is dropped once its step has been mixed.
+gossip steps). Each model carries its gossip step; a model for a step that has already been
+mixed is late and dropped, and a neighbour that is ahead contributes its freshest model.
 """
 
 from __future__ import annotations
@@ -31,40 +31,48 @@ class StepResult:
 
 
 class StepInbox:
-    """Received models, by gossip step and sender; the first copy from a sender wins.
+    """The freshest model from each sender.
 
-    Only steps within ``horizon`` of the current one are buffered, so a peer that sends
-    models for far-future steps cannot make us hold an unbounded number of them.
+    A step is served by any model from a sender whose step is at least the one being
+    mixed: a neighbour that is ahead is used as it is, instead of being waited for at a
+    step it has already left. Models for steps further than ``horizon`` ahead are refused,
+    and one model per sender is kept, so a hostile sender cannot make us buffer much.
     """
 
     def __init__(self, horizon: int = 16) -> None:
-        self._by_step: dict[int, dict[PeerId, Message]] = {}
-        self._floor = 0  # steps below this are finished; their messages are late
+        self._latest: dict[PeerId, Message] = {}
+        self._floor = 0  # steps below this are finished; their models are late
         self._horizon = horizon
         self._arrived = asyncio.Event()
 
     def put(self, message: Message) -> bool:
-        """Buffer a model; False when it is late or too far ahead."""
+        """Keep a model if it is the sender's freshest; False when it is late or too far ahead."""
         if not self._floor <= message.round < self._floor + self._horizon:
             return False
-        self._by_step.setdefault(message.round, {}).setdefault(message.sender, message)
-        self._arrived.set()
+        current = self._latest.get(message.sender)
+        if current is None or message.round > current.round:
+            self._latest[message.sender] = message
+            self._arrived.set()
         return True
 
+    def _fresh(self, sender: PeerId, step: int) -> bool:
+        message = self._latest.get(sender)
+        return message is not None and message.round >= step
+
     async def collect(self, step: int, expected: set[PeerId], clock: Clock, timeout: float) -> dict[PeerId, Message]:
-        """Wait until every expected sender's model for ``step`` is here, or the timeout passes."""
-        got = self._by_step.setdefault(step, {})
+        """Wait until every expected sender has a model for ``step`` or later, or the timeout passes."""
         try:
             async with clock.timeout(timeout):
-                while not expected <= got.keys():
+                while not all(self._fresh(sender, step) for sender in expected):
                     self._arrived.clear()
                     await self._arrived.wait()
         except TimeoutError:
             pass
+        fresh = {sender: self._latest[sender] for sender in expected if self._fresh(sender, step)}
         self._floor = step + 1
-        for old in [s for s in self._by_step if s <= step]:
-            del self._by_step[old]
-        return {sender: got[sender] for sender in expected if sender in got}
+        for sender in [s for s, m in self._latest.items() if m.round <= step]:
+            del self._latest[sender]
+        return fresh
 
 
 class NeighbourExchange:

@@ -191,3 +191,20 @@ def test_fedavg_peer_keeps_its_model_when_the_server_is_gone():
     run(client.run(2))
     assert [r.neighbours_heard for r in reports] == [0, 0]
     assert learner.value.item() == pytest.approx(3.0)
+
+
+def test_a_neighbour_that_is_ahead_serves_the_current_step_with_its_freshest_model():
+    from gossip.exchange import StepInbox
+
+    inbox = StepInbox()
+    clock = SimClock()
+    assert inbox.put(Message(MODEL, "a", 2))
+    assert inbox.put(Message(MODEL, "a", 1))  # accepted but older than what we hold
+
+    async def main():
+        got = await inbox.collect(0, {"a"}, clock, timeout=10)
+        return got, asyncio.get_running_loop().time()
+
+    got, waited = run(main())
+    assert got["a"].round == 2 and waited == 0
+    assert not inbox.put(Message(MODEL, "a", 0))  # step 0 is mixed: late

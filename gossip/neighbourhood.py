@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from gossip.message import PeerId
-from topology import Topology
+from topology import Topology, TopologyError, parse_topology
+
+log = logging.getLogger(__name__)
 
 
 class Neighbourhood(ABC):
@@ -40,3 +43,53 @@ class GraphNeighbourhood(Neighbourhood):
 
     def self_weight(self, step: int) -> float:
         return self._topology.self_weight(self._index, step)
+
+
+class OverlayNeighbourhood(Neighbourhood):
+    """Neighbours drawn from a changing set of live peers.
+
+    The live peers, sorted by id, are laid out on the topology, so every peer with the same
+    view computes the same graph; the graph is rebuilt whenever the view changes. Alone, a
+    peer keeps its own model.
+    """
+
+    def __init__(self, spec: str, me: PeerId, view: Callable[[], Iterable[PeerId]], *, weights: str = "metropolis", seed: int = 0):
+        self.spec = spec
+        self.me = me
+        self._view = view
+        self._weights = weights
+        self._seed = seed
+        self._ids: tuple[PeerId, ...] = ()
+        self._graph: GraphNeighbourhood | None = None
+
+    def _current(self) -> GraphNeighbourhood | None:
+        ids = tuple(sorted(set(self._view()) | {self.me}))
+        if ids != self._ids:
+            self._ids = ids
+            self._graph = None
+            if len(ids) >= 2:
+                try:
+                    topology = parse_topology(self.spec, len(ids), weights=self._weights, seed=self._seed)
+                except TopologyError as reason:
+                    # Some graphs exist only for some sizes (a torus of a prime number of peers);
+                    # a ring always does, and keeps the swarm connected until the size suits again.
+                    log.warning("%s with %d peers is impossible (%s); using a ring", self.spec, len(ids), reason)
+                    topology = parse_topology("ring", len(ids), weights=self._weights)
+                self._graph = GraphNeighbourhood(topology, ids, self.me)
+        return self._graph
+
+    def peers(self) -> tuple[PeerId, ...]:
+        self._current()
+        return self._ids
+
+    def out_neighbours(self, step: int) -> list[PeerId]:
+        graph = self._current()
+        return graph.out_neighbours(step) if graph else []
+
+    def in_weights(self, step: int) -> dict[PeerId, float]:
+        graph = self._current()
+        return graph.in_weights(step) if graph else {}
+
+    def self_weight(self, step: int) -> float:
+        graph = self._current()
+        return graph.self_weight(step) if graph else 1.0

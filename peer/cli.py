@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from peer.config import ConfigError, SimulationConfig, build_config, load_toml
+from peer.config import ConfigError, RunConfig, SimulationConfig, SwarmConfig, build_config, load_toml
 from peer.metrics import RoundRecord
 from peer.tasks import PartitionError, TaskError
 from topology import TOPOLOGY_NAMES, TopologyError
@@ -27,26 +29,31 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
-    if typing.get_origin(annotation) is typing.Literal:
-        return str, list(typing.get_args(annotation))
+def _flag_type(annotation: Any) -> tuple[Any, list[str] | None, str | None]:
+    """argparse's type, choices and nargs for a settings field."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return str, list(typing.get_args(annotation)), None
+    if origin is list:
+        return typing.get_args(annotation)[0], None, "*"
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return (args[0] if args else annotation), None
+    return (args[0] if args else annotation), None, None
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     """One flag per setting; unset flags stay absent so that a config file can supply them."""
     extra_help = {
         "topology": "one of " + ", ".join(TOPOLOGY_NAMES),
     }
-    for name, field in SimulationConfig.model_fields.items():
-        kind, choices = _flag_type(field.annotation)
+    for name, field in model.model_fields.items():
+        kind, choices, nargs = _flag_type(field.annotation)
         described = extra_help.get(name) or field.description or ""
         parser.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
             type=kind,
             choices=choices,
+            nargs=nargs,
             default=argparse.SUPPRESS,
             help=f"{described} (default: {field.default})".strip(),
         )
@@ -61,7 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulate many peers in one process on a virtual network",
         description="Simulate a swarm of peers on one host: an emulated network, a virtual clock, real training.",
     )
-    add_config_flags(simulate)
+    add_config_flags(simulate, SimulationConfig)
+    run = commands.add_parser(
+        "run",
+        help="run one peer on the network",
+        description="Run a peer: join the swarm at --initial-peers (or start one), train, gossip, and leave on Ctrl-C.",
+    )
+    add_config_flags(run, RunConfig)
+    swarm = commands.add_parser(
+        "swarm",
+        help="run N real peer processes on this host over loopback",
+        description="Start N peers as separate processes over loopback; the first bootstraps the others.",
+    )
+    add_config_flags(swarm, SwarmConfig)
     return parser
 
 
@@ -103,7 +122,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from peer.simulate import simulate  # torch is imported only when a command needs it
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    config = build_config(load_toml(args.config) if args.config else {}, flags)
+    config = build_config(SimulationConfig, load_toml(args.config) if args.config else {}, flags)
     console = Console(stderr=True)
     with _progress(console) as progress:
         bar = progress.add_task("simulating", total=config.peers * config.rounds, status="")
@@ -121,11 +140,48 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from peer.net.node import run_peer
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    config = build_config(RunConfig, load_toml(args.config) if args.config else {}, flags)
+
+    def show(record: RoundRecord) -> None:
+        accuracy = "" if record.accuracy is None else f"  accuracy {record.accuracy:.4f}"
+        print(
+            f"round {record.round + 1}/{config.rounds}{accuracy}  neighbours {record.neighbours_heard}/"
+            f"{record.neighbours_expected}  sent {record.bytes_sent / 1e6:.1f} MB",
+            flush=True,
+        )
+
+    summary = uvloop.run(run_peer(config, on_record=show))
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def run_swarm_command(args: argparse.Namespace) -> int:
+    from peer.net.swarm import run_swarm
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    config = build_config(SwarmConfig, load_toml(args.config) if args.config else {}, flags)
+    console = Console(stderr=True)
+    with _progress(console) as progress:
+        bar = progress.add_task("swarm", total=config.peers * config.rounds, status="")
+        summary = run_swarm(config, on_progress=lambda done: progress.update(bar, completed=done))
+    print(json.dumps(summary, indent=2))
+    return 0 if not summary["failed_peers"] else 1
+
+
+COMMANDS = {"simulate": run_simulate, "run": run_run, "swarm": run_swarm_command}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run_simulate(args)
+        return COMMANDS[args.command](args)
     except USER_ERRORS as error:
         print(f"peer {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+C = TypeVar("C", bound="TrainingConfig")
 
 
 class ConfigError(ValueError):
     """A setting is missing, malformed or out of range; the message names it."""
 
 
-class SimulationConfig(BaseModel):
+class TrainingConfig(BaseModel):
+    """What every peer needs to train, simulated or real."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    peers: int = Field(16, ge=2, description="number of simulated peers")
     topology: str = Field("ring", description="communication graph")
     algorithm: Literal["dpsgd", "fedavg"] = Field("dpsgd", description="training protocol")
     task: str = Field("mnist1d", description="mnist1d, fashion-mnist or module:function")
@@ -33,12 +37,52 @@ class SimulationConfig(BaseModel):
     out: Path | None = Field(None, description="folder for metrics.jsonl and summary.json")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(1, ge=1, description="evaluate every N rounds (the last round always)")
-    exchange_timeout: float = Field(30.0, gt=0, description="simulated seconds to wait for a neighbour")
+    exchange_timeout: float = Field(30.0, gt=0, description="seconds to wait for a neighbour's model")
+    threads: int = Field(1, ge=1, description="torch intra-op threads")
+
+
+class SimulationConfig(TrainingConfig):
+    peers: int = Field(16, ge=2, description="number of simulated peers")
     step_time: float = Field(0.01, gt=0, description="simulated seconds per local step")
     link_latency: float = Field(0.01, ge=0, description="simulated one-way latency, seconds")
     link_bandwidth: float = Field(100.0, gt=0, description="simulated link bandwidth, Mbit/s")
     link_loss: float = Field(0.0, ge=0, le=1, description="probability that a message is lost")
-    threads: int = Field(1, ge=1, description="torch intra-op threads")
+
+
+class RunConfig(TrainingConfig):
+    """A real peer on the network."""
+
+    initial_peers: list[str] = Field([], description="multiaddrs of any peers of the swarm (none: start a new swarm)")
+    host_maddrs: list[str] = Field(["/ip4/127.0.0.1/tcp/0"], description="multiaddrs to listen on")
+    announce_maddrs: list[str] = Field([], description="multiaddrs that others should dial (behind NAT, on 0.0.0.0)")
+    identity: Path | None = Field(None, description="private key file for a persistent peer id (created if missing)")
+    swarm: str = Field("gossip", min_length=1, max_length=64, description="name of the swarm to join")
+    shard: int = Field(0, ge=0, description="which part of the partition this peer trains on")
+    shards: int = Field(1, ge=1, description="how many parts the training set is partitioned into")
+    min_peers: int = Field(1, ge=1, description="wait until this many peers are live before training")
+    join_timeout: float = Field(60.0, gt=0, description="seconds to wait for --min-peers and for the bootstrap peers")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.shard >= self.shards:
+            raise ValueError(f"--shard {self.shard} must be below --shards {self.shards}")
+        if self.algorithm == "fedavg":
+            raise ValueError("fedavg needs a central server and is offered by `peer simulate` only; use --algorithm dpsgd")
+        return self
+
+
+class SwarmConfig(TrainingConfig):
+    """N real peer processes on this host, over loopback."""
+
+    peers: int = Field(4, ge=2, description="number of peer processes")
+    swarm: str | None = Field(None, max_length=64, description="swarm name (default: a fresh one)")
+    join_timeout: float = Field(60.0, gt=0, description="seconds to wait for the peers to find each other")
+
+    @model_validator(mode="after")
+    def _check(self) -> SwarmConfig:
+        if self.algorithm == "fedavg":
+            raise ValueError("fedavg needs a central server and is offered by `peer simulate` only; use --algorithm dpsgd")
+        return self
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -52,13 +96,13 @@ def load_toml(path: Path) -> dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
-def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> SimulationConfig:
+def build_config(model: type[C], file_values: dict[str, Any], flag_values: dict[str, Any]) -> C:
     """Defaults, then the config file, then the flags that were given on the command line."""
     try:
-        return SimulationConfig(**{**file_values, **flag_values})
+        return model(**{**file_values, **flag_values})
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "config"
         if first["type"] == "extra_forbidden":
-            raise ConfigError(f"unknown setting {where!r}; see `peer simulate --help` for the valid ones") from None
+            raise ConfigError(f"unknown setting {where!r}; see --help for the valid ones") from None
         raise ConfigError(f"{where.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})") from None

@@ -1,0 +1,1 @@
+"""The real world: hivemind's DHT and libp2p streams, and the wall clock."""

@@ -1,0 +1,95 @@
+"""Swarm membership in the DHT: each peer announces a record under the swarm's key and
+refreshes it before it expires; a peer's view is the set of live, compatible records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from gossip.message import PeerId
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    peer_id: PeerId
+    addresses: list[str]
+    fingerprint: str  # task and model shapes: peers with different ones never mix
+    round: int
+    left: bool = False  # a tombstone: the peer withdrew before its record expired
+
+    @classmethod
+    def parse(cls, peer_id: str, value: object) -> PeerRecord | None:
+        """A record read from the DHT, which anyone can write to; None when malformed."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            record = cls(
+                peer_id=peer_id,
+                addresses=[str(a) for a in value["addresses"]][:16],
+                fingerprint=str(value["fingerprint"]),
+                round=int(value["round"]),
+                left=bool(value.get("left", False)),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return record
+
+
+class Membership:
+    def __init__(self, dht: hivemind.DHT, swarm: str, record: PeerRecord, *, ttl: float = 20.0):
+        self.dht = dht
+        self.key = f"{swarm}.peers"
+        self.record = record
+        self.ttl = ttl
+        self.live: dict[PeerId, PeerRecord] = {}  # compatible peers, self included
+        self.seen: dict[PeerId, tuple[PeerRecord, float]] = {}  # every record read, with its expiry
+
+    async def announce(self, round_: int) -> None:
+        self.record = PeerRecord(**{**asdict(self.record), "round": round_})
+        await self._store(self.record, get_dht_time() + self.ttl)
+
+    async def _store(self, record: PeerRecord, expiration: float) -> None:
+        value = asdict(record)
+        del value["peer_id"]
+        await self.dht.store(self.key, value, expiration, subkey=record.peer_id, return_future=True)
+
+    async def refresh(self) -> dict[PeerId, PeerRecord]:
+        found = await self.dht.get(self.key, latest=True, return_future=True)
+        records: dict[PeerId, tuple[PeerRecord, float]] = {}
+        if found is not None and isinstance(found.value, dict):
+            for subkey, entry in found.value.items():
+                record = PeerRecord.parse(str(subkey), getattr(entry, "value", None))
+                if record is not None:
+                    records[record.peer_id] = (record, entry.expiration_time)
+        self.seen = records
+        self.live = {
+            peer: record
+            for peer, (record, _) in records.items()
+            if not record.left and record.fingerprint == self.record.fingerprint
+        }
+        self.live[self.record.peer_id] = self.record
+        return self.live
+
+    def view(self) -> list[PeerId]:
+        return sorted(self.live)
+
+    async def keep_alive(self, current_round) -> None:
+        """Announce and refresh the view until cancelled, well within the record's lifetime."""
+        while True:
+            try:
+                await self.announce(current_round())
+                await self.refresh()
+            except Exception as error:  # a DHT hiccup must not kill the peer; the next try may work
+                log.warning("membership refresh failed: %r", error)
+            await asyncio.sleep(self.ttl / 4)
+
+    async def withdraw(self) -> None:
+        # A later expiry wins in the DHT, so a tombstone that outlives the record replaces it.
+        await self._store(PeerRecord(**{**asdict(self.record), "left": True}), get_dht_time() + 2 * self.ttl)

@@ -1,0 +1,186 @@
+"""`peer run`: one real peer. It joins (or starts) a swarm through the DHT, trains on its shard,
+gossips with the neighbours that the overlay gives it, and leaves cleanly on SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import hivemind
+import torch
+from safetensors.torch import save_file
+
+from gossip.learner import State
+from gossip.neighbourhood import OverlayNeighbourhood
+from gossip.protocols import DPSGD, ProtocolContext
+from gossip.wire import Limits
+from peer.config import ConfigError, RunConfig
+from peer.metrics import MetricsLog, RoundRecord, write_json_atomic
+from peer.net.clock import WallClock
+from peer.net.membership import Membership, PeerRecord
+from peer.net.transport import P2PTransport
+from peer.runtime import PeerNode
+from peer.tasks import load_task, partition
+from peer.trainer import Trainer, resolve_device
+
+log = logging.getLogger(__name__)
+
+# Room beyond the model's own size for a message's header and a codec's side data.
+PAYLOAD_SLACK_BYTES = 1 << 20
+
+
+def fingerprint(task_name: str, state: State) -> str:
+    """Peers mix only with peers whose task and model shapes match this digest."""
+    layout = [task_name] + [[name, list(t.shape), str(t.dtype)] for name, t in sorted(state.items())]
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+
+
+def build_trainer(config: RunConfig) -> tuple[Trainer, str]:
+    torch.set_num_threads(config.threads)
+    task = load_task(config.task, config.data_dir)
+    shard = partition(task.train_y, config.shards, config.partition, config.seed)[config.shard]
+    index = torch.as_tensor(shard, dtype=torch.long)
+    torch.manual_seed(config.seed)  # every peer of a swarm starts from the same model
+    trainer = Trainer(
+        task.make_model(),
+        (task.train_x[index], task.train_y[index]),
+        (task.test_x, task.test_y),
+        lr=config.lr or task.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        batch_size=config.batch_size,
+        seed=config.seed * 100_003 + config.shard,
+        device=resolve_device(config.device),
+    )
+    return trainer, task.name
+
+
+def start_dht(config: RunConfig) -> hivemind.DHT:
+    """Start the DHT (and its libp2p daemon); a bad or unreachable bootstrap address is a ConfigError."""
+    try:
+        return hivemind.DHT(
+            initial_peers=config.initial_peers,
+            host_maddrs=config.host_maddrs,
+            announce_maddrs=config.announce_maddrs or None,
+            identity_path=str(config.identity) if config.identity else None,
+            start=True,
+            startup_timeout=config.join_timeout,
+        )
+    except Exception as error:
+        reason = str(error).replace("\n", " ")
+        raise ConfigError(
+            f"could not start the DHT: {reason}; --initial-peers must be multiaddrs of running peers, "
+            "like /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
+        ) from error
+
+
+def save_checkpoint(path: Path, state: State, round_: int) -> None:
+    """Written through a temporary file and renamed, so a crash leaves the previous checkpoint intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({name: t.contiguous().cpu() for name, t in state.items()}, str(tmp), metadata={"round": str(round_)})
+    tmp.replace(path)
+
+
+async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None = None) -> dict:
+    trainer, task_name = build_trainer(config)
+    state = trainer.state()
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    dht = await asyncio.to_thread(start_dht, config)
+    membership = None
+    transport = None
+    keep_alive = None
+    started = time.perf_counter()
+    try:
+        p2p = await dht.replicate_p2p()
+        me = p2p.peer_id.to_base58()
+        addresses = [str(a) for a in dht.get_visible_maddrs()]
+        print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
+        membership = Membership(dht, config.swarm, PeerRecord(me, addresses, fingerprint(task_name, state), 0))
+        transport = P2PTransport(p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view)
+        if config.out:
+            config.out.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
+        clock = WallClock()
+        node = PeerNode(transport, clock, trainer, metrics, rounds=config.rounds, eval_every=config.eval_every, on_record=on_record)
+        neighbourhood = OverlayNeighbourhood(config.topology, me, membership.view, weights=config.weights, seed=config.seed)
+        context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished)
+        node.protocol = DPSGD(context, local_steps=config.local_steps, exchange_timeout=config.exchange_timeout)
+        # Handlers are in place before anyone can learn of us, so no early model is refused.
+        await transport.start()
+        await _wait_for_peers(membership, config)
+        current_round = lambda: metrics.latest[me].round + 1 if me in metrics.latest else 0  # noqa: E731
+        keep_alive = asyncio.create_task(membership.keep_alive(current_round))
+        try:
+            await _until_signal(node.run())
+        finally:
+            metrics.close()
+        last = metrics.latest.get(me)
+        summary = {
+            "peer": me,
+            "swarm": config.swarm,
+            "task": config.task,
+            "topology": config.topology,
+            "rounds_completed": current_round(),
+            "rounds": config.rounds,
+            "accuracy": last.accuracy if last else None,
+            "loss": last.loss if last else None,
+            "bytes_sent": transport.counters.bytes_sent,
+            "bytes_received": transport.counters.bytes_received,
+            "rejected": transport.counters.rejected,
+            "missed_exchanges": metrics.missed_exchanges,
+            "peers_seen": sorted(membership.seen),
+            "wall_seconds": time.perf_counter() - started,
+        }
+        if config.out:
+            save_checkpoint(config.out / "checkpoint.safetensors", trainer.state(), current_round())
+            write_json_atomic(config.out / "summary.json", summary)
+        return summary
+    finally:
+        if keep_alive:
+            keep_alive.cancel()
+        if membership:
+            try:
+                async with asyncio.timeout(5):
+                    await membership.withdraw()
+            except Exception as error:
+                log.warning("could not withdraw from the swarm: %r", error)
+        if transport:
+            await transport.stop()
+        dht.shutdown()
+
+
+async def _wait_for_peers(membership: Membership, config: RunConfig) -> None:
+    deadline = time.monotonic() + config.join_timeout
+    while True:
+        await membership.announce(0)
+        live = await membership.refresh()
+        if len(live) >= config.min_peers:
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"only {len(live)} of --min-peers {config.min_peers} peers joined swarm {config.swarm!r} "
+                f"within {config.join_timeout:g} s; check --initial-peers and --swarm, or raise --join-timeout"
+            )
+        await asyncio.sleep(0.5)
+
+
+async def _until_signal(work) -> None:
+    """Run ``work``; SIGINT or SIGTERM stops it at once and lets the caller save and leave."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("stopping on a signal")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gossip.learner import State
@@ -28,6 +29,7 @@ class StepResult:
     state: State
     expected: int  # neighbours whose model the step waited for
     heard: int  # of those, how many arrived in time
+    newest_step: int  # the most advanced step among the models mixed (a neighbour may be ahead)
 
 
 class StepInbox:
@@ -85,12 +87,14 @@ class NeighbourExchange:
         *,
         timeout: float,
         mixing: MixingRule | None = None,
+        on_unreachable: Callable[[PeerId], None] | None = None,
     ):
         self.transport = transport
         self.clock = clock
         self.neighbourhood = neighbourhood
         self.timeout = timeout
         self.mixing = mixing or WeightedAverage()
+        self.on_unreachable = on_unreachable
         self._reference = {k: v.detach() for k, v in reference.items()}
         self._inbox = StepInbox()
         transport.serve(MODEL, self._receive)
@@ -110,6 +114,8 @@ class NeighbourExchange:
             await self.transport.send(peer, message)
         except PeerUnreachable as reason:
             log.info("%s: could not send to %s: %s", self.transport.peer_id, peer, reason)
+            if self.on_unreachable:
+                self.on_unreachable(peer)
 
     async def step(self, step: int, state: State) -> StepResult:
         message = Message(MODEL, self.transport.peer_id, step, state)
@@ -121,4 +127,5 @@ class NeighbourExchange:
             self.neighbourhood.self_weight(step),
             [(weights[peer], received[peer].tensors) for peer in sorted(received)],
         )
-        return StepResult(mixed, expected=len(weights), heard=len(received))
+        newest = max((m.round for m in received.values()), default=step)
+        return StepResult(mixed, expected=len(weights), heard=len(received), newest_step=max(newest, step))

@@ -4,8 +4,8 @@
 
 Tensor bytes are C-contiguous and little-endian. Encoding hands out views of the tensors'
 own memory; decoding builds tensors as views into one buffer. Every header field is checked
-against ``Limits`` before any payload is read or allocated, so a hostile peer can make us
-spend at most one header's worth of memory before we reject it.
+against ``Limits`` before any payload is read or allocated, so a message that its header
+shows to be malformed or too large costs at most one header's worth of memory.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ _DTYPES: dict[str, torch.dtype] = {
 _TABLE_ENTRY_FIELDS = 4  # [name, dtype, shape, nbytes]
 _MAX_DIMS = 8
 _MAX_ROUND = 2**62
-# Large enough to amortise the per-read overhead, small enough to keep the reader's buffer short.
+# Large enough to amortise the per-read overhead; each chunk is a transient copy, so not larger.
 _READ_CHUNK = 1 << 20
 
 
@@ -89,8 +89,10 @@ def encode(message: Message) -> list[memoryview]:
     for tensor in message.tensors.values():
         # Contiguous on its own device first, so that only the bytes for the wire cross to the CPU.
         host = tensor.detach().contiguous().cpu()
-        # numpy has no bfloat16 and cannot reinterpret a 0-d tensor, so go through flat bytes.
-        frames.append(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+        # A flat, unit-stride view: a contiguous tensor may still carry any stride on size-1 dims,
+        # which the byte view refuses. Bytes, because numpy has no bfloat16.
+        flat = host.as_strided((host.numel(),), (1,))
+        frames.append(memoryview(flat.view(torch.uint8).numpy()))
     return frames
 
 
@@ -127,9 +129,11 @@ async def read_message(reader: asyncio.StreamReader, limits: Limits) -> Message:
     prefix = await _read_exactly(reader, HEADER_LENGTH_PREFIX, "length-prefix")
     header_length = _header_length(prefix, limits)
     header = _parse_header(await _read_exactly(reader, header_length, "header"), limits)
-    payload = bytearray(header.payload_size)
-    await _fill(reader, memoryview(payload))
-    return _message(header, memoryview(payload))
+    # Uninitialised, unlike a bytearray, whose zero-fill costs a pass over the whole payload;
+    # every byte is written before any tensor is built over it, or the message is refused.
+    payload = memoryview(torch.empty(header.payload_size, dtype=torch.uint8).numpy())
+    await _fill(reader, payload)
+    return _message(header, payload)
 
 
 def _header_length(prefix: bytes | memoryview, limits: Limits) -> int:
@@ -170,9 +174,9 @@ def _parse_header(raw: bytes | memoryview, limits: Limits) -> _Header:
             max_map_len=max(limits.max_meta_entries, len(_HEADER_KEYS)),
         )
     except ValueError as error:
-        raise WireError(f"header does not unpack: {error}") from None
+        raise WireError(f"header does not unpack: {str(error) or type(error).__name__}") from None
     if not isinstance(header, dict):
-        raise WireError(f"header is a msgpack {type(header).__name__}, not a map")
+        raise WireError(f"header must be a msgpack map, got {type(header).__name__}")
     if header.keys() != _HEADER_KEYS:
         missing = sorted(_HEADER_KEYS - header.keys())
         unexpected = sorted(map(repr, header.keys() - _HEADER_KEYS))
@@ -198,7 +202,7 @@ def _parse_header(raw: bytes | memoryview, limits: Limits) -> _Header:
 
 def _tensor_table(table: Any, limits: Limits) -> list[_TensorSpec]:
     if not isinstance(table, list):
-        raise WireError(f"tensors is a {type(table).__name__}, not a list")
+        raise WireError(f"tensors must be a list, got {type(table).__name__}")
     if len(table) > limits.max_tensors:
         raise WireError(f"{len(table)} tensors exceed the limit of {limits.max_tensors}")
     specs, names = [], set()
@@ -226,20 +230,20 @@ def _tensor_table(table: Any, limits: Limits) -> list[_TensorSpec]:
 
 def _meta(meta: Any, limits: Limits) -> dict[str, Scalar]:
     if not isinstance(meta, dict):
-        raise WireError(f"meta is a {type(meta).__name__}, not a map")
+        raise WireError(f"meta must be a map, got {type(meta).__name__}")
     if len(meta) > limits.max_meta_entries:
         raise WireError(f"{len(meta)} meta entries exceed the limit of {limits.max_meta_entries}")
     for key, value in meta.items():
         if not isinstance(key, str):
             raise WireError(f"meta key {key!r} is not a string")
         if not isinstance(value, int | float | str):  # bool is an int
-            raise WireError(f"meta[{key!r}] is a {type(value).__name__}, not an int, float, str or bool")
+            raise WireError(f"meta[{key!r}] must be an int, float, str or bool, got {type(value).__name__}")
     return meta
 
 
 def _string(value: Any, field: str) -> str:
     if not isinstance(value, str):
-        raise WireError(f"{field} is a {type(value).__name__}, not a string")
+        raise WireError(f"{field} must be a string, got {type(value).__name__}")
     return value
 
 

@@ -61,6 +61,8 @@ class RunConfig(TrainingConfig):
     shards: int = Field(1, ge=1, description="how many parts the training set is partitioned into")
     min_peers: int = Field(1, ge=1, description="wait until this many peers are live before training")
     join_timeout: float = Field(60.0, gt=0, description="seconds to wait for --min-peers and for the bootstrap peers")
+    record_ttl: float = Field(20.0, ge=2, description="seconds a peer's DHT record lives unless refreshed")
+    pace: float = Field(0.0, ge=0, description="minimum seconds per round: a faster peer waits, sparing a shared machine")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

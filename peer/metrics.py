@@ -38,6 +38,7 @@ class MetricsLog:
         self.missed_exchanges += record.neighbours_expected - record.neighbours_heard
         if self._file:
             self._file.write(json.dumps(asdict(record)) + "\n")
+            self._file.flush()  # others follow a running peer's progress through this file
 
     def close(self) -> None:
         if self._file:

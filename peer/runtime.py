@@ -24,6 +24,7 @@ class PeerNode:
         rounds: int,
         eval_every: int,
         on_record: Callable[[RoundRecord], None] | None = None,
+        pace: float = 0.0,
     ):
         self.transport = transport
         self.clock = clock
@@ -32,7 +33,9 @@ class PeerNode:
         self.rounds = rounds
         self.eval_every = eval_every
         self.on_record = on_record
+        self.pace = pace  # minimum seconds per round
         self.protocol: Protocol | None = None
+        self._round_started = 0.0
 
     @property
     def peer_id(self) -> str:
@@ -60,8 +63,12 @@ class PeerNode:
         self.metrics.write(record)
         if self.on_record:
             self.on_record(record)
+        if self.pace:
+            await self.clock.sleep(self._round_started + self.pace - self.clock.now())
+        self._round_started = self.clock.now()
 
-    async def run(self) -> None:
+    async def run(self, first_round: int = 0) -> None:
         if self.protocol is None:
             raise RuntimeError("PeerNode.protocol must be set before run()")
-        await self.protocol.run(self.rounds)
+        self._round_started = self.clock.now()
+        await self.protocol.run(self.rounds, first_round)

@@ -1,8 +1,12 @@
 """Real peers over libp2p on loopback: separate processes, bounded in time, always cleaned up."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 PEER = [sys.executable, "-m", "peer.cli"]
 FAST = ["--rounds", "3", "--local-steps", "2", "--partition", "iid", "--exchange-timeout", "10"]
@@ -51,3 +55,73 @@ def test_a_malformed_bootstrap_address_is_a_clear_error():
 def test_fedavg_is_refused_outside_simulation():
     code, _, err = run(["run", "--algorithm", "fedavg", *FAST], timeout=60)
     assert code == 2 and "simulate" in err
+
+
+def start(args, log):
+    return subprocess.Popen(PEER + args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def stop_all(processes, timeout=30):
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for_line(path, pattern, process, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if match := re.search(pattern, path.read_text()):
+            return match
+        assert process.poll() is None, path.read_text()
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} did not appear in {path} within {timeout} s")
+
+
+def test_peers_join_a_swarm_whose_only_bootstrap_node_is_a_plain_hivemind_dht(tmp_path):
+    processes = []
+    try:
+        with open(tmp_path / "dht.log", "w") as log:
+            dht = subprocess.Popen(
+                [str(Path(sys.executable).parent / "hivemind-dht"), "--host_maddrs", "/ip4/127.0.0.1/tcp/0"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        processes.append(dht)
+        address = wait_for_line(tmp_path / "dht.log", r"--initial_peers (\S+)", dht, timeout=60).group(1)
+        for shard in range(2):
+            with open(tmp_path / f"peer-{shard}.log", "w") as log:
+                processes.append(start([
+                    "run", "--initial-peers", address, "--swarm", "via-dht", "--shard", str(shard), "--shards", "2",
+                    "--min-peers", "2", "--join-timeout", "60", "--out", str(tmp_path / f"peer-{shard}"), *FAST,
+                ], log))
+        for peer in processes[1:]:
+            assert peer.wait(timeout=180) == 0, (tmp_path / "peer-0.log").read_text()
+    finally:
+        stop_all(processes)
+    for shard in range(2):
+        summary = json.loads((tmp_path / f"peer-{shard}" / "summary.json").read_text())
+        assert summary["rounds_completed"] == 3
+        assert len(summary["peers_seen"]) == 2  # each other; the DHT node is not a peer
+        assert summary["bytes_received"] > 0 and summary["missed_exchanges"] == 0
+
+
+def test_survivors_go_on_after_crashes_and_a_newcomer_catches_up(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "churn_swarm.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--peers", "4", "--rounds", "30", "--local-steps", "10", "--kill", "1",
+         "--kill-at", "6", "--join-at", "10", "--pace", "0.4", "--record-ttl", "4", "--exchange-timeout", "3",
+         "--timeout", "240", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["survivors_finished_every_round"], report
+    assert report["survivor_exit_codes"] == [0, 0, 0]
+    assert report["newcomer_exit_code"] == 0
+    assert report["newcomer_first_round"] >= 10  # it started from the swarm's round, not from 0
+    assert abs(report["newcomer_accuracy_final"] - report["survivor_accuracy_final_mean"]) < 0.15

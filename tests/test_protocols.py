@@ -208,3 +208,52 @@ def test_a_neighbour_that_is_ahead_serves_the_current_step_with_its_freshest_mod
     got, waited = run(main())
     assert got["a"].round == 2 and waited == 0
     assert not inbox.put(Message(MODEL, "a", 0))  # step 0 is mixed: late
+
+
+def test_a_slow_peer_skips_ahead_to_its_neighbours_round_instead_of_stalling_them():
+    from peer.sim import SpeedProfile
+
+    topology = parse_topology("ring", 4)
+    network = SimNetwork(LinkModel(latency=0.01))
+    ids = [f"p{i}" for i in range(4)]
+    reports = {peer: [] for peer in ids}
+    protocols = []
+    for i, peer in enumerate(ids):
+        clock = SimClock(SpeedProfile(seconds_per_step=2.0 if i == 0 else 0.01))
+
+        async def finished(report, peer=peer):
+            reports[peer].append(report)
+
+        context = ProtocolContext(
+            network.attach(peer), clock, VectorLearner(torch.tensor([float(i)])),
+            GraphNeighbourhood(topology, ids, peer), finished,
+        )
+        protocols.append(DPSGD(context, local_steps=1, exchange_timeout=0.5))
+
+    async def main():
+        await asyncio.gather(*(p.run(30) for p in protocols))
+
+    run(main())
+    slow_rounds = [r.round for r in reports["p0"]]
+    assert slow_rounds[-1] == 29 and len(slow_rounds) < 30  # it skipped rounds to stay in step
+    assert all(len(reports[p]) == 30 for p in ids[1:])
+    assert slow_rounds == sorted(set(slow_rounds))
+
+
+def test_catch_up_pulls_the_most_advanced_valid_snapshot():
+    from gossip.catchup import SnapshotServer, catch_up
+
+    network = SimNetwork()
+    reference = {"x": torch.zeros(2, dtype=torch.float64)}
+    SnapshotServer(network.attach("old"), {"x": torch.ones(2, dtype=torch.float64)}, round_=40)
+    SnapshotServer(network.attach("bad"), {"x": torch.ones(3, dtype=torch.float64)}, round_=50)
+    network.attach("gone")
+    network.crash("gone")
+    joiner = network.attach("new")
+
+    async def main():
+        return await catch_up(joiner, ["gone", "bad", "old"], reference, timeout=2)
+
+    state, round_ = run(main())
+    assert round_ == 40 and torch.equal(state["x"], torch.ones(2, dtype=torch.float64))
+    assert run(catch_up(joiner, ["gone"], reference, timeout=2)) is None

@@ -38,5 +38,8 @@ class Protocol(ABC):
         self.context = context
 
     @abstractmethod
-    async def run(self, rounds: int) -> None:
-        """Run ``rounds`` rounds, reporting each one through ``context.round_finished``."""
+    async def run(self, rounds: int, first_round: int = 0) -> None:
+        """Run rounds ``first_round`` .. ``rounds - 1``, reporting each through ``context.round_finished``.
+
+        A peer that joins a running swarm starts at the swarm's round (see ``gossip.catchup``).
+        """

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gossip.exchange import NeighbourExchange
+from gossip.message import PeerId
 from gossip.mixing import MixingRule
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 
@@ -10,7 +13,15 @@ from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 class DPSGD(Protocol):
     name = "dpsgd"
 
-    def __init__(self, context: ProtocolContext, *, local_steps: int, exchange_timeout: float, mixing: MixingRule | None = None):
+    def __init__(
+        self,
+        context: ProtocolContext,
+        *,
+        local_steps: int,
+        exchange_timeout: float,
+        mixing: MixingRule | None = None,
+        on_unreachable: Callable[[PeerId], None] | None = None,
+    ):
         super().__init__(context)
         if context.neighbourhood is None:
             raise ValueError("D-PSGD needs a neighbourhood")
@@ -22,12 +33,18 @@ class DPSGD(Protocol):
             context.learner.state(),
             timeout=exchange_timeout,
             mixing=mixing,
+            on_unreachable=on_unreachable,
         )
 
-    async def run(self, rounds: int) -> None:
+    async def run(self, rounds: int, first_round: int = 0) -> None:
         learner, clock = self.context.learner, self.context.clock
-        for round_ in range(rounds):
+        round_ = first_round
+        while round_ < rounds:
             loss = await clock.compute(learner.train, self.local_steps, steps=self.local_steps)
             result = await self.exchange.step(round_, learner.state())
             learner.load_state(result.state)
             await self.context.round_finished(RoundReport(round_, loss, result.expected, result.heard))
+            # A peer that fell behind (slow, or back from a pause) has just mixed in its
+            # neighbours' newer models; it goes on at their round instead of sending models
+            # they would find late.
+            round_ = max(round_ + 1, result.newest_step)

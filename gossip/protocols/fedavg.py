@@ -77,9 +77,9 @@ class FedAvgClient(Protocol):
         self.local_steps = local_steps
         self.round_timeout = round_timeout
 
-    async def run(self, rounds: int) -> None:
+    async def run(self, rounds: int, first_round: int = 0) -> None:
         learner, clock, transport = self.context.learner, self.context.clock, self.context.transport
-        for round_ in range(rounds):
+        for round_ in range(first_round, rounds):
             loss = await clock.compute(learner.train, self.local_steps, steps=self.local_steps)
             update = Message(UPDATE, transport.peer_id, round_, learner.state())
             try:

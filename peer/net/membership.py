@@ -43,13 +43,16 @@ class PeerRecord:
 
 
 class Membership:
-    def __init__(self, dht: hivemind.DHT, swarm: str, record: PeerRecord, *, ttl: float = 20.0):
+    def __init__(self, dht: hivemind.DHT, swarm: str, record: PeerRecord, *, ttl: float):
         self.dht = dht
         self.key = f"{swarm}.peers"
         self.record = record
         self.ttl = ttl
         self.live: dict[PeerId, PeerRecord] = {}  # compatible peers, self included
         self.seen: dict[PeerId, tuple[PeerRecord, float]] = {}  # every record read, with its expiry
+        # Peers we could not reach, with the expiry of their record at that time: they stay out
+        # of the view until they refresh their record, which a dead peer never does.
+        self._suspects: dict[PeerId, float] = {}
 
     async def announce(self, round_: int) -> None:
         self.record = PeerRecord(**{**asdict(self.record), "round": round_})
@@ -69,13 +72,22 @@ class Membership:
                 if record is not None:
                     records[record.peer_id] = (record, entry.expiration_time)
         self.seen = records
+        self._suspects = {
+            peer: expiry for peer, expiry in self._suspects.items() if peer in records and records[peer][1] <= expiry
+        }
         self.live = {
             peer: record
             for peer, (record, _) in records.items()
-            if not record.left and record.fingerprint == self.record.fingerprint
+            if not record.left and record.fingerprint == self.record.fingerprint and peer not in self._suspects
         }
         self.live[self.record.peer_id] = self.record
         return self.live
+
+    def suspect(self, peer: PeerId) -> None:
+        """Leave out a peer that could not be reached, until its record shows it is alive."""
+        if peer in self.seen and peer != self.record.peer_id:
+            self._suspects[peer] = self.seen[peer][1]
+            self.live.pop(peer, None)
 
     def view(self) -> list[PeerId]:
         return sorted(self.live)

@@ -17,6 +17,7 @@ import hivemind
 import torch
 from safetensors.torch import save_file
 
+from gossip.catchup import SnapshotServer, catch_up
 from gossip.learner import State
 from gossip.neighbourhood import OverlayNeighbourhood
 from gossip.protocols import DPSGD, ProtocolContext
@@ -102,23 +103,39 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
         me = p2p.peer_id.to_base58()
         addresses = [str(a) for a in dht.get_visible_maddrs()]
         print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
-        membership = Membership(dht, config.swarm, PeerRecord(me, addresses, fingerprint(task_name, state), 0))
+        membership = Membership(
+            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task_name, state), 0), ttl=config.record_ttl
+        )
         transport = P2PTransport(p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view)
         if config.out:
             config.out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
         clock = WallClock()
-        node = PeerNode(transport, clock, trainer, metrics, rounds=config.rounds, eval_every=config.eval_every, on_record=on_record)
+        snapshots = SnapshotServer(transport, state)
+
+        def round_done(record: RoundRecord) -> None:
+            snapshots.publish(trainer.state(), record.round + 1)
+            if on_record:
+                on_record(record)
+
+        node = PeerNode(
+            transport, clock, trainer, metrics,
+            rounds=config.rounds, eval_every=config.eval_every, on_record=round_done, pace=config.pace,
+        )
         neighbourhood = OverlayNeighbourhood(config.topology, me, membership.view, weights=config.weights, seed=config.seed)
         context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished)
-        node.protocol = DPSGD(context, local_steps=config.local_steps, exchange_timeout=config.exchange_timeout)
+        node.protocol = DPSGD(
+            context, local_steps=config.local_steps, exchange_timeout=config.exchange_timeout,
+            on_unreachable=membership.suspect,
+        )
         # Handlers are in place before anyone can learn of us, so no early model is refused.
         await transport.start()
         await _wait_for_peers(membership, config)
-        current_round = lambda: metrics.latest[me].round + 1 if me in metrics.latest else 0  # noqa: E731
+        first_round = await _catch_up(transport, membership, trainer, config)
+        current_round = lambda: metrics.latest[me].round + 1 if me in metrics.latest else first_round  # noqa: E731
         keep_alive = asyncio.create_task(membership.keep_alive(current_round))
         try:
-            await _until_signal(node.run())
+            await _until_signal(node.run(first_round))
         finally:
             metrics.close()
         last = metrics.latest.get(me)
@@ -169,6 +186,24 @@ async def _wait_for_peers(membership: Membership, config: RunConfig) -> None:
                 f"within {config.join_timeout:g} s; check --initial-peers and --swarm, or raise --join-timeout"
             )
         await asyncio.sleep(0.5)
+
+
+async def _catch_up(transport: P2PTransport, membership: Membership, trainer: Trainer, config: RunConfig) -> int:
+    """Start from the most advanced live peer's model and round, if the swarm is under way."""
+    ahead = sorted(
+        (r for r in membership.live.values() if r.peer_id != transport.peer_id and r.round > 0),
+        key=lambda r: -r.round,
+    )
+    if not ahead:
+        return 0
+    pulled = await catch_up(transport, [r.peer_id for r in ahead], trainer.state(), timeout=config.exchange_timeout)
+    if pulled is None:
+        log.warning("no peer answered the catch-up pull; starting from round 0")
+        return 0
+    state, round_ = pulled
+    trainer.load_state(state)
+    print(f"caught up: round {round_} from the swarm", flush=True)
+    return min(round_, config.rounds)
 
 
 async def _until_signal(work) -> None:

@@ -18,63 +18,118 @@ ADDRESS_LINE = re.compile(r"others join with --initial-peers (.+)$")
 STOP_GRACE_SECONDS = 30
 
 
-def peer_arguments(config: SwarmConfig) -> list[str]:
-    """The training flags every peer process gets, from the swarm's settings."""
-    args = []
-    for name in TrainingConfig.model_fields:
-        value = getattr(config, name)
-        if value is None or name == "out":
-            continue
-        args += [f"--{name.replace('_', '-')}", str(value)]
-    return args
+class LocalSwarm:
+    """Peer processes of one swarm on this host; each peer I writes to ``out/peer-I/``."""
 
+    def __init__(self, config: SwarmConfig, out: Path, extra_args: list[str] = ()):
+        self.config = config
+        self.out = out
+        self.name = config.swarm or f"local-{time.time_ns()}"
+        self.processes: dict[int, subprocess.Popen] = {}
+        self._common = self._training_arguments() + ["--swarm", self.name, "--shards", str(config.peers), *extra_args]
 
-def _wait_for_address(log: Path, process: subprocess.Popen, timeout: float) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ConfigError(f"the first peer exited with code {process.returncode}; see {log}")
-        for line in log.read_text().splitlines():
+    def _training_arguments(self) -> list[str]:
+        args = []
+        for name in TrainingConfig.model_fields:
+            value = getattr(self.config, name)
+            if value is not None and name != "out":
+                args += [f"--{name.replace('_', '-')}", str(value)]
+        return args
+
+    def folder(self, index: int) -> Path:
+        return self.out / f"peer-{index}"
+
+    def start(self, index: int, *, shard: int, min_peers: int) -> None:
+        folder = self.folder(index)
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "peer.cli", "run", *self._common,
+            "--shard", str(shard), "--min-peers", str(min_peers), "--out", str(folder),
+        ]
+        # Every running peer can welcome a newcomer, not only the first, which may have left.
+        initial_peers = [a for i in self.processes if self.processes[i].poll() is None for a in self._address(i)]
+        if initial_peers:
+            command += ["--initial-peers", *initial_peers]
+        with open(folder / "log.txt", "w") as log:
+            self.processes[index] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def bootstrap(self) -> None:
+        """Start every peer: the first one, and once it has printed its address, the others."""
+        self.start(0, shard=0, min_peers=self.config.peers)
+        self._wait_for_address(0)
+        for index in range(1, self.config.peers):
+            self.start(index, shard=index, min_peers=self.config.peers)
+
+    def _address(self, index: int) -> list[str]:
+        """The multiaddrs peer ``index`` printed, or none yet."""
+        for line in (self.folder(index) / "log.txt").read_text().splitlines():
             if match := ADDRESS_LINE.search(line):
                 return match.group(1).split()
-        time.sleep(0.2)
-    raise ConfigError(f"the first peer did not announce its address within {timeout:g} s; see {log}")
+        return []
 
+    def _wait_for_address(self, index: int) -> list[str]:
+        log, process = self.folder(index) / "log.txt", self.processes[index]
+        deadline = time.monotonic() + self.config.join_timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ConfigError(f"peer {index} exited with code {process.returncode}; see {log}")
+            if address := self._address(index):
+                return address
+            time.sleep(0.2)
+        raise ConfigError(f"peer {index} did not announce its address within {self.config.join_timeout:g} s; see {log}")
 
-def _rounds_done(out: Path) -> int:
-    metrics = out / "metrics.jsonl"
-    return metrics.read_text().count("\n") if metrics.exists() else 0
+    def last_round(self, index: int) -> int:
+        """The last round peer ``index`` recorded, or -1."""
+        metrics = self.folder(index) / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return json.loads(lines[-1])["round"] if lines else -1
+
+    def rounds_done(self) -> int:
+        return sum(self.last_round(index) + 1 for index in self.processes)
+
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.processes.values())
+
+    def kill(self, index: int) -> None:
+        """SIGKILL: the peer vanishes without saving or withdrawing, as in a crash."""
+        self.processes[index].kill()
+        self.processes[index].wait()
+
+    def stop(self) -> None:
+        """Ask every running peer to leave (SIGINT: save and withdraw), then insist."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def summaries(self) -> dict[int, dict]:
+        found = {}
+        for index in self.processes:
+            path = self.folder(index) / "summary.json"
+            if path.exists():
+                found[index] = json.loads(path.read_text())
+        return found
 
 
 def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = None) -> dict:
     out = config.out or Path("runs/swarm")
-    swarm = config.swarm or f"local-{time.time_ns()}"
-    common = peer_arguments(config) + ["--swarm", swarm, "--shards", str(config.peers), "--min-peers", str(config.peers)]
-    processes: list[subprocess.Popen] = []
-    folders = [out / f"peer-{i}" for i in range(config.peers)]
+    swarm = LocalSwarm(config, out)
     started = time.perf_counter()
-
-    def start(index: int, initial_peers: list[str]) -> None:
-        folders[index].mkdir(parents=True, exist_ok=True)
-        log = open(folders[index] / "log.txt", "w")
-        command = [sys.executable, "-m", "peer.cli", "run", *common, "--shard", str(index), "--out", str(folders[index])]
-        if initial_peers:
-            command += ["--initial-peers", *initial_peers]
-        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-
     try:
-        start(0, [])
-        addresses = _wait_for_address(folders[0] / "log.txt", processes[0], config.join_timeout)
-        for index in range(1, config.peers):
-            start(index, addresses)
-        while any(p.poll() is None for p in processes):
+        swarm.bootstrap()
+        while swarm.running():
             if on_progress:
-                on_progress(sum(_rounds_done(folder) for folder in folders))
+                on_progress(swarm.rounds_done())
             time.sleep(0.5)
     finally:
-        _stop(processes)
-    failed = {folders[i].name: p.returncode for i, p in enumerate(processes) if p.returncode != 0}
-    summaries = [json.loads((f / "summary.json").read_text()) for f in folders if (f / "summary.json").exists()]
+        swarm.stop()
+    summaries = list(swarm.summaries().values())
     accuracies = [s["accuracy"] for s in summaries if s["accuracy"] is not None]
     summary = {
         "algorithm": config.algorithm,
@@ -85,7 +140,7 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         "rounds": config.rounds,
         "seed": config.seed,
         "peers_finished": sum(s["rounds_completed"] == config.rounds for s in summaries),
-        "failed_peers": failed,
+        "failed_peers": {f"peer-{i}": p.returncode for i, p in swarm.processes.items() if p.returncode != 0},
         "mean_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
         "min_accuracy": min(accuracies, default=None),
         "max_accuracy": max(accuracies, default=None),
@@ -96,17 +151,3 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
     }
     write_json_atomic(out / "summary.json", summary)
     return summary
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """Ask every running peer to leave (SIGINT: save and withdraw), then insist."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

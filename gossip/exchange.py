@@ -88,6 +88,7 @@ class NeighbourExchange:
         timeout: float,
         mixing: MixingRule | None = None,
         on_unreachable: Callable[[PeerId], None] | None = None,
+        admit: Callable[[PeerId], bool] = lambda peer: True,
     ):
         self.transport = transport
         self.clock = clock
@@ -95,12 +96,15 @@ class NeighbourExchange:
         self.timeout = timeout
         self.mixing = mixing or WeightedAverage()
         self.on_unreachable = on_unreachable
+        self.admit = admit  # False for a sender known to be incompatible (e.g. another fingerprint)
         self._reference = {k: v.detach() for k, v in reference.items()}
         self._inbox = StepInbox()
         transport.serve(MODEL, self._receive)
 
     async def _receive(self, message: Message) -> None:
         try:
+            if not self.admit(message.sender):
+                raise InvalidState(f"{message.sender} trains another task or model")
             check_state(message.tensors, self._reference)
         except InvalidState as reason:
             self.transport.counters.rejected += 1

@@ -78,10 +78,6 @@ class OverlayNeighbourhood(Neighbourhood):
                 self._graph = GraphNeighbourhood(topology, ids, self.me)
         return self._graph
 
-    def peers(self) -> tuple[PeerId, ...]:
-        self._current()
-        return self._ids
-
     def out_neighbours(self, step: int) -> list[PeerId]:
         graph = self._current()
         return graph.out_neighbours(step) if graph else []

@@ -41,6 +41,7 @@ _MAX_DIMS = 8
 _MAX_ROUND = 2**62
 # Large enough to amortise the per-read overhead; each chunk is a transient copy, so not larger.
 _READ_CHUNK = 1 << 20
+_WRITE_CHUNK = 1 << 20
 
 
 class WireError(ValueError):
@@ -117,10 +118,12 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits) -> Message:
 async def write_message(writer: asyncio.StreamWriter, message: Message) -> int:
     """Send one message and wait for the writer to drain; returns the bytes written."""
     frames = encode(message)
-    # One write per frame, not writelines: before Python 3.12 writelines joins them into a copy.
+    # Slices with a drain after each keep the transport's buffer small: one large write would be
+    # copied whole into it (and copied again as it grows) before the socket takes any of it.
     for frame in frames:
-        writer.write(frame)
-    await writer.drain()
+        for offset in range(0, frame.nbytes, _WRITE_CHUNK):
+            writer.write(frame[offset : offset + _WRITE_CHUNK])
+            await writer.drain()
     return sum(frame.nbytes for frame in frames)
 
 

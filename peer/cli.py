@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start N peers as separate processes over loopback; the first bootstraps the others.",
     )
     add_config_flags(swarm, SwarmConfig)
+    status = commands.add_parser(
+        "status", help="list the peers of a swarm", description="List the peers that the DHT knows for a swarm."
+    )
+    status.add_argument("--initial-peers", nargs="+", default=[], help="multiaddrs of any peer or DHT node of the swarm")
+    status.add_argument("--swarm", default="gossip", help="swarm name (default: gossip)")
+    status.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the DHT (default: 30)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -174,7 +181,25 @@ def run_swarm_command(args: argparse.Namespace) -> int:
     return 0 if not summary["failed_peers"] else 1
 
 
-COMMANDS = {"simulate": run_simulate, "run": run_run, "swarm": run_swarm_command}
+def run_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from peer.net.status import swarm_status
+
+    rows = asyncio.run(swarm_status(args.initial_peers, args.swarm, args.timeout))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"swarm {args.swarm!r}: {sum(r['state'] == 'live' for r in rows)} live peers")
+    for column in ("peer", "round", "state", "age (s)", "addresses"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["peer"], str(row["round"]), row["state"], str(row["age_seconds"]), "\n".join(row["addresses"]))
+    Console().print(table)
+    return 0
+
+
+COMMANDS = {"simulate": run_simulate, "run": run_run, "swarm": run_swarm_command, "status": run_status}
 
 
 def main(argv: list[str] | None = None) -> int:

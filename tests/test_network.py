@@ -8,19 +8,22 @@ import sys
 import time
 from pathlib import Path
 
+from peer.net.swarm import kill_group
+
 PEER = [sys.executable, "-m", "peer.cli"]
 FAST = ["--rounds", "3", "--local-steps", "2", "--partition", "iid", "--exchange-timeout", "10"]
 
 
 def run(args, timeout):
-    with subprocess.Popen(PEER + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-            raise AssertionError(f"{args} did not finish in {timeout} s:\n{out}\n{err}")
-        return process.returncode, out, err
+    process = subprocess.Popen(PEER + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        out, err = process.communicate()
+        raise AssertionError(f"{args} did not finish in {timeout} s:\n{out}\n{err}")
+    kill_group(process)  # the peer's DHT process and daemon too, should any have outlived it
+    return process.returncode, out, err
 
 
 def test_a_swarm_of_real_peers_trains_together(tmp_path):
@@ -58,7 +61,9 @@ def test_fedavg_is_refused_outside_simulation():
 
 
 def start(args, log):
-    return subprocess.Popen(PEER + args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        PEER + args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def stop_all(processes, timeout=30):
@@ -69,8 +74,8 @@ def stop_all(processes, timeout=30):
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            pass
+        kill_group(process)
 
 
 def wait_for_line(path, pattern, process, timeout):
@@ -89,7 +94,7 @@ def test_peers_join_a_swarm_whose_only_bootstrap_node_is_a_plain_hivemind_dht(tm
         with open(tmp_path / "dht.log", "w") as log:
             dht = subprocess.Popen(
                 [str(Path(sys.executable).parent / "hivemind-dht"), "--host_maddrs", "/ip4/127.0.0.1/tcp/0"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         processes.append(dht)
         address = wait_for_line(tmp_path / "dht.log", r"--initial_peers (\S+)", dht, timeout=60).group(1)
@@ -101,6 +106,9 @@ def test_peers_join_a_swarm_whose_only_bootstrap_node_is_a_plain_hivemind_dht(tm
                 ], log))
         for peer in processes[1:]:
             assert peer.wait(timeout=180) == 0, (tmp_path / "peer-0.log").read_text()
+        code, out, err = run(["status", "--initial-peers", address, "--swarm", "via-dht", "--json"], timeout=120)
+        assert code == 0, err
+        assert [row["state"] for row in json.loads(out)] == ["left", "left"]  # both withdrew on leaving
     finally:
         stop_all(processes)
     for shard in range(2):

@@ -21,6 +21,7 @@ class DPSGD(Protocol):
         exchange_timeout: float,
         mixing: MixingRule | None = None,
         on_unreachable: Callable[[PeerId], None] | None = None,
+        admit: Callable[[PeerId], bool] = lambda peer: True,
     ):
         super().__init__(context)
         if context.neighbourhood is None:
@@ -34,6 +35,7 @@ class DPSGD(Protocol):
             timeout=exchange_timeout,
             mixing=mixing,
             on_unreachable=on_unreachable,
+            admit=admit,
         )
 
     async def run(self, rounds: int, first_round: int = 0) -> None:

@@ -23,6 +23,7 @@ class PeerRecord:
     fingerprint: str  # task and model shapes: peers with different ones never mix
     round: int
     left: bool = False  # a tombstone: the peer withdrew before its record expired
+    announced: float = 0.0  # DHT time of the announcement
 
     @classmethod
     def parse(cls, peer_id: str, value: object) -> PeerRecord | None:
@@ -36,6 +37,7 @@ class PeerRecord:
                 fingerprint=str(value["fingerprint"]),
                 round=int(value["round"]),
                 left=bool(value.get("left", False)),
+                announced=float(value.get("announced", 0.0)),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -55,7 +57,7 @@ class Membership:
         self._suspects: dict[PeerId, float] = {}
 
     async def announce(self, round_: int) -> None:
-        self.record = PeerRecord(**{**asdict(self.record), "round": round_})
+        self.record = PeerRecord(**{**asdict(self.record), "round": round_, "announced": get_dht_time()})
         await self._store(self.record, get_dht_time() + self.ttl)
 
     async def _store(self, record: PeerRecord, expiration: float) -> None:
@@ -82,6 +84,11 @@ class Membership:
         }
         self.live[self.record.peer_id] = self.record
         return self.live
+
+    def compatible(self, peer: PeerId) -> bool:
+        """False for a peer whose record shows another task or model; unknown peers get the benefit of the doubt."""
+        seen = self.seen.get(peer)
+        return seen is None or seen[0].fingerprint == self.record.fingerprint
 
     def suspect(self, peer: PeerId) -> None:
         """Leave out a peer that could not be reached, until its record shows it is alive."""

@@ -126,7 +126,7 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
         context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished)
         node.protocol = DPSGD(
             context, local_steps=config.local_steps, exchange_timeout=config.exchange_timeout,
-            on_unreachable=membership.suspect,
+            on_unreachable=membership.suspect, admit=membership.compatible,
         )
         # Handlers are in place before anyone can learn of us, so no early model is refused.
         await transport.start()

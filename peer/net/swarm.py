@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -51,7 +52,10 @@ class LocalSwarm:
         if initial_peers:
             command += ["--initial-peers", *initial_peers]
         with open(folder / "log.txt", "w") as log:
-            self.processes[index] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # A session of its own, so that the peer's DHT process and p2p daemon can be killed with it.
+            self.processes[index] = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
 
     def bootstrap(self) -> None:
         """Start every peer: the first one, and once it has printed its address, the others."""
@@ -91,9 +95,8 @@ class LocalSwarm:
         return any(p.poll() is None for p in self.processes.values())
 
     def kill(self, index: int) -> None:
-        """SIGKILL: the peer vanishes without saving or withdrawing, as in a crash."""
-        self.processes[index].kill()
-        self.processes[index].wait()
+        """SIGKILL to the peer and everything it started: it vanishes without a word, as in a crash."""
+        kill_group(self.processes[index])
 
     def stop(self) -> None:
         """Ask every running peer to leave (SIGINT: save and withdraw), then insist."""
@@ -105,8 +108,8 @@ class LocalSwarm:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                pass
+            kill_group(process)  # whatever the peer left behind (nothing, when it left cleanly)
 
     def summaries(self) -> dict[int, dict]:
         found = {}
@@ -115,6 +118,14 @@ class LocalSwarm:
             if path.exists():
                 found[index] = json.loads(path.read_text())
         return found
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = None) -> dict:

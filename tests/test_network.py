@@ -1,6 +1,7 @@
 """Real peers over libp2p on loopback: separate processes, bounded in time, always cleaned up."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -133,3 +134,21 @@ def test_survivors_go_on_after_crashes_and_a_newcomer_catches_up(tmp_path):
     assert report["newcomer_exit_code"] == 0
     assert report["newcomer_first_round"] >= 10  # it started from the swarm's round, not from 0
     assert abs(report["newcomer_accuracy_final"] - report["survivor_accuracy_final_mean"]) < 0.15
+
+
+def test_ctrl_c_saves_withdraws_and_exits_0_and_a_live_identity_is_refused(tmp_path):
+    with open(tmp_path / "peer.log", "w") as log:
+        peer = start(["run", "--identity", str(tmp_path / "key"), "--rounds", "100", "--pace", "0.5",
+                      "--partition", "iid", "--out", str(tmp_path / "out")], log)
+    try:
+        wait_for_line(tmp_path / "peer.log", r"round 2/100", peer, timeout=120)
+        code, _, err = run(["run", "--identity", str(tmp_path / "key"), *FAST], timeout=60)
+        assert code == 2 and "in use by a running peer" in err
+        os.killpg(peer.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+        assert peer.wait(timeout=60) == 0, (tmp_path / "peer.log").read_text()
+    finally:
+        stop_all([peer])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert 2 <= summary["rounds_completed"] < 100
+    assert (tmp_path / "out" / "checkpoint.safetensors").exists()
+    assert "Traceback" not in (tmp_path / "peer.log").read_text()

@@ -5,6 +5,7 @@ gossips with the neighbours that the overlay gives it, and leaves cleanly on SIG
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import logging
@@ -93,7 +94,15 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
     trainer, task_name = build_trainer(config)
     state = trainer.state()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    dht = await asyncio.to_thread(start_dht, config)
+    identity_lock = lock_identity(config.identity) if config.identity else None
+    # Ctrl-C reaches every process of the terminal's group; the DHT process and its daemon must
+    # not die before this one has saved and withdrawn, so they start with SIGINT ignored and
+    # are shut down by us.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        dht = await asyncio.to_thread(start_dht, config)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     membership = None
     transport = None
     keep_alive = None
@@ -162,15 +171,37 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
     finally:
         if keep_alive:
             keep_alive.cancel()
-        if membership:
-            try:
-                async with asyncio.timeout(5):
-                    await membership.withdraw()
-            except Exception as error:
-                log.warning("could not withdraw from the swarm: %r", error)
-        if transport:
-            await transport.stop()
-        dht.shutdown()
+        await _leave(membership, transport, dht)
+        if identity_lock:
+            identity_lock.close()
+
+
+async def _leave(membership: Membership | None, transport: P2PTransport | None, dht: hivemind.DHT) -> None:
+    """Withdraw, stop serving and stop the DHT; each step is tried even if one before it failed."""
+    steps = []
+    if membership:
+        steps.append(("withdraw from the swarm", membership.withdraw()))
+    if transport:
+        steps.append(("stop serving", transport.stop()))
+    for what, step in steps:
+        try:
+            async with asyncio.timeout(5):
+                await step
+        except Exception as error:
+            log.warning("could not %s: %r", what, error)
+    dht.shutdown()
+
+
+def lock_identity(path: Path):
+    """Hold an exclusive lock beside the identity file for as long as this peer runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_name(path.name + ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"identity {path} is in use by a running peer; give this peer another --identity") from None
+    return lock
 
 
 async def _wait_for_peers(membership: Membership, config: RunConfig) -> None:

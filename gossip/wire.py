@@ -154,6 +154,27 @@ async def _read_exactly(reader: asyncio.StreamReader, size: int, part: str) -> b
 
 
 async def _fill(reader: asyncio.StreamReader, buffer: memoryview) -> None:
+    # StreamReader.read() returns a new bytes object, which we would then copy again; taking the
+    # bytes straight from the reader's own buffer halves the copying of a large model. Those
+    # attributes are private, so any other reader falls back to read().
+    if not all(hasattr(reader, name) for name in ("_buffer", "_wait_for_data", "_maybe_resume_transport")):
+        return await _fill_by_reading(reader, buffer)
+    filled = 0
+    while filled < len(buffer):
+        pending = reader._buffer
+        if not pending:
+            if reader.at_eof():
+                raise WireError(f"truncated: {filled} of {len(buffer)} payload bytes")
+            await reader._wait_for_data("read")
+            continue
+        size = min(len(pending), len(buffer) - filled)
+        buffer[filled : filled + size] = memoryview(pending)[:size]
+        del pending[:size]
+        reader._maybe_resume_transport()
+        filled += size
+
+
+async def _fill_by_reading(reader: asyncio.StreamReader, buffer: memoryview) -> None:
     filled = 0
     while filled < len(buffer):
         chunk = await reader.read(min(len(buffer) - filled, _READ_CHUNK))

@@ -168,6 +168,34 @@ def test_payload_arriving_in_small_pieces_is_reassembled():
     assert_same(asyncio.run(main()), message)
 
 
+class PublicReader:
+    """A reader with only StreamReader's public methods, as a future asyncio might offer."""
+
+    def __init__(self, reader: asyncio.StreamReader):
+        self._reader = reader
+
+    async def read(self, n: int) -> bytes:
+        return await self._reader.read(n)
+
+    async def readexactly(self, n: int) -> bytes:
+        return await self._reader.readexactly(n)
+
+
+@pytest.mark.parametrize("cut", [None, -10])
+def test_readers_without_streamreader_internals_work_too(cut):
+    message = Message("push", "a", 3, {"w": torch.randn(1000)})
+    data = encoded(message)
+
+    async def main():
+        return await read_message(PublicReader(filled_reader(data[:cut] if cut else data)), LIMITS)
+
+    if cut:
+        with pytest.raises(WireError, match="payload bytes"):
+            asyncio.run(main())
+    else:
+        assert_same(asyncio.run(main()), message)
+
+
 @st.composite
 def tensors(draw) -> torch.Tensor:
     dtype = draw(st.sampled_from(DTYPES))

@@ -178,6 +178,8 @@ def run_swarm_command(args: argparse.Namespace) -> int:
         bar = progress.add_task("swarm", total=config.peers * config.rounds, status="")
         summary = run_swarm(config, on_progress=lambda done: progress.update(bar, completed=done))
     print(json.dumps(summary, indent=2))
+    if summary["interrupted"]:
+        return 130
     return 0 if not summary["failed_peers"] else 1
 
 

@@ -9,6 +9,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+
+from gossip.mixing import average
+
 
 @dataclass(frozen=True)
 class RoundRecord:
@@ -53,3 +57,11 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def consensus_distance(states: list[dict[str, torch.Tensor]]) -> float:
+    """Mean over peers of the squared distance between a peer's model and the average model."""
+    mean = average(states)
+    return sum(
+        sum(float((state[name] - mean[name]).pow(2).sum()) for name in mean) for state in states
+    ) / len(states)

@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 
-from gossip.mixing import average
 from gossip.neighbourhood import GraphNeighbourhood
 from gossip.protocols import DPSGD, FedAvgClient, FedAvgServer, ProtocolContext
 from peer.config import SimulationConfig
-from peer.metrics import MetricsLog, RoundRecord, write_json_atomic
+from peer.metrics import MetricsLog, RoundRecord, consensus_distance, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
 from peer.tasks import Task, load_task, partition
@@ -38,14 +37,6 @@ class SimulationResult:
 def peer_ids(n: int) -> list[str]:
     width = len(str(n - 1))
     return [f"peer-{i:0{width}d}" for i in range(n)]
-
-
-def consensus_distance(states: list[dict[str, torch.Tensor]]) -> float:
-    """Mean over peers of the squared distance between a peer's model and the average model."""
-    mean = average(states)
-    return sum(
-        sum(float((state[name] - mean[name]).pow(2).sum()) for name in mean) for state in states
-    ) / len(states)
 
 
 def learning_rate(config: SimulationConfig, task: Task) -> float:

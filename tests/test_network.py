@@ -34,6 +34,7 @@ def test_a_swarm_of_real_peers_trains_together(tmp_path):
     assert summary["peers_finished"] == 3 and summary["failed_peers"] == {}
     assert summary["rejected_total"] == 0
     assert summary["missed_exchanges_total"] == 0
+    assert summary["consensus_distance"] >= 0 and not summary["interrupted"]
     for index in range(3):
         peer = json.loads((tmp_path / f"peer-{index}" / "summary.json").read_text())
         assert len(peer["peers_seen"]) == 3

@@ -257,3 +257,46 @@ def test_catch_up_pulls_the_most_advanced_valid_snapshot():
     state, round_ = run(main())
     assert round_ == 40 and torch.equal(state["x"], torch.ones(2, dtype=torch.float64))
     assert run(catch_up(joiner, ["gone"], reference, timeout=2)) is None
+
+
+def test_models_from_senders_that_are_not_admitted_are_rejected():
+    topology = parse_topology("ring", 2)
+    network = SimNetwork()
+    ids = ["p0", "p1"]
+    clock = SimClock()
+    transports = [network.attach(peer) for peer in ids]
+
+    async def noop(report):
+        pass
+
+    learners = [VectorLearner(torch.tensor([0.0])), VectorLearner(torch.tensor([4.0]))]
+    protocols = [
+        DPSGD(
+            ProtocolContext(t, clock, learner, GraphNeighbourhood(topology, ids, t.peer_id), noop),
+            local_steps=1, exchange_timeout=1.0, admit=lambda sender: sender != "p1",
+        )
+        for t, learner in zip(transports, learners)
+    ]
+
+    async def main():
+        await asyncio.gather(*(p.run(1) for p in protocols))
+
+    run(main())
+    assert transports[0].counters.rejected == 1  # p0 refuses p1 (say, another model fingerprint)
+    assert learners[0].value.item() == 0.0
+    assert learners[1].value.item() == 2.0  # p1 admits p0
+
+
+def test_membership_admits_unknown_peers_and_refuses_other_fingerprints():
+    from peer.net.membership import Membership, PeerRecord
+
+    membership = Membership(None, "swarm", PeerRecord("me", [], "abc", 0), ttl=10)
+    membership.seen = {
+        "same": (PeerRecord("same", [], "abc", 3), 100.0),
+        "other": (PeerRecord("other", [], "xyz", 3), 100.0),
+    }
+    assert membership.compatible("same") and membership.compatible("stranger")
+    assert not membership.compatible("other")
+    membership.live = {"me": membership.record, "same": membership.seen["same"][0]}
+    membership.suspect("same")
+    assert membership.view() == ["me"]

@@ -151,8 +151,13 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
         summary = {
             "peer": me,
             "swarm": config.swarm,
+            "algorithm": config.algorithm,
             "task": config.task,
             "topology": config.topology,
+            "partition": config.partition,
+            "shard": config.shard,
+            "shards": config.shards,
+            "seed": config.seed,
             "rounds_completed": current_round(),
             "rounds": config.rounds,
             "accuracy": last.accuracy if last else None,

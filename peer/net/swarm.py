@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from peer.config import ConfigError, SwarmConfig, TrainingConfig
-from peer.metrics import write_json_atomic
+from peer.metrics import consensus_distance, write_json_atomic
 
 ADDRESS_LINE = re.compile(r"others join with --initial-peers (.+)$")
 STOP_GRACE_SECONDS = 30
@@ -132,15 +134,20 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
     out = config.out or Path("runs/swarm")
     swarm = LocalSwarm(config, out)
     started = time.perf_counter()
+    interrupted = False
     try:
         swarm.bootstrap()
         while swarm.running():
             if on_progress:
                 on_progress(swarm.rounds_done())
             time.sleep(0.5)
+    except KeyboardInterrupt:
+        interrupted = True  # the peers are asked to save and leave below; their results still count
     finally:
         swarm.stop()
     summaries = list(swarm.summaries().values())
+    checkpoints = [swarm.folder(i) / "checkpoint.safetensors" for i in swarm.processes]
+    states = [load_file(str(path)) for path in checkpoints if path.exists()]
     accuracies = [s["accuracy"] for s in summaries if s["accuracy"] is not None]
     summary = {
         "algorithm": config.algorithm,
@@ -155,9 +162,11 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         "mean_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
         "min_accuracy": min(accuracies, default=None),
         "max_accuracy": max(accuracies, default=None),
+        "consensus_distance": consensus_distance(states) if states else None,
         "bytes_sent_total": sum(s["bytes_sent"] for s in summaries),
         "rejected_total": sum(s["rejected"] for s in summaries),
         "missed_exchanges_total": sum(s["missed_exchanges"] for s in summaries),
+        "interrupted": interrupted,
         "wall_seconds": time.perf_counter() - started,
     }
     write_json_atomic(out / "summary.json", summary)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from peer.config import ConfigError, RunConfig, SimulationConfig, SwarmConfig, build_config, load_toml
+from peer.config import C, ConfigError, RunConfig, SimulationConfig, SwarmConfig, build_config, load_toml
 from peer.metrics import RoundRecord
 from peer.tasks import PartitionError, TaskError
 from topology import TOPOLOGY_NAMES, TopologyError
@@ -125,11 +125,16 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def config_from_args(args: argparse.Namespace, model: type[C]) -> C:
+    """The settings of a command: defaults, then --config's file, then the flags given."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return build_config(model, load_toml(args.config) if args.config else {}, flags)
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     from peer.simulate import simulate  # torch is imported only when a command needs it
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    config = build_config(SimulationConfig, load_toml(args.config) if args.config else {}, flags)
+    config = config_from_args(args, SimulationConfig)
     console = Console(stderr=True)
     with _progress(console) as progress:
         bar = progress.add_task("simulating", total=config.peers * config.rounds, status="")
@@ -152,8 +157,7 @@ def run_run(args: argparse.Namespace) -> int:
 
     from peer.net.node import run_peer
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    config = build_config(RunConfig, load_toml(args.config) if args.config else {}, flags)
+    config = config_from_args(args, RunConfig)
 
     def show(record: RoundRecord) -> None:
         accuracy = "" if record.accuracy is None else f"  accuracy {record.accuracy:.4f}"
@@ -171,8 +175,7 @@ def run_run(args: argparse.Namespace) -> int:
 def run_swarm_command(args: argparse.Namespace) -> int:
     from peer.net.swarm import run_swarm
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    config = build_config(SwarmConfig, load_toml(args.config) if args.config else {}, flags)
+    config = config_from_args(args, SwarmConfig)
     console = Console(stderr=True)
     with _progress(console) as progress:
         bar = progress.add_task("swarm", total=config.peers * config.rounds, status="")

@@ -41,17 +41,21 @@ class StepInbox:
     and one model per sender is kept, so a hostile sender cannot make us buffer much.
     """
 
-    def __init__(self, horizon: int = 16) -> None:
+    def __init__(self, horizon: int = 16, max_senders: int = 1024) -> None:
         self._latest: dict[PeerId, Message] = {}
         self._floor = 0  # steps below this are finished; their models are late
         self._horizon = horizon
+        self._max_senders = max_senders
         self._arrived = asyncio.Event()
 
     def put(self, message: Message) -> bool:
-        """Keep a model if it is the sender's freshest; False when it is late or too far ahead."""
+        """Keep a model if it is the sender's freshest; False when it is late, too far ahead,
+        or from one sender too many (identities are cheap to make, memory is not)."""
         if not self._floor <= message.round < self._floor + self._horizon:
             return False
         current = self._latest.get(message.sender)
+        if current is None and len(self._latest) >= self._max_senders:
+            return False
         if current is None or message.round > current.round:
             self._latest[message.sender] = message
             self._arrived.set()

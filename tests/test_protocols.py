@@ -300,3 +300,12 @@ def test_membership_admits_unknown_peers_and_refuses_other_fingerprints():
     membership.live = {"me": membership.record, "same": membership.seen["same"][0]}
     membership.suspect("same")
     assert membership.view() == ["me"]
+
+
+def test_the_inbox_holds_a_bounded_number_of_senders():
+    from gossip.exchange import StepInbox
+
+    inbox = StepInbox(max_senders=2)
+    assert inbox.put(Message(MODEL, "a", 0)) and inbox.put(Message(MODEL, "b", 0))
+    assert not inbox.put(Message(MODEL, "c", 0))
+    assert inbox.put(Message(MODEL, "a", 1))  # a known sender may still update its model

@@ -145,6 +145,7 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
         keep_alive = asyncio.create_task(membership.keep_alive(current_round))
         try:
             await _until_signal(node.run(first_round))
+            await clock.settle()  # a training step cut short by the signal finishes before saving
         finally:
             metrics.close()
         last = metrics.latest.get(me)

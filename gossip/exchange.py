@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from gossip.learner import State
@@ -91,23 +90,19 @@ class NeighbourExchange:
         *,
         timeout: float,
         mixing: MixingRule | None = None,
-        on_unreachable: Callable[[PeerId], None] | None = None,
-        admit: Callable[[PeerId], bool] = lambda peer: True,
     ):
         self.transport = transport
         self.clock = clock
         self.neighbourhood = neighbourhood
         self.timeout = timeout
         self.mixing = mixing or WeightedAverage()
-        self.on_unreachable = on_unreachable
-        self.admit = admit  # False for a sender known to be incompatible (e.g. another fingerprint)
         self._reference = {k: v.detach() for k, v in reference.items()}
         self._inbox = StepInbox()
         transport.serve(MODEL, self._receive)
 
     async def _receive(self, message: Message) -> None:
         try:
-            if not self.admit(message.sender):
+            if not self.neighbourhood.admits(message.sender):
                 raise InvalidState(f"{message.sender} trains another task or model")
             check_state(message.tensors, self._reference)
         except InvalidState as reason:
@@ -119,11 +114,12 @@ class NeighbourExchange:
 
     async def _send(self, peer: PeerId, message: Message) -> None:
         try:
-            await self.transport.send(peer, message)
-        except PeerUnreachable as reason:
+            # A neighbour that stops reading must not hold up our round.
+            async with self.clock.timeout(self.timeout):
+                await self.transport.send(peer, message)
+        except (PeerUnreachable, TimeoutError) as reason:
             log.info("%s: could not send to %s: %s", self.transport.peer_id, peer, reason)
-            if self.on_unreachable:
-                self.on_unreachable(peer)
+            self.neighbourhood.unreachable(peer)
 
     async def step(self, step: int, state: State) -> StepResult:
         message = Message(MODEL, self.transport.peer_id, step, state)

@@ -24,6 +24,13 @@ class Neighbourhood(ABC):
     @abstractmethod
     def self_weight(self, step: int) -> float: ...
 
+    def admits(self, peer: PeerId) -> bool:
+        """Whether a model from ``peer`` may be mixed at all (False: known to train something else)."""
+        return True
+
+    def unreachable(self, peer: PeerId) -> None:
+        """Told when a model could not be sent to ``peer``; a changing neighbourhood may drop it."""
+
 
 class GraphNeighbourhood(Neighbourhood):
     """One peer's view of a fixed set of peers laid out on a topology (index i is ``peer_ids[i]``)."""
@@ -53,10 +60,22 @@ class OverlayNeighbourhood(Neighbourhood):
     peer keeps its own model.
     """
 
-    def __init__(self, spec: str, me: PeerId, view: Callable[[], Iterable[PeerId]], *, weights: str = "metropolis", seed: int = 0):
+    def __init__(
+        self,
+        spec: str,
+        me: PeerId,
+        view: Callable[[], Iterable[PeerId]],
+        *,
+        weights: str = "metropolis",
+        seed: int = 0,
+        admits: Callable[[PeerId], bool] = lambda peer: True,
+        unreachable: Callable[[PeerId], None] = lambda peer: None,
+    ):
         self.spec = spec
         self.me = me
         self._view = view
+        self.admits = admits  # e.g. refuses peers whose membership record shows another model
+        self.unreachable = unreachable  # e.g. leaves a crashed peer out of the view
         self._weights = weights
         self._seed = seed
         self._ids: tuple[PeerId, ...] = ()

@@ -63,24 +63,16 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="peer", description="Peer-to-peer gossip training.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
-    simulate = commands.add_parser(
-        "simulate",
-        help="simulate many peers in one process on a virtual network",
-        description="Simulate a swarm of peers on one host: an emulated network, a virtual clock, real training.",
-    )
-    add_config_flags(simulate, SimulationConfig)
-    run = commands.add_parser(
-        "run",
-        help="run one peer on the network",
-        description="Run a peer: join the swarm at --initial-peers (or start one), train, gossip, and leave on Ctrl-C.",
-    )
-    add_config_flags(run, RunConfig)
-    swarm = commands.add_parser(
-        "swarm",
-        help="run N real peer processes on this host over loopback",
-        description="Start N peers as separate processes over loopback; the first bootstraps the others.",
-    )
-    add_config_flags(swarm, SwarmConfig)
+    settings_commands = [
+        ("simulate", SimulationConfig, "simulate many peers in one process on a virtual network",
+         "Simulate a swarm of peers on one host: an emulated network, a virtual clock, real training."),
+        ("run", RunConfig, "run one peer on the network",
+         "Run a peer: join the swarm at --initial-peers (or start one), train, gossip, and leave on Ctrl-C."),
+        ("swarm", SwarmConfig, "run N real peer processes on this host over loopback",
+         "Start N peers as separate processes over loopback; the first bootstraps the others."),
+    ]
+    for name, model, summary, description in settings_commands:
+        add_config_flags(commands.add_parser(name, help=summary, description=description), model)
     status = commands.add_parser(
         "status", help="list the peers of a swarm", description="List the peers that the DHT knows for a swarm."
     )

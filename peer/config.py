@@ -104,7 +104,9 @@ def build_config(model: type[C], file_values: dict[str, Any], flag_values: dict[
         return model(**{**file_values, **flag_values})
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
+        where = ".".join(str(part) for part in first["loc"])
+        if not first["loc"]:  # a check across settings: its message says it all
+            raise ConfigError(str(first["msg"]).removeprefix("Value error, ")) from None
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"unknown setting {where!r}; see --help for the valid ones") from None
-        raise ConfigError(f"{where.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})") from None
+        raise ConfigError(f"--{where.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})") from None

@@ -17,7 +17,7 @@ from peer.metrics import MetricsLog, RoundRecord, consensus_distance, write_json
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
 from peer.tasks import Task, load_task, partition
-from peer.trainer import Trainer, resolve_device
+from peer.trainer import Trainer, peer_trainer, resolve_device
 from topology import parse_topology
 
 SERVER_ID = "server"
@@ -39,34 +39,9 @@ def peer_ids(n: int) -> list[str]:
     return [f"peer-{i:0{width}d}" for i in range(n)]
 
 
-def learning_rate(config: SimulationConfig, task: Task) -> float:
-    """The --lr that was given, else the task's own."""
-    return config.lr or task.learning_rate
-
-
 def build_trainers(config: SimulationConfig, task: Task, device: torch.device) -> list[Trainer]:
     shards = partition(task.train_y, config.peers, config.partition, config.seed)
-    torch.manual_seed(config.seed)
-    initial = task.make_model().state_dict()
-    trainers = []
-    for index, shard in enumerate(shards):
-        model = task.make_model()
-        model.load_state_dict(initial)  # every peer starts from the same model
-        shard_index = torch.as_tensor(shard, dtype=torch.long)
-        trainers.append(
-            Trainer(
-                model,
-                (task.train_x[shard_index], task.train_y[shard_index]),
-                (task.test_x, task.test_y),
-                lr=learning_rate(config, task),
-                momentum=config.momentum,
-                weight_decay=config.weight_decay,
-                batch_size=config.batch_size,
-                seed=config.seed * 100_003 + index,
-                device=device,
-            )
-        )
-    return trainers
+    return [peer_trainer(config, task, shard, index, device) for index, shard in enumerate(shards)]
 
 
 def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
@@ -133,7 +108,7 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
         "rounds": config.rounds,
         "local_steps": config.local_steps,
         "batch_size": config.batch_size,
-        "lr": learning_rate(config, task),
+        "lr": trainers[0].lr,
         "seed": config.seed,
         "device": str(device),
         "mean_accuracy": sum(accuracies) / len(accuracies),

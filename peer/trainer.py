@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gossip.learner import Learner, State
-from peer.config import ConfigError
+from peer.config import ConfigError, TrainingConfig
+from peer.tasks import Task
 
 # Small enough that activations stay in the allocator cache instead of being mapped and unmapped per batch.
 EVAL_BATCH = 256
@@ -43,6 +45,7 @@ class Trainer(Learner):
         self.train_x, self.train_y = (t.to(device) for t in train)
         self.test_x, self.test_y = (t.to(device) for t in test)
         self.batch_size = min(batch_size, len(self.train_y))
+        self.lr = lr
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
@@ -93,3 +96,24 @@ class Trainer(Learner):
         own = self.model.state_dict()
         for name, tensor in state.items():
             own[name].copy_(tensor)
+
+
+def peer_trainer(config: TrainingConfig, task: Task, shard: np.ndarray, index: int, device: torch.device) -> Trainer:
+    """Peer ``index``'s trainer: its part of the training set and the run's settings.
+
+    The model is drawn from --seed, so every peer of a run (simulated or real) starts from the
+    same one; the batch order is the peer's own.
+    """
+    torch.manual_seed(config.seed)
+    rows = torch.as_tensor(shard, dtype=torch.long)
+    return Trainer(
+        task.make_model(),
+        (task.train_x[rows], task.train_y[rows]),
+        (task.test_x, task.test_y),
+        lr=config.lr or task.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        batch_size=config.batch_size,
+        seed=config.seed * 100_003 + index,
+        device=device,
+    )

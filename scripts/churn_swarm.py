@@ -57,7 +57,7 @@ def main() -> None:
         peers=args.peers, rounds=args.rounds, local_steps=args.local_steps, partition=args.partition,
         exchange_timeout=args.exchange_timeout, seed=0,
     )
-    swarm = LocalSwarm(config, args.out, extra_args=["--record-ttl", str(args.record_ttl), "--pace", str(args.pace)])
+    swarm = LocalSwarm(config, args.out, extra_args=("--record-ttl", str(args.record_ttl), "--pace", str(args.pace)))
     victims = list(range(1, 1 + args.kill))
     survivors = [i for i in range(args.peers) if i not in victims]
     newcomer = args.peers

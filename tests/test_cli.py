@@ -104,3 +104,17 @@ def test_console_script_reports_errors_without_a_traceback():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "command, keyword",
+    [
+        (["run", "--shard", "3", "--shards", "2"], "--shard 3 must be below --shards 2"),
+        (["swarm", "--algorithm", "fedavg"], "peer simulate` only"),
+        (["status"], "needs --initial-peers"),
+    ],
+)
+def test_network_commands_check_their_settings_first(capsys, command, keyword):
+    code = main(command)
+    err = capsys.readouterr().err
+    assert code == 2 and keyword in err and len(err.strip().splitlines()) == 1

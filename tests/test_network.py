@@ -22,7 +22,7 @@ def run(args, timeout):
     except subprocess.TimeoutExpired:
         kill_group(process)
         out, err = process.communicate()
-        raise AssertionError(f"{args} did not finish in {timeout} s:\n{out}\n{err}")
+        raise AssertionError(f"{args} did not finish in {timeout} s:\n{out}\n{err}") from None
     kill_group(process)  # the peer's DHT process and daemon too, should any have outlived it
     return process.returncode, out, err
 

@@ -9,7 +9,7 @@ import torch
 from gossip.exchange import MODEL
 from gossip.message import Message
 from gossip.mixing import WeightedAverage
-from gossip.neighbourhood import GraphNeighbourhood
+from gossip.neighbourhood import GraphNeighbourhood, OverlayNeighbourhood
 from gossip.protocols import DPSGD, FedAvgClient, FedAvgServer, ProtocolContext, RoundReport
 from peer.sim import LinkModel, SimClock, SimNetwork, VirtualTimeLoop
 from tests.vector_learner import VectorLearner
@@ -260,7 +260,6 @@ def test_catch_up_pulls_the_most_advanced_valid_snapshot():
 
 
 def test_models_from_senders_that_are_not_admitted_are_rejected():
-    topology = parse_topology("ring", 2)
     network = SimNetwork()
     ids = ["p0", "p1"]
     clock = SimClock()
@@ -272,8 +271,12 @@ def test_models_from_senders_that_are_not_admitted_are_rejected():
     learners = [VectorLearner(torch.tensor([0.0])), VectorLearner(torch.tensor([4.0]))]
     protocols = [
         DPSGD(
-            ProtocolContext(t, clock, learner, GraphNeighbourhood(topology, ids, t.peer_id), noop),
-            local_steps=1, exchange_timeout=1.0, admit=lambda sender: sender != "p1",
+            ProtocolContext(
+                t, clock, learner,
+                OverlayNeighbourhood("ring", t.peer_id, lambda: ids, admits=lambda sender: sender != "p1"),
+                noop,
+            ),
+            local_steps=1, exchange_timeout=1.0,
         )
         for t, learner in zip(transports, learners)
     ]
@@ -285,6 +288,20 @@ def test_models_from_senders_that_are_not_admitted_are_rejected():
     assert transports[0].counters.rejected == 1  # p0 refuses p1 (say, another model fingerprint)
     assert learners[0].value.item() == 0.0
     assert learners[1].value.item() == 2.0  # p1 admits p0
+
+
+def test_the_overlay_follows_the_view_and_reports_unreachable_peers():
+    view = ["b", "a", "c", "d"]
+    dropped = []
+    overlay = OverlayNeighbourhood("ring", "a", lambda: view, unreachable=dropped.append)
+    assert overlay.out_neighbours(0) == ["b", "d"]  # the sorted view a, b, c, d laid on a ring
+    view.remove("d")
+    assert sorted(overlay.in_weights(0)) == ["b", "c"]
+    view[:] = []
+    assert overlay.out_neighbours(0) == [] and overlay.self_weight(0) == 1.0  # alone: keeps its model
+    overlay.unreachable("b")
+    assert dropped == ["b"]
+    assert OverlayNeighbourhood("torus", "a", lambda: ["a", "b", "c"]).out_neighbours(0) == ["b", "c"]  # falls back to a ring
 
 
 def test_membership_admits_unknown_peers_and_refuses_other_fingerprints():

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from gossip.exchange import NeighbourExchange
-from gossip.message import PeerId
 from gossip.mixing import MixingRule
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 
@@ -13,16 +10,7 @@ from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 class DPSGD(Protocol):
     name = "dpsgd"
 
-    def __init__(
-        self,
-        context: ProtocolContext,
-        *,
-        local_steps: int,
-        exchange_timeout: float,
-        mixing: MixingRule | None = None,
-        on_unreachable: Callable[[PeerId], None] | None = None,
-        admit: Callable[[PeerId], bool] = lambda peer: True,
-    ):
+    def __init__(self, context: ProtocolContext, *, local_steps: int, exchange_timeout: float, mixing: MixingRule | None = None):
         super().__init__(context)
         if context.neighbourhood is None:
             raise ValueError("D-PSGD needs a neighbourhood")
@@ -34,8 +22,6 @@ class DPSGD(Protocol):
             context.learner.state(),
             timeout=exchange_timeout,
             mixing=mixing,
-            on_unreachable=on_unreachable,
-            admit=admit,
         )
 
     async def run(self, rounds: int, first_round: int = 0) -> None:

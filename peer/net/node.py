@@ -30,7 +30,7 @@ from peer.net.membership import Membership, PeerRecord
 from peer.net.transport import P2PTransport
 from peer.runtime import PeerNode
 from peer.tasks import load_task, partition
-from peer.trainer import Trainer, resolve_device
+from peer.trainer import Trainer, peer_trainer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +42,6 @@ def fingerprint(task_name: str, state: State) -> str:
     """Peers mix only with peers whose task and model shapes match this digest."""
     layout = [task_name] + [[name, list(t.shape), str(t.dtype)] for name, t in sorted(state.items())]
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
-
-
-def build_trainer(config: RunConfig) -> tuple[Trainer, str]:
-    torch.set_num_threads(config.threads)
-    task = load_task(config.task, config.data_dir)
-    shard = partition(task.train_y, config.shards, config.partition, config.seed)[config.shard]
-    index = torch.as_tensor(shard, dtype=torch.long)
-    torch.manual_seed(config.seed)  # every peer of a swarm starts from the same model
-    trainer = Trainer(
-        task.make_model(),
-        (task.train_x[index], task.train_y[index]),
-        (task.test_x, task.test_y),
-        lr=config.lr or task.learning_rate,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        batch_size=config.batch_size,
-        seed=config.seed * 100_003 + config.shard,
-        device=resolve_device(config.device),
-    )
-    return trainer, task.name
 
 
 def start_dht(config: RunConfig) -> hivemind.DHT:
@@ -91,7 +71,10 @@ def save_checkpoint(path: Path, state: State, round_: int) -> None:
 
 
 async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None = None) -> dict:
-    trainer, task_name = build_trainer(config)
+    torch.set_num_threads(config.threads)
+    task = load_task(config.task, config.data_dir)
+    shard = partition(task.train_y, config.shards, config.partition, config.seed)[config.shard]
+    trainer = peer_trainer(config, task, shard, config.shard, resolve_device(config.device))
     state = trainer.state()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     identity_lock = lock_identity(config.identity) if config.identity else None
@@ -113,7 +96,7 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
         addresses = [str(a) for a in dht.get_visible_maddrs()]
         print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
         membership = Membership(
-            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task_name, state), 0), ttl=config.record_ttl
+            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task.name, state), 0), ttl=config.record_ttl
         )
         transport = P2PTransport(p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view)
         if config.out:
@@ -131,12 +114,12 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
             transport, clock, trainer, metrics,
             rounds=config.rounds, eval_every=config.eval_every, on_record=round_done, pace=config.pace,
         )
-        neighbourhood = OverlayNeighbourhood(config.topology, me, membership.view, weights=config.weights, seed=config.seed)
-        context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished)
-        node.protocol = DPSGD(
-            context, local_steps=config.local_steps, exchange_timeout=config.exchange_timeout,
-            on_unreachable=membership.suspect, admit=membership.compatible,
+        neighbourhood = OverlayNeighbourhood(
+            config.topology, me, membership.view, weights=config.weights, seed=config.seed,
+            admits=membership.compatible, unreachable=membership.suspect,
         )
+        context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished)
+        node.protocol = DPSGD(context, local_steps=config.local_steps, exchange_timeout=config.exchange_timeout)
         # Handlers are in place before anyone can learn of us, so no early model is refused.
         await transport.start()
         await _wait_for_peers(membership, config)

@@ -24,12 +24,14 @@ STOP_GRACE_SECONDS = 30
 class LocalSwarm:
     """Peer processes of one swarm on this host; each peer I writes to ``out/peer-I/``."""
 
-    def __init__(self, config: SwarmConfig, out: Path, extra_args: list[str] = ()):
+    def __init__(self, config: SwarmConfig, out: Path, extra_args: tuple[str, ...] = ()):
         self.config = config
         self.out = out
         self.name = config.swarm or f"local-{time.time_ns()}"
         self.processes: dict[int, subprocess.Popen] = {}
-        self._common = self._training_arguments() + ["--swarm", self.name, "--shards", str(config.peers), *extra_args]
+        self._common = self._training_arguments() + [
+            "--swarm", self.name, "--shards", str(config.peers), "--join-timeout", str(config.join_timeout), *extra_args,
+        ]
 
     def _training_arguments(self) -> list[str]:
         args = []

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "gossip-peer/1"
 CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 300.0  # generous: a 1 GB model over a slow link still arrives
 
 
 class P2PTransport(Transport):
@@ -48,10 +49,8 @@ class P2PTransport(Transport):
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
-        except (TimeoutError, ConnectionError, OSError, ValueError) as error:
-            raise PeerUnreachable(f"cannot open a stream to {peer}: {error!r}") from error
         except Exception as error:  # the daemon reports a refused or failed dial as a generic error
-            raise PeerUnreachable(f"cannot open a stream to {peer}: {error}") from error
+            raise PeerUnreachable(f"cannot open a stream to {peer}: {error!r}") from error
         return reader, writer
 
     async def _write(self, writer: asyncio.StreamWriter, message: Message) -> None:
@@ -88,7 +87,9 @@ class P2PTransport(Transport):
     async def _on_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         remote = info.peer_id.to_base58()
         try:
-            message = await read_message(reader, self.limits)
+            # A sender that stops halfway must not hold this task and its buffer for ever.
+            async with asyncio.timeout(READ_TIMEOUT):
+                message = await read_message(reader, self.limits)
             if message.sender != remote:
                 raise WireError(f"sender field {message.sender!r} is not the stream's peer {remote}")
             handler = self._handlers.get(message.kind)
@@ -99,7 +100,7 @@ class P2PTransport(Transport):
             log.warning("rejected a message from %s: %s", remote, reason)
             writer.close()
             return
-        except (ConnectionError, OSError, asyncio.IncompleteReadError) as error:
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, TimeoutError) as error:
             log.info("stream from %s broke: %r", remote, error)
             writer.close()
             return

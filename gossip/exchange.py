@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
 
+from gossip.codecs import Codec, CodecError, Identity
 from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.mixing import MixingRule, WeightedAverage
+from gossip.model_codec import FlatModel, codec_for, exchanged
 from gossip.neighbourhood import Neighbourhood
 from gossip.transport import Clock, PeerUnreachable, Transport
 from gossip.validation import InvalidState, check_state
@@ -80,7 +84,27 @@ class StepInbox:
         return fresh
 
 
-class NeighbourExchange:
+class Exchange(ABC):
+    """One gossip step with the neighbours, as a protocol uses it."""
+
+    @abstractmethod
+    async def step(self, step: int, state: State) -> StepResult:
+        """Send our state, collect the neighbours' for this step, and return the mixed state."""
+
+
+def message_seed(*parts: object) -> int:
+    """A seed both ends can name (random-k draws its indices from it), different per link and step."""
+    return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+class NeighbourExchange(Exchange):
+    """Plain gossip: every neighbour gets our whole model, through ``codec`` when one is given.
+
+    With a lossy codec and no error feedback, what the codec drops is lost for good; that is
+    the baseline that :class:`gossip.choco.ChocoExchange` improves on. A receiver decodes with
+    the codec the message names, so peers need not agree on one.
+    """
+
     def __init__(
         self,
         transport: Transport,
@@ -90,26 +114,50 @@ class NeighbourExchange:
         *,
         timeout: float,
         mixing: MixingRule | None = None,
+        codec: Codec | None = None,
     ):
         self.transport = transport
         self.clock = clock
         self.neighbourhood = neighbourhood
         self.timeout = timeout
         self.mixing = mixing or WeightedAverage()
-        self._reference = {k: v.detach() for k, v in reference.items()}
+        self.codec = codec or Identity()
+        self._reference = {k: v.detach() for k, v in exchanged(reference).items()}
+        self._flat = FlatModel(reference)
         self._inbox = StepInbox()
         transport.serve(MODEL, self._receive)
+
+    def _encode(self, step: int, state: State) -> Message:
+        me = self.transport.peer_id
+        if self.codec.lossless:
+            return Message(MODEL, me, step, exchanged(state))
+        seed = message_seed(me, step)
+        parts = self.codec.encode(self._flat.flatten(state), seed)
+        return Message(MODEL, me, step, parts, meta={"seed": seed}, codec=self.codec.spec)
+
+    def _decode(self, message: Message) -> State:
+        if message.codec == Identity.spec:
+            check_state(message.tensors, self._reference)
+            return message.tensors
+        seed = message.meta.get("seed")
+        if type(seed) is not int:
+            raise InvalidState(f"a {message.codec} model needs an integer seed, got {seed!r}")
+        try:
+            codec = codec_for(message.codec)
+        except CodecError as reason:
+            raise InvalidState(str(reason)) from None
+        return self._flat.unflatten(self._flat.decode(codec, message.tensors, seed))
 
     async def _receive(self, message: Message) -> None:
         try:
             if not self.neighbourhood.admits(message.sender):
                 raise InvalidState(f"{message.sender} trains another task or model")
-            check_state(message.tensors, self._reference)
+            state = self._decode(message)
         except InvalidState as reason:
             self.transport.counters.rejected += 1
             log.warning("%s: rejected model from %s at step %d: %s", self.transport.peer_id, message.sender, message.round, reason)
             return
-        if not self._inbox.put(message):
+        if not self._inbox.put(replace(message, tensors=state)):
             log.debug("%s: dropped model from %s for step %d: late or too far ahead", self.transport.peer_id, message.sender, message.round)
 
     async def _send(self, peer: PeerId, message: Message) -> None:
@@ -122,14 +170,14 @@ class NeighbourExchange:
             self.neighbourhood.unreachable(peer)
 
     async def step(self, step: int, state: State) -> StepResult:
-        message = Message(MODEL, self.transport.peer_id, step, state)
+        message = self._encode(step, state)
         await asyncio.gather(*(self._send(peer, message) for peer in self.neighbourhood.out_neighbours(step)))
         weights = self.neighbourhood.in_weights(step)
         received = await self._inbox.collect(step, set(weights), self.clock, self.timeout)
         mixed = self.mixing.mix(
-            state,
+            exchanged(state),
             self.neighbourhood.self_weight(step),
             [(weights[peer], received[peer].tensors) for peer in sorted(received)],
         )
         newest = max((m.round for m in received.values()), default=step)
-        return StepResult(mixed, expected=len(weights), heard=len(received), newest_step=max(newest, step))
+        return StepResult({**state, **mixed}, expected=len(weights), heard=len(received), newest_step=max(newest, step))

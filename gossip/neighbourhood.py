@@ -24,6 +24,13 @@ class Neighbourhood(ABC):
     @abstractmethod
     def self_weight(self, step: int) -> float: ...
 
+    def linked(self, step: int) -> set[PeerId]:
+        """Every peer this one exchanges with from this step on, as far as it can tell now.
+
+        Per-link state (public copies for compressed gossip) is kept for these peers only.
+        """
+        return set(self.in_weights(step)) | set(self.out_neighbours(step))
+
     def admits(self, peer: PeerId) -> bool:
         """Whether a model from ``peer`` may be mixed at all (False: known to train something else)."""
         return True
@@ -41,6 +48,7 @@ class GraphNeighbourhood(Neighbourhood):
         self._topology = topology
         self._ids = list(peer_ids)
         self._index = self._ids.index(me)
+        self._linked: set[PeerId] | None = None
 
     def out_neighbours(self, step: int) -> list[PeerId]:
         return [self._ids[j] for j in self._topology.out_neighbours(self._index, step)]
@@ -50,6 +58,16 @@ class GraphNeighbourhood(Neighbourhood):
 
     def self_weight(self, step: int) -> float:
         return self._topology.self_weight(self._index, step)
+
+    def linked(self, step: int) -> set[PeerId]:
+        # A time-varying graph cycles through its period: a link unused this step comes back.
+        if self._linked is None:
+            self._linked = {
+                peer
+                for phase in range(self._topology.period)
+                for peer in (*self.in_weights(phase), *self.out_neighbours(phase))
+            }
+        return self._linked
 
 
 class OverlayNeighbourhood(Neighbourhood):
@@ -108,3 +126,7 @@ class OverlayNeighbourhood(Neighbourhood):
     def self_weight(self, step: int) -> float:
         graph = self._current()
         return graph.self_weight(step) if graph else 1.0
+
+    def linked(self, step: int) -> set[PeerId]:
+        graph = self._current()
+        return graph.linked(step) if graph else set()

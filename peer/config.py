@@ -6,8 +6,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gossip.choco import ERROR_FEEDBACK_SPECS, default_consensus_step, parse_error_feedback
+from gossip.codecs import CodecError, parse_codec
+from gossip.settings import GossipSettings
 
 C = TypeVar("C", bound="TrainingConfig")
 
@@ -29,6 +32,9 @@ class TrainingConfig(BaseModel):
     local_steps: int = Field(10, ge=1, description="local optimisation steps per round")
     batch_size: int = Field(32, ge=1)
     lr: float | None = Field(None, gt=0, description="local SGD learning rate; the task's own when not given")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: decay to 0 over --rounds x --local-steps steps, so the final model settles"
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     weights: Literal["metropolis", "uniform"] = Field("metropolis", description="gossip mixing weights")
@@ -38,7 +44,38 @@ class TrainingConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(1, ge=1, description="evaluate every N rounds (the last round always)")
     exchange_timeout: float = Field(30.0, gt=0, description="seconds to wait for a neighbour's model")
+    codec: str = Field("none", description="model compression: none, fp16, bf16, int8[:BLOCK], topk:RATIO, randk:RATIO, or e.g. topk:0.01+int8")
+    error_feedback: str | None = Field(
+        None, description=f"{ERROR_FEEDBACK_SPECS}; choco when --codec is lossy, none otherwise"
+    )
+    consensus_step: float | None = Field(
+        None, gt=0, le=1, description="CHOCO's consensus step size; 1 for dense codecs, less for top-k and random-k"
+    )
     threads: int = Field(1, ge=1, description="torch intra-op threads")
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, spec: str) -> str:
+        try:
+            return parse_codec(spec).spec
+        except CodecError as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("error_feedback")
+    @classmethod
+    def _known_error_feedback(cls, spec: str | None) -> str | None:
+        if spec is not None:
+            parse_error_feedback(spec)
+        return spec
+
+    def gossip_settings(self) -> GossipSettings:
+        codec = parse_codec(self.codec)
+        return GossipSettings(
+            timeout=self.exchange_timeout,
+            codec=codec.spec,
+            error_feedback=self.error_feedback or ("none" if codec.lossless else "choco"),
+            consensus_step=self.consensus_step or default_consensus_step(codec),
+        )
 
 
 class SimulationConfig(TrainingConfig):
@@ -109,4 +146,5 @@ def build_config(model: type[C], file_values: dict[str, Any], flag_values: dict[
             raise ConfigError(str(first["msg"]).removeprefix("Value error, ")) from None
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"unknown setting {where!r}; see --help for the valid ones") from None
-        raise ConfigError(f"--{where.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"--{where.replace('_', '-')}: {message} (got {first.get('input')!r})") from None

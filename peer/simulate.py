@@ -63,16 +63,17 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
     # A round cannot take longer than its training plus this, so it bounds a FedAvg round.
     round_timeout = config.exchange_timeout + config.local_steps * config.step_time
 
+    gossip = config.gossip_settings()
     nodes = []
     for peer_id, trainer in zip(ids, trainers):
         node = PeerNode(
             network.attach(peer_id), clock, trainer, metrics,
             rounds=config.rounds, eval_every=config.eval_every, on_record=on_record,
         )
-        context = ProtocolContext(node.transport, clock, trainer, None, node.round_finished)
+        context = ProtocolContext(node.transport, clock, trainer, None, node.round_finished, gossip)
         if config.algorithm == "dpsgd":
             context.neighbourhood = GraphNeighbourhood(topology, ids, peer_id)
-            node.protocol = DPSGD(context, local_steps=config.local_steps, exchange_timeout=config.exchange_timeout)
+            node.protocol = DPSGD(context, local_steps=config.local_steps)
         else:
             node.protocol = FedAvgClient(
                 context, server=SERVER_ID, local_steps=config.local_steps, round_timeout=2 * round_timeout
@@ -110,6 +111,9 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
         "batch_size": config.batch_size,
         "lr": trainers[0].lr,
         "seed": config.seed,
+        "codec": gossip.codec,
+        "error_feedback": gossip.error_feedback,
+        "consensus_step": gossip.consensus_step,
         "device": str(device),
         "mean_accuracy": sum(accuracies) / len(accuracies),
         "min_accuracy": min(accuracies),

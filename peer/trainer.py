@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ class Trainer(Learner):
         batch_size: int,
         seed: int,
         device: torch.device,
+        decay_steps: int | None = None,
     ):
         self.device = device
         self.model = model.to(device)
@@ -46,6 +49,7 @@ class Trainer(Learner):
         self.test_x, self.test_y = (t.to(device) for t in test)
         self.batch_size = min(batch_size, len(self.train_y))
         self.lr = lr
+        self.decay_steps = decay_steps  # cosine decay to 0 over this many steps; None: a constant rate
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
@@ -65,14 +69,20 @@ class Trainer(Learner):
         self.model.train()
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
+            if self.decay_steps:
+                self._set_lr(self.lr * 0.5 * (1 + math.cos(math.pi * min(self.steps_taken / self.decay_steps, 1.0))))
             x, y = self._next_batch()
             loss = F.cross_entropy(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += loss.detach()
-        self.steps_taken += steps
+            self.steps_taken += 1
         return float(total) / max(steps, 1)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -116,4 +126,5 @@ def peer_trainer(config: TrainingConfig, task: Task, shard: np.ndarray, index: i
         batch_size=config.batch_size,
         seed=config.seed * 100_003 + index,
         device=device,
+        decay_steps=config.rounds * config.local_steps if config.lr_schedule == "cosine" else None,
     )

@@ -44,6 +44,12 @@ BAD_INPUTS = {
     "dirichlet alpha negative": (["--partition", "dirichlet:-1"], "alpha"),
     "unknown partition": (["--partition", "zipf"], "partition"),
     "bad user task": (["--task", "no_such_module:task"], "module"),
+    "unknown codec": (["--codec", "zstd"], "--codec: bad codec spec 'zstd': unknown codec"),
+    "top-k ratio zero": (["--codec", "topk:0"], "outside (0, 1]"),
+    "top-k ratio above one": (["--codec", "topk:1.5"], "outside (0, 1]"),
+    "random-k ratio not a number": (["--codec", "randk:half"], "not a decimal number"),
+    "bad error feedback": (["--error-feedback", "econtrol:2"], "--error-feedback"),
+    "consensus step above one": (["--consensus-step", "2"], "--consensus-step"),
 }
 
 
@@ -112,6 +118,8 @@ def test_console_script_reports_errors_without_a_traceback():
         (["run", "--shard", "3", "--shards", "2"], "--shard 3 must be below --shards 2"),
         (["swarm", "--algorithm", "fedavg"], "peer simulate` only"),
         (["status"], "needs --initial-peers"),
+        (["run", "--codec", "topk:-1"], "--codec: bad codec spec"),
+        (["swarm", "--error-feedback", "ef21"], "--error-feedback"),
     ],
 )
 def test_network_commands_check_their_settings_first(capsys, command, keyword):

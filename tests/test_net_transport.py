@@ -7,6 +7,8 @@ import hivemind
 import pytest
 import torch
 
+from gossip.choco import ChocoExchange
+from gossip.codecs import parse_codec
 from gossip.exchange import MODEL, NeighbourExchange
 from gossip.message import Message
 from gossip.neighbourhood import GraphNeighbourhood
@@ -94,3 +96,34 @@ async def test_a_well_formed_model_arrives_and_is_mixed(pair):
     assert torch.equal(first.state["x"], torch.full((4,), 2.0)) and torch.equal(second.state["x"], first.state["x"])
     assert receiver.counters.bytes_received == sender.counters.bytes_sent > 0
     assert receiver.counters.rejected == 0
+
+
+async def test_compressed_gossip_with_error_feedback_runs_over_p2p(pair):
+    first_p2p, second_p2p = pair
+    ids = [first_p2p.peer_id.to_base58(), second_p2p.peer_id.to_base58()]
+    limits = Limits(max_payload_bytes=1 << 16)
+    transports = [P2PTransport(first_p2p, limits), P2PTransport(second_p2p, limits)]
+    topology = parse_topology("ring", 2)
+    reference = {"x": torch.zeros(1024)}
+    exchanges = [
+        ChocoExchange(
+            t, WallClock(), GraphNeighbourhood(topology, ids, t.peer_id), reference,
+            timeout=10.0, codec=parse_codec("topk:0.05+int8"), consensus_step=0.5,
+        )
+        for t in transports
+    ]
+    for t in transports:
+        await t.start()
+    values = [torch.zeros(1024), torch.linspace(0, 4, 1024)]
+    for step in range(3):
+        results = await asyncio.gather(*(e.step(step, {"x": v}) for e, v in zip(exchanges, values)))
+        assert all(r.heard == 1 for r in results)
+        values = [r.state["x"] for r in results]
+    # Both ends hold the same copy of each link, and the pair terms cancel.
+    for me, other in ((0, 1), (1, 0)):
+        assert exchanges[me].out_links[ids[other]].version == exchanges[other].in_links[ids[me]].version
+        assert torch.equal(exchanges[me].out_links[ids[other]].copy, exchanges[other].in_links[ids[me]].copy)
+    torch.testing.assert_close((values[0] + values[1]) / 2, torch.linspace(0, 4, 1024) / 2, atol=1e-5, rtol=0)
+    assert all(t.counters.rejected == 0 for t in transports)
+    for t in transports:
+        await t.stop()

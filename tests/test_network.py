@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from peer.net.swarm import kill_group
 
 PEER = [sys.executable, "-m", "peer.cli"]
@@ -27,8 +29,9 @@ def run(args, timeout):
     return process.returncode, out, err
 
 
-def test_a_swarm_of_real_peers_trains_together(tmp_path):
-    code, out, err = run(["swarm", "--peers", "3", *FAST, "--out", str(tmp_path)], timeout=240)
+@pytest.mark.parametrize("codec, error_feedback", [("none", "none"), ("int8", "choco")])
+def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback):
+    code, out, err = run(["swarm", "--peers", "3", *FAST, "--codec", codec, "--out", str(tmp_path)], timeout=240)
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["peers_finished"] == 3 and summary["failed_peers"] == {}
@@ -38,6 +41,7 @@ def test_a_swarm_of_real_peers_trains_together(tmp_path):
     for index in range(3):
         peer = json.loads((tmp_path / f"peer-{index}" / "summary.json").read_text())
         assert len(peer["peers_seen"]) == 3
+        assert (peer["codec"], peer["error_feedback"]) == (codec, error_feedback)
         assert peer["bytes_sent"] > 0 and peer["bytes_received"] > 0
         assert (tmp_path / f"peer-{index}" / "checkpoint.safetensors").exists()
         lines = (tmp_path / f"peer-{index}" / "metrics.jsonl").read_text().splitlines()

@@ -11,6 +11,7 @@ from gossip.message import Message
 from gossip.mixing import WeightedAverage
 from gossip.neighbourhood import GraphNeighbourhood, OverlayNeighbourhood
 from gossip.protocols import DPSGD, FedAvgClient, FedAvgServer, ProtocolContext, RoundReport
+from gossip.settings import GossipSettings
 from peer.sim import LinkModel, SimClock, SimNetwork, VirtualTimeLoop
 from tests.vector_learner import VectorLearner
 from topology import parse_topology
@@ -32,9 +33,12 @@ def build_dpsgd(topology, values, *, timeout=30.0, network=None):
         async def finished(report, peer=peer):
             reports[peer].append(report)
 
-        context = ProtocolContext(network.attach(peer), clock, learner, GraphNeighbourhood(topology, ids, peer), finished)
+        context = ProtocolContext(
+            network.attach(peer), clock, learner, GraphNeighbourhood(topology, ids, peer), finished,
+            GossipSettings(timeout=timeout),
+        )
         learners.append(learner)
-        protocols.append(DPSGD(context, local_steps=1, exchange_timeout=timeout))
+        protocols.append(DPSGD(context, local_steps=1))
     return network, ids, learners, protocols, reports
 
 
@@ -226,9 +230,9 @@ def test_a_slow_peer_skips_ahead_to_its_neighbours_round_instead_of_stalling_the
 
         context = ProtocolContext(
             network.attach(peer), clock, VectorLearner(torch.tensor([float(i)])),
-            GraphNeighbourhood(topology, ids, peer), finished,
+            GraphNeighbourhood(topology, ids, peer), finished, GossipSettings(timeout=0.5),
         )
-        protocols.append(DPSGD(context, local_steps=1, exchange_timeout=0.5))
+        protocols.append(DPSGD(context, local_steps=1))
 
     async def main():
         await asyncio.gather(*(p.run(30) for p in protocols))
@@ -274,9 +278,9 @@ def test_models_from_senders_that_are_not_admitted_are_rejected():
             ProtocolContext(
                 t, clock, learner,
                 OverlayNeighbourhood("ring", t.peer_id, lambda: ids, admits=lambda sender: sender != "p1"),
-                noop,
+                noop, GossipSettings(timeout=1.0),
             ),
-            local_steps=1, exchange_timeout=1.0,
+            local_steps=1,
         )
         for t, learner in zip(transports, learners)
     ]

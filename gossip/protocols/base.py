@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gossip.learner import Learner
+from gossip.exchange import Exchange
 from gossip.neighbourhood import Neighbourhood
+from gossip.settings import GossipSettings
 from gossip.transport import Clock, Transport
 
 
@@ -29,6 +31,13 @@ class ProtocolContext:
     neighbourhood: Neighbourhood | None
     # Awaited after every round, once the round's model is final (the runtime evaluates and records it).
     round_finished: Callable[[RoundReport], Awaitable[None]]
+    gossip: GossipSettings = field(default_factory=GossipSettings)
+
+    def exchange(self) -> Exchange:
+        """A gossip step with the neighbourhood, as ``gossip`` configures it."""
+        if self.neighbourhood is None:
+            raise ValueError("gossip needs a neighbourhood")
+        return self.gossip.exchange(self.transport, self.clock, self.neighbourhood, self.learner.state())
 
 
 class Protocol(ABC):

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from gossip.exchange import NeighbourExchange
-from gossip.mixing import MixingRule
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 
 
 class DPSGD(Protocol):
     name = "dpsgd"
 
-    def __init__(self, context: ProtocolContext, *, local_steps: int, exchange_timeout: float, mixing: MixingRule | None = None):
+    def __init__(self, context: ProtocolContext, *, local_steps: int):
         super().__init__(context)
-        if context.neighbourhood is None:
-            raise ValueError("D-PSGD needs a neighbourhood")
         self.local_steps = local_steps
-        self.exchange = NeighbourExchange(
-            context.transport,
-            context.clock,
-            context.neighbourhood,
-            context.learner.state(),
-            timeout=exchange_timeout,
-            mixing=mixing,
-        )
+        self.exchange = context.exchange()
 
     async def run(self, rounds: int, first_round: int = 0) -> None:
         learner, clock = self.context.learner, self.context.clock

@@ -22,6 +22,7 @@ from gossip.catchup import SnapshotServer, catch_up
 from gossip.learner import State
 from gossip.neighbourhood import OverlayNeighbourhood
 from gossip.protocols import DPSGD, ProtocolContext
+from gossip.settings import GossipSettings
 from gossip.wire import Limits
 from peer.config import ConfigError, RunConfig
 from peer.metrics import MetricsLog, RoundRecord, write_json_atomic
@@ -38,9 +39,14 @@ log = logging.getLogger(__name__)
 PAYLOAD_SLACK_BYTES = 1 << 20
 
 
-def fingerprint(task_name: str, state: State) -> str:
-    """Peers mix only with peers whose task and model shapes match this digest."""
-    layout = [task_name] + [[name, list(t.shape), str(t.dtype)] for name, t in sorted(state.items())]
+def fingerprint(task_name: str, state: State, gossip: GossipSettings) -> str:
+    """Peers mix only with peers whose task, model shapes and kind of exchange match this digest.
+
+    Codecs may differ (a receiver decodes what the message names), but plain gossip and gossip
+    with error feedback exchange different things.
+    """
+    exchange = "plain" if gossip.error_feedback == "none" else "error-feedback"
+    layout = [task_name, exchange] + [[name, list(t.shape), str(t.dtype)] for name, t in sorted(state.items())]
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
 
@@ -76,6 +82,7 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
     shard = partition(task.train_y, config.shards, config.partition, config.seed)[config.shard]
     trainer = peer_trainer(config, task, shard, config.shard, resolve_device(config.device))
     state = trainer.state()
+    gossip = config.gossip_settings()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     identity_lock = lock_identity(config.identity) if config.identity else None
     # Ctrl-C reaches every process of the terminal's group; the DHT process and its daemon must
@@ -96,7 +103,7 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
         addresses = [str(a) for a in dht.get_visible_maddrs()]
         print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
         membership = Membership(
-            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task.name, state), 0), ttl=config.record_ttl
+            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task.name, state, gossip), 0), ttl=config.record_ttl
         )
         transport = P2PTransport(p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view)
         if config.out:
@@ -118,8 +125,8 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
             config.topology, me, membership.view, weights=config.weights, seed=config.seed,
             admits=membership.compatible, unreachable=membership.suspect,
         )
-        context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished)
-        node.protocol = DPSGD(context, local_steps=config.local_steps, exchange_timeout=config.exchange_timeout)
+        context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished, gossip)
+        node.protocol = DPSGD(context, local_steps=config.local_steps)
         # Handlers are in place before anyone can learn of us, so no early model is refused.
         await transport.start()
         await _wait_for_peers(membership, config)
@@ -142,6 +149,8 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
             "shard": config.shard,
             "shards": config.shards,
             "seed": config.seed,
+            "codec": gossip.codec,
+            "error_feedback": gossip.error_feedback,
             "rounds_completed": current_round(),
             "rounds": config.rounds,
             "accuracy": last.accuracy if last else None,
@@ -222,6 +231,7 @@ async def _catch_up(transport: P2PTransport, membership: Membership, trainer: Tr
         return 0
     state, round_ = pulled
     trainer.load_state(state)
+    trainer.steps_taken = min(round_, config.rounds) * config.local_steps  # join the swarm's learning-rate schedule
     print(f"caught up: round {round_} from the swarm", flush=True)
     return min(round_, config.rounds)
 

@@ -1,0 +1,34 @@
+"""How a protocol gossips (timeout, codec, error feedback, mixing rule), and the exchange that does it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gossip.choco import ChocoExchange, parse_error_feedback
+from gossip.codecs import parse_codec
+from gossip.exchange import Exchange, NeighbourExchange
+from gossip.learner import State
+from gossip.mixing import MixingRule, WeightedAverage
+from gossip.neighbourhood import Neighbourhood
+from gossip.transport import Clock, Transport
+
+
+@dataclass(frozen=True)
+class GossipSettings:
+    timeout: float = 30.0  # seconds to wait for a neighbour's model
+    codec: str = "none"
+    error_feedback: str = "none"  # none | choco | econtrol:ETA
+    consensus_step: float = 1.0  # CHOCO's g; unused without error feedback
+    mixing: MixingRule = field(default_factory=WeightedAverage)
+
+    def exchange(self, transport: Transport, clock: Clock, neighbourhood: Neighbourhood, reference: State) -> Exchange:
+        codec = parse_codec(self.codec)
+        eta = parse_error_feedback(self.error_feedback)
+        if eta is None:
+            return NeighbourExchange(
+                transport, clock, neighbourhood, reference, timeout=self.timeout, mixing=self.mixing, codec=codec
+            )
+        return ChocoExchange(
+            transport, clock, neighbourhood, reference,
+            timeout=self.timeout, codec=codec, consensus_step=self.consensus_step, eta=eta,
+        )

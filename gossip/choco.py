@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gossip.codecs import BlockInt8, Codec, CodecError, Identity
+from gossip.codecs import BlockInt8, Codec, CodecError, Identity, RandK, TopK
 from gossip.exchange import Exchange, StepInbox, StepResult, message_seed
 from gossip.learner import State
 from gossip.message import Message, PeerId
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 CHOCO = "choco"
 APPLIED, RESYNC = "applied", "resync"
-CONSENSUS_STEP_SPARSE = 0.05
 
 
 @dataclass
@@ -254,6 +253,15 @@ def parse_error_feedback(spec: str) -> float | None:
 
 
 def default_consensus_step(codec: Codec) -> float:
-    """CHOCO's consensus step size when none is given: 1 for dense codecs, smaller for sparse ones."""
-    ratio = getattr(codec, "ratio", None)
-    return 1.0 if ratio is None else CONSENSUS_STEP_SPARSE
+    """CHOCO's consensus step size when none is given.
+
+    Dense codecs keep nearly all of a difference, so the step is 1. A sparsifier keeps a
+    fraction of it, and the step must shrink with that fraction or the peers drift apart;
+    these factors are the largest that stayed stable on MNIST-1D over ratios 0.01 to 0.25
+    (top-k keeps the largest entries, so it tolerates four times random-k's step).
+    """
+    if isinstance(codec, TopK):
+        return min(1.0, 4 * float(codec.ratio))
+    if isinstance(codec, RandK):
+        return min(1.0, float(codec.ratio))
+    return 1.0

@@ -19,6 +19,21 @@ class ConfigError(ValueError):
     """A setting is missing, malformed or out of range; the message names it."""
 
 
+def parse_lr_schedule(spec: str) -> float | None:
+    """The fraction of the run after which the rate decays (None: constant); ValueError for a bad spec."""
+    if spec == "constant":
+        return None
+    name, has_start, start = spec.partition(":")
+    if name == "cosine":
+        try:
+            fraction = float(start) if has_start else 0.0
+        except ValueError:
+            fraction = -1.0
+        if 0 <= fraction < 1:
+            return fraction
+    raise ValueError(f"bad schedule {spec[:100]!r}; valid: constant, cosine, or cosine:START with START in [0, 1)")
+
+
 class TrainingConfig(BaseModel):
     """What every peer needs to train, simulated or real."""
 
@@ -32,8 +47,9 @@ class TrainingConfig(BaseModel):
     local_steps: int = Field(10, ge=1, description="local optimisation steps per round")
     batch_size: int = Field(32, ge=1)
     lr: float | None = Field(None, gt=0, description="local SGD learning rate; the task's own when not given")
-    lr_schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="cosine: decay to 0 over --rounds x --local-steps steps, so the final model settles"
+    lr_schedule: str = Field(
+        "cosine:0.5",
+        description="constant, or cosine:START: constant for the first START of the run, then a cosine to 0 at the end",
     )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -60,6 +76,18 @@ class TrainingConfig(BaseModel):
             return parse_codec(spec).spec
         except CodecError as error:
             raise ValueError(str(error)) from None
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _known_schedule(cls, spec: str) -> str:
+        parse_lr_schedule(spec)
+        return spec
+
+    def lr_decay_steps(self) -> tuple[int, int] | None:
+        """The local steps where the learning rate starts to decay and reaches 0; None for a constant rate."""
+        start = parse_lr_schedule(self.lr_schedule)
+        total = self.rounds * self.local_steps
+        return None if start is None else (round(start * total), total)
 
     @field_validator("error_feedback")
     @classmethod

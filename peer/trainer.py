@@ -41,7 +41,7 @@ class Trainer(Learner):
         batch_size: int,
         seed: int,
         device: torch.device,
-        decay_steps: int | None = None,
+        schedule: tuple[int, int] | None = None,
     ):
         self.device = device
         self.model = model.to(device)
@@ -49,7 +49,9 @@ class Trainer(Learner):
         self.test_x, self.test_y = (t.to(device) for t in test)
         self.batch_size = min(batch_size, len(self.train_y))
         self.lr = lr
-        self.decay_steps = decay_steps  # cosine decay to 0 over this many steps; None: a constant rate
+        # (first, last): the rate is constant until step `first`, then follows a cosine to 0 at
+        # step `last`; None: constant throughout.
+        self.schedule = schedule
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
@@ -69,8 +71,8 @@ class Trainer(Learner):
         self.model.train()
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
-            if self.decay_steps:
-                self._set_lr(self.lr * 0.5 * (1 + math.cos(math.pi * min(self.steps_taken / self.decay_steps, 1.0))))
+            if self.schedule:
+                self._set_lr(self._scheduled_lr())
             x, y = self._next_batch()
             loss = F.cross_entropy(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -79,6 +81,11 @@ class Trainer(Learner):
             total += loss.detach()
             self.steps_taken += 1
         return float(total) / max(steps, 1)
+
+    def _scheduled_lr(self) -> float:
+        first, last = self.schedule
+        progress = min(max(self.steps_taken - first, 0) / max(last - first, 1), 1.0)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -126,5 +133,5 @@ def peer_trainer(config: TrainingConfig, task: Task, shard: np.ndarray, index: i
         batch_size=config.batch_size,
         seed=config.seed * 100_003 + index,
         device=device,
-        decay_steps=config.rounds * config.local_steps if config.lr_schedule == "cosine" else None,
+        schedule=config.lr_decay_steps(),
     )

@@ -34,7 +34,10 @@ CONFIGS = [
     "topk:0.01/choco",
     "topk:0.01/econtrol:0.05",
     "topk:0.01+int8/choco",
-    "randk:0.08+int8/choco/0.1",
+    "randk:0.08+int8/choco",
+    "topk:0.1/choco",
+    "topk:0.25/none",
+    "topk:0.25/choco",
 ]
 
 

@@ -50,6 +50,8 @@ BAD_INPUTS = {
     "random-k ratio not a number": (["--codec", "randk:half"], "not a decimal number"),
     "bad error feedback": (["--error-feedback", "econtrol:2"], "--error-feedback"),
     "consensus step above one": (["--consensus-step", "2"], "--consensus-step"),
+    "unknown schedule": (["--lr-schedule", "linear"], "--lr-schedule: bad schedule"),
+    "schedule start of one": (["--lr-schedule", "cosine:1"], "--lr-schedule: bad schedule"),
 }
 
 

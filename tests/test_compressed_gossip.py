@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gossip.choco import APPLIED, CHOCO, RESYNC, ChocoExchange, parse_error_feedback
+from gossip.choco import CHOCO, RESYNC, ChocoExchange, default_consensus_step, parse_error_feedback
 from gossip.codecs import parse_codec
 from gossip.exchange import MODEL, NeighbourExchange
 from gossip.message import Message
@@ -69,7 +69,7 @@ def test_choco_with_a_lossless_codec_is_plain_gossip():
 @pytest.mark.parametrize("codec", ["topk:0.05", "randk:0.1", "topk:0.1+int8", "int8:64", "fp16"])
 def test_choco_preserves_the_average_and_reaches_consensus(codec):
     step = 0.05 if codec.startswith(("topk", "randk")) else 1.0
-    final, network, _, _ = gossip_run("ring", X0, 150, GossipSettings(codec=codec, error_feedback="choco", consensus_step=step))
+    final, _, _, _ = gossip_run("ring", X0, 150, GossipSettings(codec=codec, error_feedback="choco", consensus_step=step))
     # The pair terms of each link cancel: the average moves only by float rounding.
     torch.testing.assert_close(final.mean(0), X0.mean(0), atol=1e-9, rtol=0)
     assert spread(final) < 0.2 * spread(X0)
@@ -91,7 +91,9 @@ def test_top_k_without_error_feedback_loses_what_it_drops():
 def test_compression_cuts_the_bytes_sent():
     _, plain, _, _ = gossip_run("ring", X0, 10, GossipSettings())
     _, sparse, _, _ = gossip_run("ring", X0, 10, GossipSettings(codec="topk:0.05", error_feedback="choco", consensus_step=0.05))
-    sent = lambda network: sum(t.counters.bytes_sent for t in network._endpoints.values())  # noqa: E731
+    def sent(network):
+        return sum(t.counters.bytes_sent for t in network._endpoints.values())
+
     assert sent(sparse) < sent(plain) / 4
 
 
@@ -283,6 +285,13 @@ def test_bad_error_feedback_specs_name_the_valid_ones(spec):
 def test_the_consensus_step_must_be_a_fraction():
     with pytest.raises(ValueError, match="consensus step"):
         ChocoExchange(
-            SimNetwork().attach("a"), SimClock(), OverlayNeighbourhood("ring", "a", lambda: []),
+            SimNetwork().attach("a"), SimClock(), OverlayNeighbourhood("ring", "a", list),
             {"x": torch.zeros(2)}, timeout=1.0, codec=parse_codec("fp16"), consensus_step=1.5,
         )
+
+
+@pytest.mark.parametrize(
+    "codec, step", [("fp16", 1.0), ("int8", 1.0), ("topk:0.01", 0.04), ("topk:0.5", 1.0), ("randk:0.08+int8", 0.08)]
+)
+def test_default_consensus_steps_shrink_with_the_kept_fraction(codec, step):
+    assert default_consensus_step(parse_codec(codec)) == pytest.approx(step)

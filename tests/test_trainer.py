@@ -14,25 +14,28 @@ def blobs(n=400, seed=0):
     return x, y
 
 
-def make_trainer(seed=0, decay_steps=None):
+def make_trainer(seed=0, schedule=None):
     torch.manual_seed(0)
     x, y = blobs()
     return Trainer(
         torch.nn.Linear(2, 3), (x[:300], y[:300]), (x[300:], y[300:]),
         lr=0.1, momentum=0.9, weight_decay=0.0, batch_size=32, seed=seed, device=torch.device("cpu"),
-        decay_steps=decay_steps,
+        schedule=schedule,
     )
 
 
-@pytest.mark.parametrize("decay_steps, after_50, after_100", [(None, 0.1, 0.1), (100, 0.05, 0.0), (200, 0.0853553, 0.05)])
-def test_the_learning_rate_follows_the_schedule(decay_steps, after_50, after_100):
-    trainer = make_trainer(decay_steps=decay_steps)
+@pytest.mark.parametrize(
+    "schedule, after_50, after_100",
+    [(None, 0.1, 0.1), ((0, 100), 0.05, 0.0), ((0, 200), 0.0853553, 0.05), ((50, 150), 0.1, 0.05)],
+)
+def test_the_learning_rate_follows_the_schedule(schedule, after_50, after_100):
+    trainer = make_trainer(schedule=schedule)
     trainer.train(51)  # the rate of step 50 is set before it runs
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(after_50, abs=1e-6)
     trainer.train(50)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(after_100, abs=1e-6)
     trainer.train(200)  # past the end of the schedule the rate stays at its floor
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 if decay_steps is None else 0.0, abs=1e-6)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 if schedule is None else 0.0, abs=1e-6)
 
 
 def test_training_lowers_the_loss_and_raises_accuracy():

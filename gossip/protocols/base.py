@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from gossip.learner import Learner
 from gossip.exchange import Exchange
+from gossip.learner import Learner
 from gossip.neighbourhood import Neighbourhood
 from gossip.settings import GossipSettings
 from gossip.transport import Clock, Transport

@@ -208,7 +208,7 @@ class ChocoExchange(Exchange):
             for peer in [p for p in links if p not in linked]:
                 del links[peer]
 
-    async def step(self, step: int, state: State) -> StepResult:
+    async def step(self, step: int, state: State, absent: frozenset[PeerId] = frozenset()) -> StepResult:
         self._forget_unlinked(step)
         x = self._flat.flatten(state)
         if bool(torch.isfinite(x).all()):
@@ -217,7 +217,7 @@ class ChocoExchange(Exchange):
             # Neighbours would refuse it, and it must not reach their copies of us.
             log.error("%s: the local model is NaN or infinite (training diverged; try a lower --lr); not sent", self.transport.peer_id)
         weights = self.neighbourhood.in_weights(step)
-        received = await self._inbox.collect(step, set(weights), self.clock, self.timeout)
+        received = await self._inbox.collect(step, set(weights), self.clock, self.timeout, absent)
         pull = torch.zeros_like(x)
         for peer in sorted(received):
             theirs = self.in_links.get(peer)
@@ -229,7 +229,8 @@ class ChocoExchange(Exchange):
         # Not in place: a message in flight may still hold a view of x.
         mixed = self._flat.unflatten(x + self.consensus_step * pull)
         newest = max((m.round for m in received.values()), default=step)
-        return StepResult({**state, **mixed}, expected=len(weights), heard=len(received), newest_step=max(newest, step))
+        expected = frozenset(weights)
+        return StepResult({**state, **mixed}, expected, expected - frozenset(received), max(newest, step))
 
 
 ERROR_FEEDBACK_SPECS = "none, choco, or econtrol:ETA with ETA in (0, 1]"

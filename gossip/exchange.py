@@ -30,9 +30,13 @@ MODEL = "model"
 @dataclass(frozen=True)
 class StepResult:
     state: State
-    expected: int  # neighbours whose model the step waited for
-    heard: int  # of those, how many arrived in time
+    expected: frozenset[PeerId]  # the in-neighbours of this step
+    missing: frozenset[PeerId]  # of those, the ones whose model did not arrive in time
     newest_step: int  # the most advanced step among the models mixed (a neighbour may be ahead)
+
+    @property
+    def heard(self) -> int:
+        return len(self.expected) - len(self.missing)
 
 
 class StepInbox:
@@ -68,11 +72,15 @@ class StepInbox:
         message = self._latest.get(sender)
         return message is not None and message.round >= step
 
-    async def collect(self, step: int, expected: set[PeerId], clock: Clock, timeout: float) -> dict[PeerId, Message]:
-        """Wait until every expected sender has a model for ``step`` or later, or the timeout passes."""
+    async def collect(
+        self, step: int, expected: set[PeerId], clock: Clock, timeout: float, absent: frozenset[PeerId] = frozenset()
+    ) -> dict[PeerId, Message]:
+        """Wait until every expected sender but the absent ones has a model for ``step`` or later,
+        or the timeout passes; return the fresh models of all expected senders."""
+        awaited = expected - absent
         try:
             async with clock.timeout(timeout):
-                while not all(self._fresh(sender, step) for sender in expected):
+                while not all(self._fresh(sender, step) for sender in awaited):
                     self._arrived.clear()
                     await self._arrived.wait()
         except TimeoutError:
@@ -88,8 +96,12 @@ class Exchange(ABC):
     """One gossip step with the neighbours, as a protocol uses it."""
 
     @abstractmethod
-    async def step(self, step: int, state: State) -> StepResult:
-        """Send our state, collect the neighbours' for this step, and return the mixed state."""
+    async def step(self, step: int, state: State, absent: frozenset[PeerId] = frozenset()) -> StepResult:
+        """Send our state, collect the neighbours' for this step, and return the mixed state.
+
+        Neighbours in ``absent`` (they missed an earlier step of the round) are not waited
+        for; their models are mixed if they are already there.
+        """
 
 
 def message_seed(*parts: object) -> int:
@@ -169,15 +181,16 @@ class NeighbourExchange(Exchange):
             log.info("%s: could not send to %s: %s", self.transport.peer_id, peer, reason)
             self.neighbourhood.unreachable(peer)
 
-    async def step(self, step: int, state: State) -> StepResult:
+    async def step(self, step: int, state: State, absent: frozenset[PeerId] = frozenset()) -> StepResult:
         message = self._encode(step, state)
         await asyncio.gather(*(self._send(peer, message) for peer in self.neighbourhood.out_neighbours(step)))
         weights = self.neighbourhood.in_weights(step)
-        received = await self._inbox.collect(step, set(weights), self.clock, self.timeout)
+        received = await self._inbox.collect(step, set(weights), self.clock, self.timeout, absent)
         mixed = self.mixing.mix(
             exchanged(state),
             self.neighbourhood.self_weight(step),
             [(weights[peer], received[peer].tensors) for peer in sorted(received)],
         )
         newest = max((m.round for m in received.values()), default=step)
-        return StepResult({**state, **mixed}, expected=len(weights), heard=len(received), newest_step=max(newest, step))
+        expected = frozenset(weights)
+        return StepResult({**state, **mixed}, expected, expected - frozenset(received), max(newest, step))

@@ -10,13 +10,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gossip.choco import ERROR_FEEDBACK_SPECS, default_consensus_step, parse_error_feedback
 from gossip.codecs import CodecError, parse_codec
+from gossip.mixing import MixingRule, WeightedAverage
 from gossip.settings import GossipSettings
+from gossip.variance import TARGETS, VarianceCorrected
 
 C = TypeVar("C", bound="TrainingConfig")
 
 
 class ConfigError(ValueError):
     """A setting is missing, malformed or out of range; the message names it."""
+
+
+def parse_mixing(spec: str) -> MixingRule:
+    if spec == "plain":
+        return WeightedAverage()
+    name, _, target = spec.partition(":")
+    if name == "variance-corrected":
+        return VarianceCorrected(target or "others")
+    raise ValueError(f"bad mixing {spec[:100]!r}; valid: plain, or variance-corrected[:TARGET] with TARGET one of {TARGETS}")
 
 
 def parse_lr_schedule(spec: str) -> float | None:
@@ -40,7 +51,7 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     topology: str = Field("ring", description="communication graph")
-    algorithm: Literal["dpsgd", "fedavg"] = Field("dpsgd", description="training protocol")
+    algorithm: Literal["dpsgd", "dfedsam", "fedavg"] = Field("dpsgd", description="training protocol")
     task: str = Field("mnist1d", description="mnist1d, fashion-mnist or module:function")
     partition: str = Field("dirichlet:0.5", description="iid, dirichlet:ALPHA or shards:K")
     rounds: int = Field(100, ge=1)
@@ -55,6 +66,12 @@ class TrainingConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     weights: Literal["metropolis", "uniform"] = Field("metropolis", description="gossip mixing weights")
     seed: int = 0
+    init: Literal["same", "independent"] = Field(
+        "same", description="same: every peer's model is drawn from --seed; independent: each peer draws its own"
+    )
+    mixing: str = Field("plain", description="plain, or variance-corrected[:others|self|conservative:C] (default target: others)")
+    sam_rho: float = Field(0.05, gt=0, description="dfedsam: radius of the sharpness-aware perturbation")
+    gossip_steps: int = Field(1, ge=1, le=64, description="dfedsam: gossip steps per round (1: DFedSAM, more: DFedSAM-MGS)")
     data_dir: Path | None = Field(None, description="folder holding the datasets (e.g. ../shared/data)")
     out: Path | None = Field(None, description="folder for metrics.jsonl and summary.json")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -76,6 +93,21 @@ class TrainingConfig(BaseModel):
             return parse_codec(spec).spec
         except CodecError as error:
             raise ValueError(str(error)) from None
+
+    @field_validator("mixing")
+    @classmethod
+    def _known_mixing(cls, spec: str) -> str:
+        parse_mixing(spec)
+        return spec
+
+    @model_validator(mode="after")
+    def _compatible_gossip(self) -> TrainingConfig:
+        if self.mixing != "plain" and self.gossip_settings().error_feedback != "none":
+            raise ValueError(
+                "--mixing variance-corrected rescales whole models, which error feedback does not send; "
+                "use it with --error-feedback none"
+            )
+        return self
 
     @field_validator("lr_schedule")
     @classmethod
@@ -103,6 +135,7 @@ class TrainingConfig(BaseModel):
             codec=codec.spec,
             error_feedback=self.error_feedback or ("none" if codec.lossless else "choco"),
             consensus_step=self.consensus_step or default_consensus_step(codec),
+            mixing=parse_mixing(self.mixing),
         )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from gossip.neighbourhood import GraphNeighbourhood
-from gossip.protocols import DPSGD, FedAvgClient, FedAvgServer, ProtocolContext
+from gossip.protocols import GOSSIP_PROTOCOLS, FedAvgClient, FedAvgServer, ProtocolContext
 from peer.config import SimulationConfig
 from peer.metrics import MetricsLog, RoundRecord, consensus_distance, write_json_atomic
 from peer.runtime import PeerNode
@@ -23,6 +23,7 @@ from topology import parse_topology
 SERVER_ID = "server"
 LABELS = {
     "dpsgd": "D-PSGD (decentralised gossip)",
+    "dfedsam": "DFedSAM (sharpness-aware local steps, decentralised gossip)",
     "fedavg": "FedAvg (centralised reference, simulation only)",
 }
 
@@ -71,9 +72,11 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
             rounds=config.rounds, eval_every=config.eval_every, on_record=on_record,
         )
         context = ProtocolContext(node.transport, clock, trainer, None, node.round_finished, gossip)
-        if config.algorithm == "dpsgd":
+        if config.algorithm in GOSSIP_PROTOCOLS:
             context.neighbourhood = GraphNeighbourhood(topology, ids, peer_id)
-            node.protocol = DPSGD(context, local_steps=config.local_steps)
+            node.protocol = GOSSIP_PROTOCOLS[config.algorithm](
+                context, local_steps=config.local_steps, gossip_steps=config.gossip_steps
+            )
         else:
             node.protocol = FedAvgClient(
                 context, server=SERVER_ID, local_steps=config.local_steps, round_timeout=2 * round_timeout
@@ -97,13 +100,14 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
     wall_seconds = time.perf_counter() - started
 
     final = [metrics.latest[peer_id] for peer_id in ids]
+    gossiping = config.algorithm in GOSSIP_PROTOCOLS
     accuracies = [record.accuracy for record in final]
     summary = {
         "algorithm": config.algorithm,
         "label": LABELS[config.algorithm],
         "task": config.task,
-        "topology": config.topology if config.algorithm == "dpsgd" else "server",
-        "spectral_gap": topology.spectral_gap() if config.algorithm == "dpsgd" else 1.0,
+        "topology": config.topology if gossiping else "server",
+        "spectral_gap": topology.spectral_gap() if gossiping else 1.0,
         "partition": config.partition,
         "peers": config.peers,
         "rounds": config.rounds,
@@ -111,6 +115,10 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
         "batch_size": config.batch_size,
         "lr": trainers[0].lr,
         "seed": config.seed,
+        "init": config.init,
+        "mixing": config.mixing,
+        "gossip_steps": config.gossip_steps if gossiping else None,
+        "sam_rho": config.sam_rho if config.algorithm == "dfedsam" else None,
         "codec": gossip.codec,
         "error_feedback": gossip.error_feedback,
         "consensus_step": gossip.consensus_step,

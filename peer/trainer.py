@@ -28,6 +28,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def sam_perturbation(gradients: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """rho * g / ||g||, with one L2 norm over all the gradients; zero where the gradient is zero."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients]))
+    return [g * (rho / (norm + 1e-12)) for g in gradients]
+
+
 class Trainer(Learner):
     def __init__(
         self,
@@ -42,6 +48,7 @@ class Trainer(Learner):
         seed: int,
         device: torch.device,
         schedule: tuple[int, int] | None = None,
+        sam_rho: float = 0.0,
     ):
         self.device = device
         self.model = model.to(device)
@@ -52,6 +59,7 @@ class Trainer(Learner):
         # (first, last): the rate is constant until step `first`, then follows a cosine to 0 at
         # step `last`; None: constant throughout.
         self.schedule = schedule
+        self.sam_rho = sam_rho  # > 0: sharpness-aware steps (SAM) with this radius
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
@@ -77,10 +85,25 @@ class Trainer(Learner):
             loss = F.cross_entropy(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.sam_rho:
+                self._sharpness_aware_gradient(x, y)
             self.optimizer.step()
             total += loss.detach()
             self.steps_taken += 1
         return float(total) / max(steps, 1)
+
+    def _sharpness_aware_gradient(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Replace the gradient by the one at the worst point within sam_rho (same batch), as SAM does."""
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        deltas = sam_perturbation([p.grad for p in parameters], self.sam_rho)
+        with torch.no_grad():
+            for parameter, delta in zip(parameters, deltas):
+                parameter.add_(delta)
+        self.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(x), y).backward()
+        with torch.no_grad():
+            for parameter, delta in zip(parameters, deltas):
+                parameter.sub_(delta)
 
     def _scheduled_lr(self) -> float:
         first, last = self.schedule
@@ -118,10 +141,11 @@ class Trainer(Learner):
 def peer_trainer(config: TrainingConfig, task: Task, shard: np.ndarray, index: int, device: torch.device) -> Trainer:
     """Peer ``index``'s trainer: its part of the training set and the run's settings.
 
-    The model is drawn from --seed, so every peer of a run (simulated or real) starts from the
-    same one; the batch order is the peer's own.
+    With --init same the model is drawn from --seed, so every peer of a run (simulated or real)
+    starts from the same one; with --init independent each peer draws its own. The batch order
+    is the peer's own.
     """
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed if config.init == "same" else config.seed * 100_003 + index + 1)
     rows = torch.as_tensor(shard, dtype=torch.long)
     return Trainer(
         task.make_model(),
@@ -134,4 +158,5 @@ def peer_trainer(config: TrainingConfig, task: Task, shard: np.ndarray, index: i
         seed=config.seed * 100_003 + index,
         device=device,
         schedule=config.lr_decay_steps(),
+        sam_rho=config.sam_rho if config.algorithm == "dfedsam" else 0.0,
     )

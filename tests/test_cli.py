@@ -51,6 +51,11 @@ BAD_INPUTS = {
     "bad error feedback": (["--error-feedback", "econtrol:2"], "--error-feedback"),
     "consensus step above one": (["--consensus-step", "2"], "--consensus-step"),
     "unknown schedule": (["--lr-schedule", "linear"], "--lr-schedule: bad schedule"),
+    "unknown mixing": (["--mixing", "median"], "--mixing: bad mixing"),
+    "unknown variance target": (["--mixing", "variance-corrected:everyone"], "bad variance target"),
+    "variance correction with error feedback": (["--mixing", "variance-corrected", "--codec", "int8"], "--error-feedback none"),
+    "no gossip steps": (["--gossip-steps", "0"], "--gossip-steps"),
+    "negative sam radius": (["--algorithm", "dfedsam", "--sam-rho", "-0.1"], "--sam-rho"),
     "schedule start of one": (["--lr-schedule", "cosine:1"], "--lr-schedule: bad schedule"),
 }
 
@@ -71,6 +76,7 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, case):
         (["--algorithm", "sgd"], "algorithm"),
         (["--rounds", "many"], "rounds"),
         (["--device", "tpu"], "device"),
+        (["--init", "random"], "--init"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_code_2(capsys, args, keyword):

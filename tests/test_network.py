@@ -29,9 +29,19 @@ def run(args, timeout):
     return process.returncode, out, err
 
 
-@pytest.mark.parametrize("codec, error_feedback", [("none", "none"), ("int8", "choco")])
-def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback):
-    code, out, err = run(["swarm", "--peers", "3", *FAST, "--codec", codec, "--out", str(tmp_path)], timeout=240)
+@pytest.mark.parametrize(
+    "codec, error_feedback, algorithm",
+    [
+        ("none", "none", ["--algorithm", "dpsgd"]),
+        ("int8", "choco", ["--algorithm", "dpsgd"]),
+        ("none", "none", ["--algorithm", "dfedsam", "--gossip-steps", "2", "--mixing", "variance-corrected", "--init", "independent"]),
+    ],
+    ids=["dpsgd", "dpsgd-int8-choco", "dfedsam-mgs-variance-corrected"],
+)
+def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback, algorithm):
+    code, out, err = run(
+        ["swarm", "--peers", "3", *FAST, *algorithm, "--codec", codec, "--out", str(tmp_path)], timeout=240
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["peers_finished"] == 3 and summary["failed_peers"] == {}
@@ -41,7 +51,7 @@ def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback):
     for index in range(3):
         peer = json.loads((tmp_path / f"peer-{index}" / "summary.json").read_text())
         assert len(peer["peers_seen"]) == 3
-        assert (peer["codec"], peer["error_feedback"]) == (codec, error_feedback)
+        assert (peer["codec"], peer["error_feedback"], peer["algorithm"]) == (codec, error_feedback, algorithm[1])
         assert peer["bytes_sent"] > 0 and peer["bytes_received"] > 0
         assert (tmp_path / f"peer-{index}" / "checkpoint.safetensors").exists()
         lines = (tmp_path / f"peer-{index}" / "metrics.jsonl").read_text().splitlines()

@@ -1,7 +1,11 @@
 """Training protocols: each one file, each a small subclass of ``Protocol``."""
 
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.protocols.dfedsam import DFedSAM
 from gossip.protocols.dpsgd import DPSGD
 from gossip.protocols.fedavg import FedAvgClient, FedAvgServer
 
-__all__ = ["DPSGD", "FedAvgClient", "FedAvgServer", "Protocol", "ProtocolContext", "RoundReport"]
+# The protocols that gossip with a neighbourhood, by their command-line name.
+GOSSIP_PROTOCOLS: dict[str, type[DPSGD]] = {"dpsgd": DPSGD, "dfedsam": DFedSAM}
+
+__all__ = ["GOSSIP_PROTOCOLS", "DFedSAM", "DPSGD", "FedAvgClient", "FedAvgServer", "Protocol", "ProtocolContext", "RoundReport"]

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from gossip.catchup import SnapshotServer, catch_up
 from gossip.learner import State
 from gossip.neighbourhood import OverlayNeighbourhood
-from gossip.protocols import DPSGD, ProtocolContext
+from gossip.protocols import GOSSIP_PROTOCOLS, ProtocolContext
 from gossip.settings import GossipSettings
 from gossip.wire import Limits
 from peer.config import ConfigError, RunConfig
@@ -126,7 +126,9 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
             admits=membership.compatible, unreachable=membership.suspect,
         )
         context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished, gossip)
-        node.protocol = DPSGD(context, local_steps=config.local_steps)
+        node.protocol = GOSSIP_PROTOCOLS[config.algorithm](
+            context, local_steps=config.local_steps, gossip_steps=config.gossip_steps
+        )
         # Handlers are in place before anyone can learn of us, so no early model is refused.
         await transport.start()
         await _wait_for_peers(membership, config)
@@ -143,6 +145,9 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
             "peer": me,
             "swarm": config.swarm,
             "algorithm": config.algorithm,
+            "init": config.init,
+            "mixing": config.mixing,
+            "gossip_steps": config.gossip_steps,
             "task": config.task,
             "topology": config.topology,
             "partition": config.partition,

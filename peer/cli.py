@@ -104,6 +104,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         ("task / partition", f"{summary['task']} / {summary['partition']}"),
         ("peers / topology", f"{summary['peers']} / {summary['topology']} (spectral gap {summary['spectral_gap']:.4f})"),
         ("rounds x local steps", f"{summary['rounds']} x {summary['local_steps']}"),
+        ("codec / error feedback", f"{summary['codec']} / {summary['error_feedback']}"),
         ("test accuracy: mean", f"{summary['mean_accuracy']:.4f}"),
         ("test accuracy: min / max", f"{summary['min_accuracy']:.4f} / {summary['max_accuracy']:.4f}"),
         ("consensus distance", f"{summary['consensus_distance']:.4g}"),

@@ -15,13 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-from peer.config import SimulationConfig
-from peer.simulate import simulate
+from sweep import bytes_to, run_all
 
 # CODEC/ERROR_FEEDBACK[/CONSENSUS_STEP]; the first one is the uncompressed reference.
 CONFIGS = [
@@ -41,35 +36,9 @@ CONFIGS = [
 ]
 
 
-def run_config(config: str, scenario: dict) -> dict:
+def settings(config: str, scenario: dict) -> dict:
     codec, error_feedback, *step = config.split("/")
-    with tempfile.TemporaryDirectory() as out:
-        settings = SimulationConfig(
-            **scenario, codec=codec, error_feedback=error_feedback,
-            consensus_step=float(step[0]) if step else None, out=Path(out), eval_every=1,
-        )
-        summary = simulate(settings).summary
-        rounds: dict[int, list[dict]] = defaultdict(list)
-        for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            rounds[record["round"]].append(record)
-    curve = [
-        (sum(r["accuracy"] for r in records) / len(records), sum(r["bytes_sent"] for r in records))
-        for _, records in sorted(rounds.items())
-    ]
-    return {
-        "codec": summary["codec"],
-        "error_feedback": summary["error_feedback"],
-        "consensus_step": summary["consensus_step"] if summary["error_feedback"] != "none" else None,
-        "final_mean_accuracy": round(summary["mean_accuracy"], 4),
-        "consensus_distance": round(summary["consensus_distance"], 3),
-        "bytes_sent": summary["bytes_sent_total"],
-        "curve": curve,
-    }
-
-
-def bytes_to(curve: list[tuple[float, int]], target: float) -> int | None:
-    return next((sent for accuracy, sent in curve if accuracy >= target), None)
+    return {**scenario, "codec": codec, "error_feedback": error_feedback, "consensus_step": float(step[0]) if step else None}
 
 
 def main() -> None:
@@ -89,19 +58,24 @@ def main() -> None:
         "peers": args.peers, "topology": args.topology, "task": args.task, "partition": args.partition,
         "rounds": args.rounds, "local_steps": args.local_steps, "seed": args.seed, "algorithm": "dpsgd",
     }
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(run_config, args.configs, [scenario] * len(args.configs)))
+    results = run_all([settings(config, scenario) for config in args.configs], args.jobs)
     reference = results[0]
     reference_to_target = bytes_to(reference["curve"], args.target)
     rows = []
     for result in results:
-        to_target = bytes_to(result.pop("curve"), args.target)
+        summary = result["summary"]
+        to_target = bytes_to(result["curve"], args.target)
         rows.append({
-            **result,
+            "codec": summary["codec"],
+            "error_feedback": summary["error_feedback"],
+            "consensus_step": summary["consensus_step"] if summary["error_feedback"] != "none" else None,
+            "final_mean_accuracy": round(summary["mean_accuracy"], 4),
+            "accuracy_vs_reference_points": round(100 * (summary["mean_accuracy"] - reference["summary"]["mean_accuracy"]), 2),
+            "consensus_distance": round(summary["consensus_distance"], 3),
+            "bytes_sent": summary["bytes_sent_total"],
+            "fewer_bytes_x": round(reference["summary"]["bytes_sent_total"] / summary["bytes_sent_total"], 2),
             "bytes_to_target": to_target,
-            "fewer_bytes_x": round(reference["bytes_sent"] / result["bytes_sent"], 2),
             "fewer_bytes_to_target_x": round(reference_to_target / to_target, 2) if to_target and reference_to_target else None,
-            "accuracy_vs_reference_points": round(100 * (result["final_mean_accuracy"] - reference["final_mean_accuracy"]), 2),
         })
     json.dump({"scenario": scenario, "target_accuracy": args.target, "reference": args.configs[0], "rows": rows}, sys.stdout, indent=2)
     print()

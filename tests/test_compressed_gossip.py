@@ -11,37 +11,16 @@ from gossip.codecs import parse_codec
 from gossip.exchange import MODEL, NeighbourExchange
 from gossip.message import Message
 from gossip.neighbourhood import GraphNeighbourhood, OverlayNeighbourhood
-from gossip.protocols import DPSGD, ProtocolContext
 from gossip.settings import GossipSettings
-from peer.sim import LinkModel, SimClock, SimNetwork, VirtualTimeLoop
-from tests.vector_learner import VectorLearner
+from peer.sim import LinkModel, SimClock, SimNetwork
+from tests.sim_swarm import build_gossip, run
 from topology import parse_topology
-
-
-def run(coroutine):
-    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-        return runner.run(coroutine)
 
 
 def gossip_run(spec, x0, rounds, settings, network=None):
     """D-PSGD without training (pure gossip) on ``spec``; returns the final vectors and the network."""
-    n = x0.shape[0]
-    topology = parse_topology(spec, n)
-    ids = [f"p{i}" for i in range(n)]
-    network = network or SimNetwork()
-    clock = SimClock()
-    learners, protocols = [], []
-
-    async def finished(report):
-        pass
-
-    for peer, value in zip(ids, x0):
-        learner = VectorLearner(value)
-        context = ProtocolContext(
-            network.attach(peer), clock, learner, GraphNeighbourhood(topology, ids, peer), finished, settings
-        )
-        learners.append(learner)
-        protocols.append(DPSGD(context, local_steps=1))
+    topology = parse_topology(spec, x0.shape[0])
+    network, _, learners, protocols, _ = build_gossip(topology, x0, settings=settings, network=network or SimNetwork())
 
     async def main():
         await asyncio.gather(*(p.run(rounds) for p in protocols))

@@ -7,20 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gossip.neighbourhood import GraphNeighbourhood
-from gossip.protocols import DFedSAM, ProtocolContext
+from gossip.protocols import DFedSAM
 from gossip.settings import GossipSettings
 from peer.config import SimulationConfig
-from peer.sim import SimClock, SimNetwork, VirtualTimeLoop
+from peer.sim import SimNetwork
 from peer.simulate import simulate
 from peer.trainer import Trainer, sam_perturbation
-from tests.vector_learner import VectorLearner
+from tests.sim_swarm import build_gossip, run
 from topology import parse_topology
-
-
-def run(coroutine):
-    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-        return runner.run(coroutine)
 
 
 def test_the_sam_perturbation_has_norm_rho_over_all_tensors():
@@ -58,23 +52,11 @@ def test_a_sam_step_uses_the_gradient_at_the_perturbed_point():
 
 def build(spec, n, gossip_steps, timeout=5.0, network=None):
     topology = parse_topology(spec, n)
-    ids = [f"p{i}" for i in range(n)]
-    network = network or SimNetwork()
-    clock = SimClock()
     x0 = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    learners, protocols, reports = [], [], {p: [] for p in ids}
-    for peer, value in zip(ids, x0):
-        learner = VectorLearner(value)
-
-        async def finished(report, peer=peer):
-            reports[peer].append(report)
-
-        context = ProtocolContext(
-            network.attach(peer), clock, learner, GraphNeighbourhood(topology, ids, peer), finished,
-            GossipSettings(timeout=timeout),
-        )
-        learners.append(learner)
-        protocols.append(DFedSAM(context, local_steps=1, gossip_steps=gossip_steps))
+    network, _, learners, protocols, reports = build_gossip(
+        topology, x0, settings=GossipSettings(timeout=timeout), network=network or SimNetwork(),
+        protocol=DFedSAM, gossip_steps=gossip_steps,
+    )
     return topology, x0, learners, protocols, reports, network
 
 

@@ -12,34 +12,14 @@ from gossip.mixing import WeightedAverage
 from gossip.neighbourhood import GraphNeighbourhood, OverlayNeighbourhood
 from gossip.protocols import DPSGD, FedAvgClient, FedAvgServer, ProtocolContext, RoundReport
 from gossip.settings import GossipSettings
-from peer.sim import LinkModel, SimClock, SimNetwork, VirtualTimeLoop
+from peer.sim import LinkModel, SimClock, SimNetwork
+from tests.sim_swarm import build_gossip, run
 from tests.vector_learner import VectorLearner
 from topology import parse_topology
 
 
-def run(coro):
-    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-        return runner.run(coro)
-
-
 def build_dpsgd(topology, values, *, timeout=30.0, network=None):
-    network = network or SimNetwork(LinkModel(latency=0.01))
-    ids = [f"p{i}" for i in range(topology.n)]
-    clock = SimClock()
-    learners, protocols, reports = [], [], {peer: [] for peer in ids}
-    for peer, value in zip(ids, values):
-        learner = VectorLearner(value)
-
-        async def finished(report, peer=peer):
-            reports[peer].append(report)
-
-        context = ProtocolContext(
-            network.attach(peer), clock, learner, GraphNeighbourhood(topology, ids, peer), finished,
-            GossipSettings(timeout=timeout),
-        )
-        learners.append(learner)
-        protocols.append(DPSGD(context, local_steps=1))
-    return network, ids, learners, protocols, reports
+    return build_gossip(topology, values, settings=GossipSettings(timeout=timeout), network=network)
 
 
 @pytest.mark.parametrize("spec", ["ring", "complete", "star", "exponential", "onepeer-exponential"])

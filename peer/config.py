@@ -71,7 +71,9 @@ class TrainingConfig(BaseModel):
     )
     mixing: str = Field("plain", description="plain, or variance-corrected[:others|self|conservative:C] (default target: others)")
     sam_rho: float = Field(0.05, gt=0, description="dfedsam: radius of the sharpness-aware perturbation")
-    gossip_steps: int = Field(1, ge=1, le=64, description="dfedsam: gossip steps per round (1: DFedSAM, more: DFedSAM-MGS)")
+    gossip_steps: int = Field(
+        1, ge=1, le=64, description="gossip steps per round, each a real exchange (dfedsam: 1 is DFedSAM, more is DFedSAM-MGS)"
+    )
     data_dir: Path | None = Field(None, description="folder holding the datasets (e.g. ../shared/data)")
     out: Path | None = Field(None, description="folder for metrics.jsonl and summary.json")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -10,6 +10,8 @@ from gossip.learner import State
 
 
 class MixingRule(ABC):
+    spec: str  # as --mixing names it
+
     @abstractmethod
     def mix(self, own: State, own_weight: float, received: list[tuple[float, State]]) -> State:
         """Combine ``own`` with weighted ``received`` states into a new state."""
@@ -21,6 +23,8 @@ class WeightedAverage(MixingRule):
     Renormalising keeps the result an average when a neighbour missed the round: its weight
     is spread over the models that did arrive instead of silently shrinking the model.
     """
+
+    spec = "plain"
 
     def mix(self, own: State, own_weight: float, received: list[tuple[float, State]]) -> State:
         total = own_weight + sum(w for w, _ in received)

@@ -21,6 +21,13 @@ class GossipSettings:
     consensus_step: float = 1.0  # CHOCO's g; unused without error feedback
     mixing: MixingRule = field(default_factory=WeightedAverage)
 
+    def __post_init__(self) -> None:
+        if self.error_feedback != "none" and type(self.mixing) is not WeightedAverage:
+            raise ValueError(
+                f"--mixing {self.mixing.spec} rescales whole models, which error feedback does not send; "
+                "use it with --error-feedback none"
+            )
+
     def exchange(self, transport: Transport, clock: Clock, neighbourhood: Neighbourhood, reference: State) -> Exchange:
         codec = parse_codec(self.codec)
         eta = parse_error_feedback(self.error_feedback)

@@ -53,8 +53,8 @@ def _variance(tensor: torch.Tensor) -> torch.Tensor:
 
 class VarianceCorrected(MixingRule):
     def __init__(self, target: str = "others", eps: float = EPS):
-        self.target = target
         self.own_weight = parse_target(target)
+        self.spec = f"variance-corrected:{target}"
         self.eps = eps
         self._average = WeightedAverage()
 

@@ -104,11 +104,7 @@ class TrainingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _compatible_gossip(self) -> TrainingConfig:
-        if self.mixing != "plain" and self.gossip_settings().error_feedback != "none":
-            raise ValueError(
-                "--mixing variance-corrected rescales whole models, which error feedback does not send; "
-                "use it with --error-feedback none"
-            )
+        self.gossip_settings()  # raises ValueError for settings that do not go together
         return self
 
     @field_validator("lr_schedule")
@@ -205,9 +201,9 @@ def build_config(model: type[C], file_values: dict[str, Any], flag_values: dict[
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
         if not first["loc"]:  # a check across settings: its message says it all
-            raise ConfigError(str(first["msg"]).removeprefix("Value error, ")) from None
+            raise ConfigError(message) from None
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"unknown setting {where!r}; see --help for the valid ones") from None
-        message = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"--{where.replace('_', '-')}: {message} (got {first.get('input')!r})") from None

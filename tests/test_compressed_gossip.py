@@ -81,7 +81,7 @@ def test_lossy_links_resync_with_full_copies_and_still_converge():
     settings = GossipSettings(timeout=1.0, codec="topk:0.1", error_feedback="choco", consensus_step=0.05)
     final, _, protocols, _ = gossip_run("ring", X0, 200, settings, network)
     assert spread(final) < 0.2 * spread(X0)
-    assert all(torch.isfinite(final).all() for final in final)
+    assert bool(torch.isfinite(final).all())
     for protocol in protocols:
         exchange = protocol.exchange
         assert set(exchange.out_links) <= exchange.neighbourhood.linked(0)
@@ -259,6 +259,13 @@ def test_error_feedback_specs(spec, eta):
 def test_bad_error_feedback_specs_name_the_valid_ones(spec):
     with pytest.raises(ValueError, match="valid: none, choco, or econtrol:ETA"):
         parse_error_feedback(spec)
+
+
+def test_variance_correction_does_not_go_with_error_feedback():
+    from gossip.variance import VarianceCorrected
+
+    with pytest.raises(ValueError, match="--error-feedback none"):
+        GossipSettings(codec="int8", error_feedback="choco", mixing=VarianceCorrected("self"))
 
 
 def test_the_consensus_step_must_be_a_fraction():

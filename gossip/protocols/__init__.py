@@ -8,4 +8,4 @@ from gossip.protocols.fedavg import FedAvgClient, FedAvgServer
 # The protocols that gossip with a neighbourhood, by their command-line name.
 GOSSIP_PROTOCOLS: dict[str, type[DPSGD]] = {"dpsgd": DPSGD, "dfedsam": DFedSAM}
 
-__all__ = ["GOSSIP_PROTOCOLS", "DFedSAM", "DPSGD", "FedAvgClient", "FedAvgServer", "Protocol", "ProtocolContext", "RoundReport"]
+__all__ = ["DPSGD", "GOSSIP_PROTOCOLS", "DFedSAM", "FedAvgClient", "FedAvgServer", "Protocol", "ProtocolContext", "RoundReport"]

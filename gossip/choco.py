@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from gossip.codecs import BlockInt8, Codec, CodecError, Identity, RandK, TopK
-from gossip.exchange import Exchange, StepInbox, StepResult, message_seed
+from gossip.exchange import Exchange, StepInbox, StepResult, admitted, message_seed, reject_model
 from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.model_codec import FlatModel, codec_for
@@ -184,13 +184,12 @@ class ChocoExchange(Exchange):
 
     async def _receive(self, message: Message) -> Message:
         sender = message.sender
+        if not admitted(self.transport, self.neighbourhood, message):
+            return self._reply(message.round, RESYNC)
         try:
-            if not self.neighbourhood.admits(sender):
-                raise InvalidState(f"{sender} trains another task or model")
             link = self._apply(message)
         except InvalidState as reason:
-            self.transport.counters.rejected += 1
-            log.warning("%s: rejected a model delta from %s at step %d: %s", self.transport.peer_id, sender, message.round, reason)
+            reject_model(self.transport, message, reason)
             return self._reply(message.round, RESYNC)
         # A copy is a whole model: only peers we gossip with get one (a view that lags ours
         # gets resync until it catches up).

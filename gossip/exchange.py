@@ -104,6 +104,20 @@ class Exchange(ABC):
         """
 
 
+def admitted(transport: Transport, neighbourhood: Neighbourhood, message: Message) -> bool:
+    """Whether the sender may gossip with us at all; a refused message is counted and logged."""
+    if neighbourhood.admits(message.sender):
+        return True
+    transport.counters.reject("incompatible")
+    log.warning("%s: rejected a message from %s: it trains another task or model", transport.peer_id, message.sender)
+    return False
+
+
+def reject_model(transport: Transport, message: Message, reason: InvalidState) -> None:
+    transport.counters.reject("invalid-model")
+    log.warning("%s: rejected a model from %s at step %d: %s", transport.peer_id, message.sender, message.round, reason)
+
+
 def message_seed(*parts: object) -> int:
     """A seed both ends can name (random-k draws its indices from it), different per link and step."""
     return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
@@ -161,13 +175,12 @@ class NeighbourExchange(Exchange):
         return self._flat.unflatten(self._flat.decode(codec, message.tensors, seed))
 
     async def _receive(self, message: Message) -> None:
+        if not admitted(self.transport, self.neighbourhood, message):
+            return
         try:
-            if not self.neighbourhood.admits(message.sender):
-                raise InvalidState(f"{message.sender} trains another task or model")
             state = self._decode(message)
         except InvalidState as reason:
-            self.transport.counters.rejected += 1
-            log.warning("%s: rejected model from %s at step %d: %s", self.transport.peer_id, message.sender, message.round, reason)
+            reject_model(self.transport, message, reason)
             return
         if not self._inbox.put(replace(message, tensors=state)):
             log.debug("%s: dropped model from %s for step %d: late or too far ahead", self.transport.peer_id, message.sender, message.round)

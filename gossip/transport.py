@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from gossip.message import Message, PeerId
@@ -25,13 +26,32 @@ class PeerUnreachable(ConnectionError):
     """Raised when a message cannot be handed to a peer (unknown, down or refused)."""
 
 
+# Why a message was refused. A fixed set, so that a hostile peer cannot invent new labels.
+REJECTION_REASONS = (
+    "malformed",  # not a message on the wire: truncated, oversized, not msgpack, bad fields
+    "wrong-sender",  # claims a sender other than the peer that sent it
+    "unknown-kind",  # no handler serves its kind
+    "invalid-model",  # wrong names, shapes or dtypes, non-finite values, a bad codec payload
+    "incompatible",  # from a peer whose membership record shows another task or model
+)
+
+
 @dataclass
 class TrafficCounters:
     bytes_sent: int = 0
     bytes_received: int = 0
     messages_sent: int = 0
     messages_received: int = 0
-    rejected: int = 0
+    rejections: Counter[str] = field(default_factory=Counter)
+
+    def reject(self, reason: str) -> None:
+        if reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}; valid: {REJECTION_REASONS}")
+        self.rejections[reason] += 1
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejections.values())
 
 
 class Transport(ABC):

@@ -15,11 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from peer.config import C, ConfigError, RunConfig, SimulationConfig, SwarmConfig, build_config, load_toml
+from peer.curve import X_AXES
 from peer.metrics import RoundRecord
+from peer.runs import RunError, load_run
 from peer.tasks import PartitionError, TaskError
 from topology import TOPOLOGY_NAMES, TopologyError
 
-USER_ERRORS = (ConfigError, TaskError, PartitionError, TopologyError)
+USER_ERRORS = (ConfigError, TaskError, PartitionError, TopologyError, RunError)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -48,6 +50,12 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
     for name, field in model.model_fields.items():
         kind, choices, nargs = _flag_type(field.annotation)
         described = extra_help.get(name) or field.description or ""
+        if kind is bool:
+            parser.add_argument(
+                f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=described,
+            )
+            continue
         parser.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
@@ -80,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--swarm", default="gossip", help="swarm name (default: gossip)")
     status.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the DHT (default: 30)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument(
+        "--watch", type=float, default=None, metavar="S", help="refresh every S seconds until Ctrl-C (with --json: one line each)"
+    )
+    plot = commands.add_parser(
+        "plot", help="plot runs' learning curves, or a topology",
+        description="Overlay the learning curves of runs (folders written with --out), or draw a topology.",
+    )
+    plot.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR", help="run folders to overlay")
+    plot.add_argument("--out", type=Path, required=True, help="image file to write (.png, .pdf or .svg)")
+    plot.add_argument("--x", choices=X_AXES, default="round", help="x axis: rounds, bytes sent or time (default: round)")
+    plot.add_argument("--topology", help="draw this topology instead of runs (e.g. ring, torus, regular:4)")
+    plot.add_argument("--peers", type=int, default=16, help="peers in the drawn topology (default: 16)")
+    plot.add_argument("--weights", choices=["metropolis", "uniform"], default="metropolis", help="mixing weights for the spectral gap")
+    plot.add_argument("--seed", type=int, default=0, help="seed of a random topology (default: 0)")
     return parser
 
 
@@ -113,9 +135,21 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         ("simulated time", f"{summary['virtual_seconds']:.1f} s"),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
     ]
+    if summary["target_accuracy"] is not None:
+        rows.append((f"to mean accuracy {summary['target_accuracy']:g}", _to_target(summary)))
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _to_target(summary: dict[str, Any]) -> str:
+    if summary["rounds_to_target"] is None:
+        return "not reached"
+    rounds = summary["rounds_to_target"]
+    return (
+        f"after {rounds} round{'s' if rounds != 1 else ''}, {summary['bytes_to_target'] / 1e6:.2f} MB, "
+        f"{summary['virtual_seconds_to_target']:.1f} s simulated"
+    )
 
 
 def config_from_args(args: argparse.Namespace, model: type[C]) -> C:
@@ -142,6 +176,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     Console().print(_summary_table(result.summary))
     if config.out:
         Console().print(f"metrics: {config.out / 'metrics.jsonl'}   summary: {config.out / 'summary.json'}")
+    if config.plot:
+        from peer.plot import plot_runs  # matplotlib is imported only when a plot is asked for
+
+        plot_runs([load_run(config.out)], config.out / "run.png")
+        Console().print(f"plot: {config.out / 'run.png'}")
     return 0
 
 
@@ -179,25 +218,75 @@ def run_swarm_command(args: argparse.Namespace) -> int:
     return 0 if not summary["failed_peers"] else 1
 
 
+def _status_table(status: dict[str, Any]) -> Table:
+    summary = status["summary"]
+    line = f"swarm {status['swarm']!r}: {summary['live_peers']} live peers"
+    if summary["live_peers"]:
+        line += (
+            f", round slowest {summary['slowest_round']} / median {summary['median_round']}"
+            f" / fastest {summary['fastest_round']}"
+        )
+    table = Table(title=line)
+    for column in ("peer", "round", "accuracy", "state", "age (s)", "addresses"):
+        table.add_column(column)
+    for row in status["peers"]:
+        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        table.add_row(
+            row["peer"], str(row["round"]), accuracy, row["state"], str(row["age_seconds"]), "\n".join(row["addresses"])
+        )
+    return table
+
+
 def run_status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from peer.net.status import swarm_status
+    from peer.net.status import connect, swarm_status
 
-    rows = asyncio.run(swarm_status(args.initial_peers, args.swarm, args.timeout))
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    table = Table(title=f"swarm {args.swarm!r}: {sum(r['state'] == 'live' for r in rows)} live peers")
-    for column in ("peer", "round", "state", "age (s)", "addresses"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["peer"], str(row["round"]), row["state"], str(row["age_seconds"]), "\n".join(row["addresses"]))
-    Console().print(table)
+    if args.watch is not None and not args.watch > 0:
+        raise ConfigError(f"--watch {args.watch:g}: give a number of seconds above 0")
+    dht = connect(args.initial_peers, args.timeout)
+    console = Console()
+
+    async def show() -> None:
+        while True:
+            status = await swarm_status(dht, args.swarm, args.timeout)
+            if args.json:
+                print(json.dumps(status, indent=None if args.watch else 2), flush=True)
+            else:
+                if args.watch and console.is_terminal:
+                    console.clear()
+                console.print(_status_table(status))
+            if args.watch is None:
+                return
+            await asyncio.sleep(args.watch)
+
+    try:
+        asyncio.run(show())
+    except KeyboardInterrupt:
+        pass  # the way to stop --watch
+    finally:
+        dht.shutdown()
     return 0
 
 
-COMMANDS = {"simulate": run_simulate, "run": run_run, "swarm": run_swarm_command, "status": run_status}
+def run_plot(args: argparse.Namespace) -> int:
+    from peer.plot import plot_runs, plot_topology
+
+    if args.topology and args.runs:
+        raise ConfigError("give run folders or --topology, not both")
+    if args.topology:
+        if args.peers < 2:
+            raise ConfigError(f"--peers {args.peers}: a topology needs at least 2 peers")
+        plot_topology(args.topology, args.peers, args.out, weights=args.weights, seed=args.seed)
+    elif args.runs:
+        plot_runs([load_run(folder) for folder in args.runs], args.out, args.x)
+    else:
+        raise ConfigError("give one or more run folders (written with --out), or --topology SPEC")
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"simulate": run_simulate, "run": run_run, "swarm": run_swarm_command, "status": run_status, "plot": run_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

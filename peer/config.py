@@ -87,6 +87,9 @@ class TrainingConfig(BaseModel):
         None, gt=0, le=1, description="CHOCO's consensus step size; 1 for dense codecs, less for top-k and random-k"
     )
     threads: int = Field(1, ge=1, description="torch intra-op threads")
+    target_accuracy: float | None = Field(
+        None, gt=0, le=1, description="report the rounds, bytes and time until the peers' mean test accuracy reached this"
+    )
 
     @field_validator("codec")
     @classmethod
@@ -143,6 +146,13 @@ class SimulationConfig(TrainingConfig):
     link_latency: float = Field(0.01, ge=0, description="simulated one-way latency, seconds")
     link_bandwidth: float = Field(100.0, gt=0, description="simulated link bandwidth, Mbit/s")
     link_loss: float = Field(0.0, ge=0, le=1, description="probability that a message is lost")
+    plot: bool = Field(False, description="write OUT/run.png, the run's learning curve (needs --out)")
+
+    @model_validator(mode="after")
+    def _plot_needs_out(self) -> SimulationConfig:
+        if self.plot and self.out is None:
+            raise ValueError("--plot writes OUT/run.png: give --out DIR too")
+        return self
 
 
 class RunConfig(TrainingConfig):
@@ -159,6 +169,10 @@ class RunConfig(TrainingConfig):
     join_timeout: float = Field(60.0, gt=0, description="seconds to wait for --min-peers and for the bootstrap peers")
     record_ttl: float = Field(20.0, ge=2, description="seconds a peer's DHT record lives unless refreshed")
     pace: float = Field(0.0, ge=0, description="minimum seconds per round: a faster peer waits, sparing a shared machine")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics"
+    )
+    metrics_host: str = Field("127.0.0.1", description="address the metrics server listens on (0.0.0.0: every interface)")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -175,9 +189,14 @@ class SwarmConfig(TrainingConfig):
     peers: int = Field(4, ge=2, description="number of peer processes")
     swarm: str | None = Field(None, max_length=64, description="swarm name (default: a fresh one)")
     join_timeout: float = Field(60.0, gt=0, description="seconds to wait for the peers to find each other")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="peer I serves Prometheus metrics on 127.0.0.1 at port METRICS_PORT + I"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
+        if self.metrics_port is not None and self.metrics_port + self.peers - 1 > 65535:
+            raise ValueError(f"--metrics-port {self.metrics_port} leaves no port for the last of {self.peers} peers")
         if self.algorithm == "fedavg":
             raise ValueError("fedavg needs a central server and is offered by `peer simulate` only; use --algorithm dpsgd")
         return self

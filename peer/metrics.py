@@ -11,7 +11,10 @@ from typing import Any, TextIO
 
 import torch
 
+from gossip.learner import State
 from gossip.mixing import average
+from peer.config import ConfigError
+from peer.curve import CurveBuilder
 
 
 @dataclass(frozen=True)
@@ -27,19 +30,24 @@ class RoundRecord:
     neighbours_expected: int
     neighbours_heard: int
     rejected: int
+    local_steps: int = 0  # optimisation steps taken this round
+    exchange_seconds: float = 0.0  # clock seconds spent exchanging models this round
+    wall_time: float | None = None  # Unix time of the record on a real peer; None in simulation
 
 
 class MetricsLog:
-    """Appends one JSON line per record; keeps the latest record of each peer for the summary."""
+    """Appends one JSON line per record; keeps the latest record of each peer and the run's curve."""
 
     def __init__(self, path: Path | None):
         self._file: TextIO | None = open(path, "w") if path else None
         self.latest: dict[str, RoundRecord] = {}
         self.missed_exchanges = 0  # neighbour models that did not arrive in time, over the run
+        self.curve = CurveBuilder()
 
     def write(self, record: RoundRecord) -> None:
         self.latest[record.peer] = record
         self.missed_exchanges += record.neighbours_expected - record.neighbours_heard
+        self.curve.add(record)
         if self._file:
             self._file.write(json.dumps(asdict(record)) + "\n")
             self._file.flush()  # others follow a running peer's progress through this file
@@ -47,6 +55,18 @@ class MetricsLog:
     def close(self) -> None:
         if self._file:
             self._file.close()
+
+
+def prepare_out(folder: Path) -> None:
+    """Create an output folder and check that it can be written, before any work goes into the run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"--out {folder} cannot be written ({error.strerror or error}); choose a folder you can write to"
+        ) from None
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -65,3 +85,35 @@ def consensus_distance(states: list[dict[str, torch.Tensor]]) -> float:
     return sum(
         sum(float((state[name] - mean[name]).pow(2).sum()) for name in mean) for state in states
     ) / len(states)
+
+
+class ConsensusByRound:
+    """The consensus distance at each round, from each peer's model as it finishes the round.
+
+    A running mean and sum of squared deviations per round (Welford's update, in float64), so
+    identical models give exactly 0 and no round keeps more than one model-sized vector;
+    a round is closed when all ``peers`` have reported (peers that skipped it close at the end).
+    """
+
+    def __init__(self, peers: int):
+        self.peers = peers
+        self._open: dict[int, tuple[int, torch.Tensor, float]] = {}  # round: (count, mean, squared deviations)
+        self._closed: dict[int, float] = {}
+
+    def add(self, round_: int, state: State) -> None:
+        x = torch.cat([t.detach().reshape(-1).double().cpu() for t in state.values() if t.is_floating_point()])
+        count, mean, deviations = self._open.get(round_, (0, torch.zeros_like(x), 0.0))
+        count += 1
+        delta = x - mean
+        mean = mean + delta / count
+        deviations += float(delta @ (x - mean))
+        if count == self.peers:
+            del self._open[round_]
+            self._closed[round_] = deviations / count
+        else:
+            self._open[round_] = (count, mean, deviations)
+
+    def distances(self) -> list[tuple[int, float]]:
+        """(round, distance) for every round reported so far, in round order."""
+        pending = {round_: deviations / count for round_, (count, _, deviations) in self._open.items()}
+        return sorted({**self._closed, **pending}.items())

@@ -5,6 +5,7 @@ The same class runs in the simulator and on the network; only the transport and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from gossip.protocols import Protocol, RoundReport
@@ -25,6 +26,7 @@ class PeerNode:
         eval_every: int,
         on_record: Callable[[RoundRecord], None] | None = None,
         pace: float = 0.0,
+        wall_time: bool = False,
     ):
         self.transport = transport
         self.clock = clock
@@ -34,6 +36,7 @@ class PeerNode:
         self.eval_every = eval_every
         self.on_record = on_record
         self.pace = pace  # minimum seconds per round
+        self.wall_time = wall_time  # records carry the Unix time (real peers; a simulation stays reproducible)
         self.protocol: Protocol | None = None
         self._round_started = 0.0
 
@@ -59,6 +62,9 @@ class PeerNode:
             neighbours_expected=report.neighbours_expected,
             neighbours_heard=report.neighbours_heard,
             rejected=counters.rejected,
+            local_steps=report.local_steps,
+            exchange_seconds=report.exchange_seconds,
+            wall_time=time.time() if self.wall_time else None,
         )
         self.metrics.write(record)
         if self.on_record:

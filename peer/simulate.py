@@ -13,7 +13,8 @@ import torch
 from gossip.neighbourhood import GraphNeighbourhood
 from gossip.protocols import GOSSIP_PROTOCOLS, FedAvgClient, FedAvgServer, ProtocolContext
 from peer.config import SimulationConfig
-from peer.metrics import MetricsLog, RoundRecord, consensus_distance, write_json_atomic
+from peer.curve import time_to_target
+from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
 from peer.tasks import Task, load_task, partition
@@ -47,6 +48,8 @@ def build_trainers(config: SimulationConfig, task: Task, device: torch.device) -
 
 def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
     """Run a whole simulation; raises TaskError, PartitionError, TopologyError or ValueError on bad input."""
+    if config.out:
+        prepare_out(config.out)
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     topology = parse_topology(config.topology, config.peers, weights=config.weights, seed=config.seed)
@@ -54,9 +57,17 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
     trainers = build_trainers(config, task, device)
     ids = peer_ids(config.peers)
 
-    if config.out:
-        config.out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
+    consensus = ConsensusByRound(config.peers)
+    trainer_of = dict(zip(ids, trainers))
+
+    def recorded(record: RoundRecord) -> None:
+        # Called as the peer finishes its round, before it trains again: its model is the round's.
+        if record.accuracy is not None:
+            consensus.add(record.round, trainer_of[record.peer].state())
+        if on_record:
+            on_record(record)
+
     network = SimNetwork(
         LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
     )
@@ -69,7 +80,7 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
     for peer_id, trainer in zip(ids, trainers):
         node = PeerNode(
             network.attach(peer_id), clock, trainer, metrics,
-            rounds=config.rounds, eval_every=config.eval_every, on_record=on_record,
+            rounds=config.rounds, eval_every=config.eval_every, on_record=recorded,
         )
         context = ProtocolContext(node.transport, clock, trainer, None, node.round_finished, gossip)
         if config.algorithm in GOSSIP_PROTOCOLS:
@@ -134,6 +145,8 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
         "rejected_total": sum(record.rejected for record in final),
         "virtual_seconds": virtual_seconds,
         "wall_seconds": wall_seconds,
+        **time_to_target(metrics.curve.points(), config.target_accuracy, wall_clock=False),
+        "consensus_by_round": [[round_, distance] for round_, distance in consensus.distances()],
     }
     if config.out:
         write_json_atomic(config.out / "summary.json", summary)

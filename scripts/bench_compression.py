@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from sweep import bytes_to, run_all
+from sweep import run_all
 
 # CODEC/ERROR_FEEDBACK[/CONSENSUS_STEP]; the first one is the uncompressed reference.
 CONFIGS = [
@@ -57,14 +57,15 @@ def main() -> None:
     scenario = {
         "peers": args.peers, "topology": args.topology, "task": args.task, "partition": args.partition,
         "rounds": args.rounds, "local_steps": args.local_steps, "seed": args.seed, "algorithm": "dpsgd",
+        "target_accuracy": args.target,
     }
     results = run_all([settings(config, scenario) for config in args.configs], args.jobs)
     reference = results[0]
-    reference_to_target = bytes_to(reference["curve"], args.target)
+    reference_to_target = reference["summary"]["bytes_to_target"]
     rows = []
     for result in results:
         summary = result["summary"]
-        to_target = bytes_to(result["curve"], args.target)
+        to_target = summary["bytes_to_target"]
         rows.append({
             "codec": summary["codec"],
             "error_feedback": summary["error_feedback"],

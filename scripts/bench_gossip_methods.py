@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from sweep import accuracy_at_bytes, rounds_to, run_all
+from sweep import accuracy_at_bytes, run_all
 
 GROUPS = {
     "variance": [
@@ -59,10 +59,13 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    common = {"peers": args.peers, "rounds": args.rounds, "local_steps": args.local_steps, "seed": args.seed, "task": "mnist1d"}
+    common = {
+        "peers": args.peers, "rounds": args.rounds, "local_steps": args.local_steps, "seed": args.seed, "task": "mnist1d",
+        "target_accuracy": args.target,
+    }
     configs = [(group, {**common, **config}) for group in args.groups for config in GROUPS[group]]
     results = run_all([settings for _, settings in configs], args.jobs)
-    report: dict = {"common": common, "target_accuracy": args.target}
+    report: dict = {"common": common}
     for group in args.groups:
         rows = [result for (name, _), result in zip(configs, results) if name == group]
         budget = rows[0]["summary"]["bytes_sent_total"]
@@ -72,7 +75,7 @@ def main() -> None:
                 {
                     **{key: row["summary"][key] for key in SHOWN if row["summary"].get(key) is not None},
                     "final_mean_accuracy": round(row["summary"]["mean_accuracy"], 4),
-                    "rounds_to_target": rounds_to(row["curve"], args.target),
+                    "rounds_to_target": row["summary"]["rounds_to_target"],
                     "bytes_sent": row["summary"]["bytes_sent_total"],
                     "accuracy_at_equal_bytes": accuracy_at_bytes(row["curve"], budget),
                 }

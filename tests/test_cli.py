@@ -23,6 +23,17 @@ def test_simulate_prints_a_table_and_writes_files(capsys, tmp_path):
     assert (tmp_path / "summary.json").exists() and (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_target_accuracy_shows_in_the_table_and_the_summary(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, *FAST, "--target-accuracy", "0.01", "--out", str(tmp_path), "--plot")
+    assert code == 0
+    assert "to mean accuracy 0.01" in out and "after 1 round," in out and "plot:" in out
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds_to_target"] == 1 and summary["virtual_seconds_to_target"] > 0
+    assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_config_file_supplies_settings_and_flags_win(capsys, tmp_path):
     (tmp_path / "run.toml").write_text('peers = 5\nrounds = 1\nlocal-steps = 1\npartition = "iid"\ntopology = "complete"\n')
     code, out, _ = run_cli(capsys, "--config", str(tmp_path / "run.toml"), "--peers", "3", "--out", str(tmp_path / "o"))
@@ -57,6 +68,10 @@ BAD_INPUTS = {
     "no gossip steps": (["--gossip-steps", "0"], "--gossip-steps"),
     "negative sam radius": (["--algorithm", "dfedsam", "--sam-rho", "-0.1"], "--sam-rho"),
     "schedule start of one": (["--lr-schedule", "cosine:1"], "--lr-schedule: bad schedule"),
+    "target accuracy zero": (["--target-accuracy", "0"], "--target-accuracy: Input should be greater than 0"),
+    "target accuracy above one": (["--target-accuracy", "1.5"], "--target-accuracy: Input should be less than or equal to 1"),
+    "plot without out": (["--plot"], "--plot writes OUT/run.png: give --out DIR too"),
+    "out under a file": (["--out", "/dev/null/run"], "--out /dev/null/run cannot be written"),
 }
 
 
@@ -128,6 +143,11 @@ def test_console_script_reports_errors_without_a_traceback():
         (["status"], "needs --initial-peers"),
         (["run", "--codec", "topk:-1"], "--codec: bad codec spec"),
         (["swarm", "--error-feedback", "ef21"], "--error-feedback"),
+        (["swarm", "--peers", "4", "--metrics-port", "65533"], "--metrics-port 65533 leaves no port"),
+        (["swarm", "--out", "/dev/null/swarm"], "--out /dev/null/swarm cannot be written"),
+        (["run", "--out", "/dev/null/peer"], "--out /dev/null/peer cannot be written"),
+        (["run", "--metrics-port", "70000"], "--metrics-port"),
+        (["status", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--watch", "0"], "--watch 0: give a number of seconds"),
     ],
 )
 def test_network_commands_check_their_settings_first(capsys, command, keyword):

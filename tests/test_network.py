@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from peer.net.swarm import kill_group
+from tests.test_live_metrics import free_port, scrape
 
 PEER = [sys.executable, "-m", "peer.cli"]
 FAST = ["--rounds", "3", "--local-steps", "2", "--partition", "iid", "--exchange-timeout", "10"]
@@ -39,11 +41,15 @@ def run(args, timeout):
     ids=["dpsgd", "dpsgd-int8-choco", "dfedsam-mgs-variance-corrected"],
 )
 def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback, algorithm):
+    base_port = free_port()
     code, out, err = run(
-        ["swarm", "--peers", "3", *FAST, *algorithm, "--codec", codec, "--out", str(tmp_path)], timeout=240
+        ["swarm", "--peers", "3", *FAST, *algorithm, "--codec", codec, "--out", str(tmp_path),
+         "--target-accuracy", "0.01", "--metrics-port", str(base_port)], timeout=240
     )
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["target_accuracy"] == 0.01 and summary["rounds_to_target"] == 1
+    assert 0 < summary["bytes_to_target"] <= summary["bytes_sent_total"] and summary["wall_seconds_to_target"] > 0
     assert summary["peers_finished"] == 3 and summary["failed_peers"] == {}
     assert summary["rejected_total"] == 0
     assert summary["missed_exchanges_total"] == 0
@@ -54,6 +60,8 @@ def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback, 
         assert (peer["codec"], peer["error_feedback"], peer["algorithm"]) == (codec, error_feedback, algorithm[1])
         assert peer["bytes_sent"] > 0 and peer["bytes_received"] > 0
         assert (tmp_path / f"peer-{index}" / "checkpoint.safetensors").exists()
+        log = (tmp_path / f"peer-{index}" / "log.txt").read_text()
+        assert f"metrics at http://127.0.0.1:{base_port + index}/metrics" in log
         lines = (tmp_path / f"peer-{index}" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["round"] for line in lines] == [0, 1, 2]
 
@@ -124,7 +132,10 @@ def test_peers_join_a_swarm_whose_only_bootstrap_node_is_a_plain_hivemind_dht(tm
             assert peer.wait(timeout=180) == 0, (tmp_path / "peer-0.log").read_text()
         code, out, err = run(["status", "--initial-peers", address, "--swarm", "via-dht", "--json"], timeout=120)
         assert code == 0, err
-        assert [row["state"] for row in json.loads(out)] == ["left", "left"]  # both withdrew on leaving
+        status = json.loads(out)
+        assert [row["state"] for row in status["peers"]] == ["left", "left"]  # both withdrew on leaving
+        assert all(0 <= row["accuracy"] <= 1 for row in status["peers"])  # each announced its last evaluation
+        assert status["summary"]["live_peers"] == 0 and status["summary"]["left_peers"] == 2
     finally:
         stop_all(processes)
     for shard in range(2):
@@ -135,10 +146,12 @@ def test_peers_join_a_swarm_whose_only_bootstrap_node_is_a_plain_hivemind_dht(tm
 
 
 def test_survivors_go_on_after_crashes_and_a_newcomer_catches_up(tmp_path):
+    # A newcomer takes seconds to start on a loaded 2-core host: the swarm must still be running
+    # when it is ready (50 rounds of at least 0.6 s after it is launched).
     script = Path(__file__).resolve().parents[1] / "scripts" / "churn_swarm.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--peers", "4", "--rounds", "30", "--local-steps", "10", "--kill", "1",
-         "--kill-at", "6", "--join-at", "10", "--pace", "0.4", "--record-ttl", "4", "--exchange-timeout", "3",
+        [sys.executable, str(script), "--peers", "4", "--rounds", "60", "--local-steps", "10", "--kill", "1",
+         "--kill-at", "6", "--join-at", "10", "--pace", "0.6", "--record-ttl", "4", "--exchange-timeout", "3",
          "--timeout", "240", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
@@ -167,3 +180,50 @@ def test_ctrl_c_saves_withdraws_and_exits_0_and_a_live_identity_is_refused(tmp_p
     assert 2 <= summary["rounds_completed"] < 100
     assert (tmp_path / "out" / "checkpoint.safetensors").exists()
     assert "Traceback" not in (tmp_path / "peer.log").read_text()
+
+
+def test_a_running_peer_serves_live_metrics_and_shows_in_status(tmp_path):
+    port = free_port()
+    with open(tmp_path / "peer.log", "w") as log:
+        peer = start(["run", "--rounds", "200", "--pace", "0.3", "--partition", "iid", "--record-ttl", "4",
+                      "--metrics-port", str(port), "--target-accuracy", "0.99", "--out", str(tmp_path / "out")], log)
+    try:
+        address = wait_for_line(tmp_path / "peer.log", r"--initial-peers (\S+)", peer, timeout=120).group(1)
+        wait_for_line(tmp_path / "peer.log", r"round 2/200", peer, timeout=120)
+        first = scrape(port)
+        deadline = time.monotonic() + 60
+        while (second := scrape(port))[("peer_rounds_completed_total", ())] <= first[("peer_rounds_completed_total", ())]:
+            assert time.monotonic() < deadline, "peer_rounds_completed_total did not rise"
+            time.sleep(0.5)
+        assert second[("peer_local_steps_total", ())] > first[("peer_local_steps_total", ())]
+        assert 0 <= second[("peer_test_accuracy", ())] <= 1 and second[("peer_view_size", ())] == 1
+        code, out, err = run(["status", "--initial-peers", address, "--json"], timeout=120)
+        assert code == 0, err
+        (row,) = json.loads(out)["peers"]
+        assert row["state"] == "live" and row["round"] >= 1 and 0 <= row["accuracy"] <= 1
+        with open(tmp_path / "watch.log", "w") as log:
+            watch = start(["status", "--initial-peers", address, "--json", "--watch", "1"], log)
+        try:
+            wait_for_line(tmp_path / "watch.log", r"(?s)\{.*\n.*\{.*\n", watch, timeout=120)  # two refreshes
+            os.killpg(watch.pid, signal.SIGINT)
+            assert watch.wait(timeout=60) == 0
+        finally:
+            stop_all([watch])
+        refreshes = [json.loads(line) for line in (tmp_path / "watch.log").read_text().splitlines() if line.startswith("{")]
+        assert len(refreshes) >= 2 and all(r["summary"]["live_peers"] == 1 for r in refreshes)
+        assert refreshes[-1]["summary"]["fastest_round"] >= refreshes[0]["summary"]["fastest_round"]
+        os.killpg(peer.pid, signal.SIGINT)
+        assert peer.wait(timeout=60) == 0, (tmp_path / "peer.log").read_text()
+    finally:
+        stop_all([peer])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["target_accuracy"] == 0.99 and summary["rounds_to_target"] is None
+    assert summary["wall_seconds_to_target"] is None and "virtual_seconds_to_target" not in summary
+
+
+def test_a_metrics_port_in_use_is_a_clear_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, _, err = run(["run", "--metrics-port", str(busy.getsockname()[1]), *FAST], timeout=60)
+    assert code == 2 and "--metrics-port" in err and "pick a free port" in err and "Traceback" not in err

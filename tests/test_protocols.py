@@ -69,7 +69,10 @@ def test_a_silent_neighbour_is_left_out_after_the_timeout_and_weights_are_renorm
     # p1 mixes itself (1/3) and p0 (1/3); p2's 1/3 is spread over the two that arrived.
     assert learners[1].value.item() == pytest.approx((1.0 + 0.0) / 2)
     assert learners[0].value.item() == pytest.approx((0.0 + 1.0 + 3.0) / 3)
-    assert reports["p1"] == [RoundReport(0, 0.0, neighbours_expected=2, neighbours_heard=1)]
+    # The round's exchange lasted the whole timeout; its one local step took no simulated time here.
+    assert reports["p1"] == [
+        RoundReport(0, 0.0, neighbours_expected=2, neighbours_heard=1, exchange_seconds=7.0, local_steps=1)
+    ]
     assert reports["p0"][0].neighbours_heard == 2
 
 

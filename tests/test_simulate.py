@@ -66,13 +66,14 @@ def test_lossy_network_costs_timeouts_but_finishes():
     assert summary["virtual_seconds"] >= 5.0
 
 
-def test_fashion_mnist_runs_end_to_end_from_the_shared_data():
-    from tests.test_tasks import SHARED_DATA
+def test_fashion_mnist_runs_end_to_end_from_idx_files(tmp_path):
+    from tests.test_tasks import write_fashion_files
 
+    write_fashion_files(tmp_path / "fashion-mnist", train=400, test=200)
     config = SimulationConfig(
-        peers=2, topology="ring", task="fashion-mnist", data_dir=SHARED_DATA, partition="iid",
-        rounds=1, local_steps=30, seed=0,
+        peers=2, topology="ring", task="fashion-mnist", data_dir=tmp_path, partition="iid",
+        rounds=2, local_steps=15, seed=0,
     )
     summary = simulate(config).summary
     assert summary["lr"] == 0.02  # the task's own learning rate
-    assert summary["mean_accuracy"] > 0.3
+    assert summary["mean_accuracy"] > 0.5  # ten classes: chance is 0.1

@@ -122,11 +122,11 @@ def ring(n: int) -> nx.Graph:
 
 def torus(n: int) -> nx.Graph:
     """2-D torus of r x c peers, r <= c as close as possible, both >= 3 so every degree is 4."""
-    shape = _torus_shape(n)
+    shape = torus_shape(n)
     if shape is None:
         reason = f"{n} is prime" if _is_prime(n) else f"{n} is not r x c with r, c >= 3"
         suggestion = next(
-            m for step in itertools.count(1) for m in (n - step, n + step) if _torus_shape(m)
+            m for step in itertools.count(1) for m in (n - step, n + step) if torus_shape(m)
         )
         raise TopologyError(
             f"torus with {n} peers: {reason}; use ring, or a torus of {suggestion} peers"
@@ -137,7 +137,7 @@ def torus(n: int) -> nx.Graph:
     return nx.convert_node_labels_to_integers(grid, ordering="sorted")
 
 
-def _torus_shape(n: int) -> tuple[int, int] | None:
+def torus_shape(n: int) -> tuple[int, int] | None:
     # The suggestion search in torus() may probe n <= 0.
     for rows in range(math.isqrt(max(n, 0)), 2, -1):
         if n % rows == 0:

@@ -19,6 +19,8 @@ class RoundReport:
     train_loss: float
     neighbours_expected: int = 0
     neighbours_heard: int = 0
+    exchange_seconds: float = 0.0  # time spent exchanging models this round (clock seconds)
+    local_steps: int = 0  # optimisation steps taken this round
 
 
 @dataclass

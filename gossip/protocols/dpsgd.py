@@ -31,6 +31,7 @@ class DPSGD(Protocol):
             state = learner.state()
             expected = heard = newest = 0
             absent: frozenset[PeerId] = frozenset()
+            exchange_started = clock.now()
             for q in range(self.gossip_steps):
                 result = await self.exchange.step(round_ * self.gossip_steps + q, state, absent)
                 state = result.state
@@ -39,7 +40,9 @@ class DPSGD(Protocol):
                 heard += result.heard
                 newest = max(newest, result.newest_step)
             learner.load_state(state)
-            await self.context.round_finished(RoundReport(round_, loss, expected, heard))
+            await self.context.round_finished(RoundReport(
+                round_, loss, expected, heard, exchange_seconds=clock.now() - exchange_started, local_steps=self.local_steps
+            ))
             # A peer that fell behind (slow, or back from a pause) has just mixed in its
             # neighbours' newer models; it goes on at their round instead of sending models
             # they would find late.

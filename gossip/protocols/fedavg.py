@@ -44,7 +44,7 @@ class FedAvgServer:
         try:
             check_state(message.tensors, self._reference)
         except InvalidState as reason:
-            self.transport.counters.rejected += 1
+            self.transport.counters.reject("invalid-model")
             log.warning("server: rejected update from %s: %s", message.sender, reason)
             return None
         round_ = message.round
@@ -82,12 +82,15 @@ class FedAvgClient(Protocol):
         for round_ in range(first_round, rounds):
             loss = await clock.compute(learner.train, self.local_steps, steps=self.local_steps)
             update = Message(UPDATE, transport.peer_id, round_, learner.state())
+            started = clock.now()
             try:
                 reply = await transport.request(self.server, update, timeout=self.round_timeout)
+                learner.load_state(reply.tensors)
+                heard = 1
             except (TimeoutError, PeerUnreachable) as reason:
                 # Without the server's average the peer keeps its own model for this round.
                 log.warning("%s: no global model for round %d: %r", transport.peer_id, round_, reason)
-                await self.context.round_finished(RoundReport(round_, loss, 1, 0))
-                continue
-            learner.load_state(reply.tensors)
-            await self.context.round_finished(RoundReport(round_, loss, 1, 1))
+                heard = 0
+            await self.context.round_finished(RoundReport(
+                round_, loss, 1, heard, exchange_seconds=clock.now() - started, local_steps=self.local_steps
+            ))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -24,6 +24,7 @@ class PeerRecord:
     round: int
     left: bool = False  # a tombstone: the peer withdrew before its record expired
     announced: float = 0.0  # DHT time of the announcement
+    accuracy: float | None = None  # test accuracy at the peer's last evaluation
 
     @classmethod
     def parse(cls, peer_id: str, value: object) -> PeerRecord | None:
@@ -31,6 +32,7 @@ class PeerRecord:
         if not isinstance(value, dict):
             return None
         try:
+            accuracy = value.get("accuracy")
             record = cls(
                 peer_id=peer_id,
                 addresses=[str(a) for a in value["addresses"]][:16],
@@ -38,9 +40,12 @@ class PeerRecord:
                 round=int(value["round"]),
                 left=bool(value.get("left", False)),
                 announced=float(value.get("announced", 0.0)),
+                accuracy=float(accuracy) if accuracy is not None else None,
             )
         except (KeyError, TypeError, ValueError):
             return None
+        if record.accuracy is not None and not 0 <= record.accuracy <= 1:  # NaN fails this too
+            return replace(record, accuracy=None)
         return record
 
 
@@ -56,8 +61,12 @@ class Membership:
         # of the view until they refresh their record, which a dead peer never does.
         self._suspects: dict[PeerId, float] = {}
 
+    def evaluated(self, accuracy: float) -> None:
+        """Announce this accuracy with the next refresh of our record."""
+        self.record = replace(self.record, accuracy=accuracy)
+
     async def announce(self, round_: int) -> None:
-        self.record = PeerRecord(**{**asdict(self.record), "round": round_, "announced": get_dht_time()})
+        self.record = replace(self.record, round=round_, announced=get_dht_time())
         await self._store(self.record, get_dht_time() + self.ttl)
 
     async def _store(self, record: PeerRecord, expiration: float) -> None:
@@ -111,4 +120,4 @@ class Membership:
 
     async def withdraw(self) -> None:
         # A later expiry wins in the DHT, so a tombstone that outlives the record replaces it.
-        await self._store(PeerRecord(**{**asdict(self.record), "left": True}), get_dht_time() + 2 * self.ttl)
+        await self._store(replace(self.record, left=True), get_dht_time() + 2 * self.ttl)

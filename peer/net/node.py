@@ -25,8 +25,10 @@ from gossip.protocols import GOSSIP_PROTOCOLS, ProtocolContext
 from gossip.settings import GossipSettings
 from gossip.wire import Limits
 from peer.config import ConfigError, RunConfig
-from peer.metrics import MetricsLog, RoundRecord, write_json_atomic
+from peer.curve import time_to_target
+from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
 from peer.net.clock import WallClock
+from peer.net.live_metrics import LiveMetrics
 from peer.net.membership import Membership, PeerRecord
 from peer.net.transport import P2PTransport
 from peer.runtime import PeerNode
@@ -77,6 +79,21 @@ def save_checkpoint(path: Path, state: State, round_: int) -> None:
 
 
 async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None = None) -> dict:
+    if config.out:
+        prepare_out(config.out)
+    live = None
+    if config.metrics_port is not None:
+        live = LiveMetrics({"swarm": config.swarm, "algorithm": config.algorithm, "task": config.task})
+        live.serve(config.metrics_host, config.metrics_port)
+        print(f"metrics at http://{config.metrics_host}:{config.metrics_port}/metrics", flush=True)
+    try:
+        return await _run_peer(config, on_record, live)
+    finally:
+        if live:
+            live.stop()
+
+
+async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None, live: LiveMetrics | None) -> dict:
     torch.set_num_threads(config.threads)
     task = load_task(config.task, config.data_dir)
     shard = partition(task.train_y, config.shards, config.partition, config.seed)[config.shard]
@@ -106,20 +123,25 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
             dht, config.swarm, PeerRecord(me, addresses, fingerprint(task.name, state, gossip), 0), ttl=config.record_ttl
         )
         transport = P2PTransport(p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view)
-        if config.out:
-            config.out.mkdir(parents=True, exist_ok=True)
+        if live:
+            live.counters = transport.counters
+            live.view_size = lambda: len(membership.live)
         metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
         clock = WallClock()
         snapshots = SnapshotServer(transport, state)
 
         def round_done(record: RoundRecord) -> None:
             snapshots.publish(trainer.state(), record.round + 1)
+            if record.accuracy is not None:
+                membership.evaluated(record.accuracy)
+            if live:
+                live.observe(record, neighbours=len(neighbourhood.in_weights((record.round + 1) * config.gossip_steps)))
             if on_record:
                 on_record(record)
 
         node = PeerNode(
-            transport, clock, trainer, metrics,
-            rounds=config.rounds, eval_every=config.eval_every, on_record=round_done, pace=config.pace,
+            transport, clock, trainer, metrics, rounds=config.rounds, eval_every=config.eval_every,
+            on_record=round_done, pace=config.pace, wall_time=True,
         )
         neighbourhood = OverlayNeighbourhood(
             config.topology, me, membership.view, weights=config.weights, seed=config.seed,
@@ -166,6 +188,7 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
             "missed_exchanges": metrics.missed_exchanges,
             "peers_seen": sorted(membership.seen),
             "wall_seconds": time.perf_counter() - started,
+            **time_to_target(metrics.curve.points(), config.target_accuracy, wall_clock=True),
         }
         if config.out:
             save_checkpoint(config.out / "checkpoint.safetensors", trainer.state(), current_round())

@@ -15,7 +15,9 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from peer.config import ConfigError, SwarmConfig, TrainingConfig
-from peer.metrics import consensus_distance, write_json_atomic
+from peer.curve import CurveBuilder, time_to_target
+from peer.metrics import consensus_distance, prepare_out, write_json_atomic
+from peer.runs import RunError, read_records
 
 ADDRESS_LINE = re.compile(r"others join with --initial-peers (.+)$")
 STOP_GRACE_SECONDS = 30
@@ -51,6 +53,8 @@ class LocalSwarm:
             sys.executable, "-m", "peer.cli", "run", *self._common,
             "--shard", str(shard), "--min-peers", str(min_peers), "--out", str(folder),
         ]
+        if self.config.metrics_port is not None:
+            command += ["--metrics-port", str(self.config.metrics_port + index)]
         # Every running peer can welcome a newcomer, not only the first, which may have left.
         initial_peers = [a for i in self.processes if self.processes[i].poll() is None for a in self._address(i)]
         if initial_peers:
@@ -134,6 +138,7 @@ def kill_group(process: subprocess.Popen) -> None:
 
 def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = None) -> dict:
     out = config.out or Path("runs/swarm")
+    prepare_out(out)
     swarm = LocalSwarm(config, out)
     started = time.perf_counter()
     interrupted = False
@@ -151,6 +156,14 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
     checkpoints = [swarm.folder(i) / "checkpoint.safetensors" for i in swarm.processes]
     states = [load_file(str(path)) for path in checkpoints if path.exists()]
     accuracies = [s["accuracy"] for s in summaries if s["accuracy"] is not None]
+    curve = CurveBuilder()
+    for path in (swarm.folder(i) / "metrics.jsonl" for i in swarm.processes):
+        try:
+            for record in read_records(path) if path.exists() else ():
+                curve.add(record)
+        except RunError as error:  # the rest of the summary is still worth writing
+            print(f"peer swarm: warning: {error}", file=sys.stderr)
+    gossip = config.gossip_settings()
     summary = {
         "algorithm": config.algorithm,
         "task": config.task,
@@ -158,7 +171,12 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         "partition": config.partition,
         "peers": config.peers,
         "rounds": config.rounds,
+        "local_steps": config.local_steps,
         "seed": config.seed,
+        "mixing": config.mixing,
+        "gossip_steps": config.gossip_steps,
+        "codec": gossip.codec,
+        "error_feedback": gossip.error_feedback,
         "peers_finished": sum(s["rounds_completed"] == config.rounds for s in summaries),
         "failed_peers": {f"peer-{i}": p.returncode for i, p in swarm.processes.items() if p.returncode != 0},
         "mean_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
@@ -170,6 +188,7 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         "missed_exchanges_total": sum(s["missed_exchanges"] for s in summaries),
         "interrupted": interrupted,
         "wall_seconds": time.perf_counter() - started,
+        **time_to_target(curve.points(), config.target_accuracy, wall_clock=True),
     }
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -76,7 +76,7 @@ class P2PTransport(Transport):
                 await self._write(writer, message)
                 reply = await read_message(reader, self.limits)
             except WireError as reason:
-                self.counters.rejected += 1
+                self.counters.reject("malformed")
                 raise PeerUnreachable(f"{peer} sent a malformed reply: {reason}") from reason
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as error:
                 raise PeerUnreachable(f"lost the stream to {peer}: {error!r}") from error
@@ -98,25 +98,30 @@ class P2PTransport(Transport):
                 while await reader.read(1 << 16):
                     pass
 
+    def _refuse(self, writer: asyncio.StreamWriter, remote: PeerId, reason: str, detail: str) -> None:
+        self.counters.reject(reason)
+        log.warning("rejected a message from %s (%s): %s", remote, reason, detail)
+        writer.close()
+
     async def _on_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         remote = info.peer_id.to_base58()
         try:
             # A sender that stops halfway must not hold this task and its buffer for ever.
             async with asyncio.timeout(READ_TIMEOUT):
                 message = await read_message(reader, self.limits)
-            if message.sender != remote:
-                raise WireError(f"sender field {message.sender!r} is not the stream's peer {remote}")
-            handler = self._handlers.get(message.kind)
-            if handler is None:
-                raise WireError(f"no handler for message kind {message.kind!r}")
         except WireError as reason:
-            self.counters.rejected += 1
-            log.warning("rejected a message from %s: %s", remote, reason)
-            writer.close()
+            self._refuse(writer, remote, "malformed", str(reason))
             return
         except (ConnectionError, OSError, asyncio.IncompleteReadError, TimeoutError) as error:
             log.info("stream from %s broke: %r", remote, error)
             writer.close()
+            return
+        if message.sender != remote:
+            self._refuse(writer, remote, "wrong-sender", f"sender field {message.sender!r} is not the stream's peer")
+            return
+        handler = self._handlers.get(message.kind)
+        if handler is None:
+            self._refuse(writer, remote, "unknown-kind", f"no handler for message kind {message.kind!r}")
             return
         self.counters.bytes_received += message.wire_size()
         self.counters.messages_received += 1

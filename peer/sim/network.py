@@ -123,7 +123,7 @@ class SimTransport(Transport):
     def _dispatch(self, message: Message, reply: asyncio.Future[Message] | None) -> None:
         handler = self._handlers.get(message.kind)
         if handler is None:
-            self.counters.rejected += 1
+            self.counters.reject("unknown-kind")
             log.warning("%s: no handler for message kind %r from %s", self.peer_id, message.kind, message.sender)
             return
         task = asyncio.get_running_loop().create_task(self._handle(handler, message, reply))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -248,7 +250,12 @@ def run_status(args: argparse.Namespace) -> int:
     console = Console()
 
     async def show() -> None:
-        while True:
+        # Ctrl-C (the way to end --watch) lets a refresh in flight finish instead of cutting
+        # the DHT client off mid-request.
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        while not stop.is_set():
             status = await swarm_status(dht, args.swarm, args.timeout)
             if args.json:
                 print(json.dumps(status, indent=None if args.watch else 2), flush=True)
@@ -258,12 +265,11 @@ def run_status(args: argparse.Namespace) -> int:
                 console.print(_status_table(status))
             if args.watch is None:
                 return
-            await asyncio.sleep(args.watch)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.watch)
 
     try:
         asyncio.run(show())
-    except KeyboardInterrupt:
-        pass  # the way to stop --watch
     finally:
         dht.shutdown()
     return 0

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import hivemind
@@ -14,6 +17,21 @@ from hivemind.utils import get_dht_time
 from gossip.message import PeerId
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def children_ignore_ctrl_c() -> Iterator[None]:
+    """Processes started inside (a DHT process and its p2p daemon) ignore SIGINT.
+
+    Ctrl-C reaches every process of the terminal's group; a DHT process that died of it would
+    leave its owner unable to withdraw or shut it down, so the owner, which still gets Ctrl-C,
+    stops it instead. Only the main thread may change signal handlers.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from peer.curve import time_to_target
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
 from peer.net.clock import WallClock
 from peer.net.live_metrics import LiveMetrics
-from peer.net.membership import Membership, PeerRecord
+from peer.net.membership import Membership, PeerRecord, children_ignore_ctrl_c
 from peer.net.transport import P2PTransport
 from peer.runtime import PeerNode
 from peer.tasks import load_task, partition
@@ -102,14 +102,9 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
     gossip = config.gossip_settings()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     identity_lock = lock_identity(config.identity) if config.identity else None
-    # Ctrl-C reaches every process of the terminal's group; the DHT process and its daemon must
-    # not die before this one has saved and withdrawn, so they start with SIGINT ignored and
-    # are shut down by us.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    # The DHT process and its daemon must outlive a Ctrl-C until this peer has saved and withdrawn.
+    with children_ignore_ctrl_c():
         dht = await asyncio.to_thread(start_dht, config)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     membership = None
     transport = None
     keep_alive = None

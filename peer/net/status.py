@@ -9,7 +9,7 @@ import hivemind
 from hivemind.utils import get_dht_time
 
 from peer.config import ConfigError
-from peer.net.membership import Membership, PeerRecord
+from peer.net.membership import Membership, PeerRecord, children_ignore_ctrl_c
 
 
 def connect(initial_peers: list[str], timeout: float) -> hivemind.DHT:
@@ -17,7 +17,8 @@ def connect(initial_peers: list[str], timeout: float) -> hivemind.DHT:
     if not initial_peers:
         raise ConfigError("peer status needs --initial-peers: the multiaddrs of any peer or DHT node of the swarm")
     try:
-        return hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True, startup_timeout=timeout)
+        with children_ignore_ctrl_c():  # Ctrl-C ends --watch; this process then shuts the DHT down
+            return hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True, startup_timeout=timeout)
     except Exception as error:
         reason = str(error).replace("\n", " ")
         raise ConfigError(f"could not reach the swarm: {reason}; check --initial-peers") from error

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from peer.net.swarm import kill_group
+from peer.runs import load_run
 from tests.test_live_metrics import free_port, scrape
 
 PEER = [sys.executable, "-m", "peer.cli"]
@@ -219,6 +220,9 @@ def test_a_running_peer_serves_live_metrics_and_shows_in_status(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["target_accuracy"] == 0.99 and summary["rounds_to_target"] is None
     assert summary["wall_seconds_to_target"] is None and "virtual_seconds_to_target" not in summary
+    own = load_run(tmp_path / "out")  # what peer plot reads: the peer's own curve, in wall-clock seconds
+    assert own.wall_clock and len(own.points) == summary["rounds_completed"]
+    assert all(0 < a.seconds < b.seconds for a, b in zip(own.points, own.points[1:]))
 
 
 def test_a_metrics_port_in_use_is_a_clear_error():

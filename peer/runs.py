@@ -92,11 +92,17 @@ def load_run(folder: Path) -> Run:
         raise RunError(f"{summary_path} cannot be read ({error}); rerun, or remove that folder from the list") from None
     if not isinstance(summary, dict):
         raise RunError(f"{summary_path} is not a JSON object; rerun, or remove that folder from the list")
+    curve = read_curve(metrics_files(folder))
+    return Run(folder, summary, curve.points(), curve.wall_clock, _consensus(summary, summary_path))
+
+
+def read_curve(paths: list[Path]) -> CurveBuilder:
+    """The curve of every record in these metrics files; RunError when one cannot be read."""
     curve = CurveBuilder()
-    for path in metrics_files(folder):
+    for path in paths:
         for record in read_records(path):
             curve.add(record)
-    return Run(folder, summary, curve.points(), curve.wall_clock, _consensus(summary, summary_path))
+    return curve
 
 
 def _consensus(summary: dict[str, Any], path: Path) -> list[tuple[int, float]]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from peer.config import ConfigError, SwarmConfig, TrainingConfig
 from peer.curve import CurveBuilder, time_to_target
 from peer.metrics import consensus_distance, prepare_out, write_json_atomic
-from peer.runs import RunError, read_records
+from peer.runs import RunError, read_curve
 
 ADDRESS_LINE = re.compile(r"others join with --initial-peers (.+)$")
 STOP_GRACE_SECONDS = 30
@@ -156,13 +156,12 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
     checkpoints = [swarm.folder(i) / "checkpoint.safetensors" for i in swarm.processes]
     states = [load_file(str(path)) for path in checkpoints if path.exists()]
     accuracies = [s["accuracy"] for s in summaries if s["accuracy"] is not None]
-    curve = CurveBuilder()
-    for path in (swarm.folder(i) / "metrics.jsonl" for i in swarm.processes):
-        try:
-            for record in read_records(path) if path.exists() else ():
-                curve.add(record)
-        except RunError as error:  # the rest of the summary is still worth writing
-            print(f"peer swarm: warning: {error}", file=sys.stderr)
+    files = [swarm.folder(i) / "metrics.jsonl" for i in swarm.processes]
+    try:
+        curve = read_curve([path for path in files if path.exists()])
+    except RunError as error:  # a damaged file: the rest of the summary still counts
+        print(f"peer swarm: warning: {error}", file=sys.stderr)
+        curve = CurveBuilder()
     gossip = config.gossip_settings()
     summary = {
         "algorithm": config.algorithm,

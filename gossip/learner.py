@@ -22,3 +22,7 @@ class Learner(ABC):
     @abstractmethod
     def load_state(self, state: State) -> None:
         """Replace the shareable state (e.g. with the result of mixing)."""
+
+    def set_progress(self, steps: int) -> None:
+        """Where the swarm is in its run, in local steps: a learner whose learning rate follows a
+        schedule takes its place from this (a peer that trains only when sampled, or that joined late)."""

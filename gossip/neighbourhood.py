@@ -38,6 +38,12 @@ class Neighbourhood(ABC):
     def unreachable(self, peer: PeerId) -> None:
         """Told when a model could not be sent to ``peer``; a changing neighbourhood may drop it."""
 
+    def departed(self, peer: PeerId) -> None:
+        """Told when ``peer`` said goodbye (or has not joined yet): it is neither sent to nor waited for."""
+
+    def arrived(self, peer: PeerId) -> None:
+        """Told when ``peer`` joined: it is a neighbour again, where the graph puts it."""
+
 
 class GraphNeighbourhood(Neighbourhood):
     """One peer's view of a fixed set of peers laid out on a topology (index i is ``peer_ids[i]``)."""
@@ -49,12 +55,21 @@ class GraphNeighbourhood(Neighbourhood):
         self._ids = list(peer_ids)
         self._index = self._ids.index(me)
         self._linked: set[PeerId] | None = None
+        self._absent: set[PeerId] = set()  # placed on the graph, but gone or not yet joined
+
+    def departed(self, peer: PeerId) -> None:
+        self._absent.add(peer)
+
+    def arrived(self, peer: PeerId) -> None:
+        self._absent.discard(peer)
 
     def out_neighbours(self, step: int) -> list[PeerId]:
-        return [self._ids[j] for j in self._topology.out_neighbours(self._index, step)]
+        peers = (self._ids[j] for j in self._topology.out_neighbours(self._index, step))
+        return [peer for peer in peers if peer not in self._absent]
 
     def in_weights(self, step: int) -> dict[PeerId, float]:
-        return {self._ids[j]: w for j, w in self._topology.in_weights(self._index, step).items()}
+        weights = self._topology.in_weights(self._index, step).items()
+        return {self._ids[j]: w for j, w in weights if self._ids[j] not in self._absent}
 
     def self_weight(self, step: int) -> float:
         return self._topology.self_weight(self._index, step)
@@ -63,9 +78,9 @@ class GraphNeighbourhood(Neighbourhood):
         # A time-varying graph cycles through its period: a link unused this step comes back.
         if self._linked is None:
             self._linked = {
-                peer
+                self._ids[j]
                 for phase in range(self._topology.period)
-                for peer in (*self.in_weights(phase), *self.out_neighbours(phase))
+                for j in (*self._topology.in_weights(self._index, phase), *self._topology.out_neighbours(self._index, phase))
             }
         return self._linked
 

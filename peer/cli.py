@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR", help="run folders to overlay")
     plot.add_argument("--out", type=Path, required=True, help="image file to write (.png, .pdf or .svg)")
     plot.add_argument("--x", choices=X_AXES, default="round", help="x axis: rounds, bytes sent or time (default: round)")
+    plot.add_argument("--log-x", action="store_true", help="a logarithmic x axis (bytes or time that span orders of magnitude)")
     plot.add_argument("--topology", help="draw this topology instead of runs (e.g. ring, torus, regular:4)")
     plot.add_argument("--peers", type=int, default=16, help="peers in the drawn topology (default: 16)")
     plot.add_argument("--weights", choices=["metropolis", "uniform"], default="metropolis", help="mixing weights for the spectral gap")
@@ -124,14 +125,31 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=summary["label"], show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
+    if summary["spectral_gap"] is not None:
+        layout = f"{summary['topology']} (spectral gap {summary['spectral_gap']:.4f})"
+    else:
+        layout = f"{summary['topology']}, {summary['sample_size']} peers a round"
+        if summary["aggregators"]:
+            layout += f", {summary['aggregators']} aggregating"
     rows = [
         ("task / partition", f"{summary['task']} / {summary['partition']}"),
-        ("peers / topology", f"{summary['peers']} / {summary['topology']} (spectral gap {summary['spectral_gap']:.4f})"),
+        ("peers / topology", f"{summary['peers']} / {layout}"),
         ("rounds x local steps", f"{summary['rounds']} x {summary['local_steps']}"),
         ("codec / error feedback", f"{summary['codec']} / {summary['error_feedback']}"),
-        ("test accuracy: mean", f"{summary['mean_accuracy']:.4f}"),
-        ("test accuracy: min / max", f"{summary['min_accuracy']:.4f} / {summary['max_accuracy']:.4f}"),
-        ("consensus distance", f"{summary['consensus_distance']:.4g}"),
+    ]
+    if summary["faults"] != "none":
+        rows.append(("faults", f"{summary['faults']}; {summary['peers_up_at_end']} peers up at the end"))
+        rows.append(("rounds completed", f"{summary['rounds_completed']}" + (" (stalled)" if summary["stalled"] else "")))
+    if summary["mean_accuracy"] is None:
+        rows.append(("test accuracy", "no model was evaluated"))
+    elif summary["algorithm"] in ("modest", "fedavg"):
+        rows.append(("test accuracy: last round's model", f"{summary['mean_accuracy']:.4f}"))
+    else:
+        rows.append(("test accuracy: mean", f"{summary['mean_accuracy']:.4f}"))
+        rows.append(("test accuracy: min / max", f"{summary['min_accuracy']:.4f} / {summary['max_accuracy']:.4f}"))
+    if summary["consensus_distance"] is not None:
+        rows.append(("consensus distance", f"{summary['consensus_distance']:.4g}"))
+    rows += [
         ("bytes sent, all peers", f"{summary['bytes_sent_total'] / 1e6:.2f} MB"),
         ("missed exchanges", str(summary["missed_exchanges_total"])),
         ("simulated time", f"{summary['virtual_seconds']:.1f} s"),
@@ -165,14 +183,19 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     config = config_from_args(args, SimulationConfig)
     console = Console(stderr=True)
+    # A round of D-PSGD is one record per peer; a round of MoDeST or FedAvg ends in one model.
+    per_peer = config.algorithm not in ("modest", "fedavg")
     with _progress(console) as progress:
-        bar = progress.add_task("simulating", total=config.peers * config.rounds, status="")
+        bar = progress.add_task("simulating", total=config.rounds * (config.peers if per_peer else 1), status="")
 
         def advance(record: RoundRecord) -> None:
             status = f"round {record.round + 1}/{config.rounds}"
             if record.accuracy is not None:
                 status += f"  {record.peer} acc {record.accuracy:.3f}"
-            progress.update(bar, advance=1, status=status)
+            if per_peer:
+                progress.update(bar, advance=1, status=status)
+            else:
+                progress.update(bar, completed=record.round + 1, status=status)
 
         result = simulate(config, on_record=advance)
     Console().print(_summary_table(result.summary))
@@ -285,7 +308,7 @@ def run_plot(args: argparse.Namespace) -> int:
             raise ConfigError(f"--peers {args.peers}: a topology needs at least 2 peers")
         plot_topology(args.topology, args.peers, args.out, weights=args.weights, seed=args.seed)
     elif args.runs:
-        plot_runs([load_run(folder) for folder in args.runs], args.out, args.x)
+        plot_runs([load_run(folder) for folder in args.runs], args.out, args.x, log_x=args.log_x)
     else:
         raise ConfigError("give one or more run folders (written with --out), or --topology SPEC")
     print(f"wrote {args.out}")

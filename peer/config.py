@@ -11,8 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gossip.choco import ERROR_FEEDBACK_SPECS, default_consensus_step, parse_error_feedback
 from gossip.codecs import CodecError, parse_codec
 from gossip.mixing import MixingRule, WeightedAverage
+from gossip.protocols.modest import ModestSettings
 from gossip.settings import GossipSettings
 from gossip.variance import TARGETS, VarianceCorrected
+from peer.sim.faults import parse_faults
 
 C = TypeVar("C", bound="TrainingConfig")
 
@@ -51,7 +53,7 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     topology: str = Field("ring", description="communication graph")
-    algorithm: Literal["dpsgd", "dfedsam", "fedavg"] = Field("dpsgd", description="training protocol")
+    algorithm: Literal["dpsgd", "dfedsam", "modest", "fedavg"] = Field("dpsgd", description="training protocol")
     task: str = Field("mnist1d", description="mnist1d, fashion-mnist or module:function")
     partition: str = Field("dirichlet:0.5", description="iid, dirichlet:ALPHA or shards:K")
     rounds: int = Field(100, ge=1)
@@ -91,6 +93,20 @@ class TrainingConfig(BaseModel):
         None, gt=0, le=1, description="report the rounds, bytes and time until the peers' mean test accuracy reached this"
     )
 
+    sample_size: int | None = Field(
+        None, ge=1, description="modest: peers that train each round (default 10); fedavg: peers the server samples (default: all)"
+    )
+    aggregators: int = Field(1, ge=1, description="modest: peers that average each round's models")
+    success_fraction: float = Field(
+        1.0, gt=0, le=1, description="modest: an aggregator averages once it holds this fraction of the sample's models"
+    )
+    min_models: int = Field(1, ge=1, description="modest: the fewest models an aggregator averages after its timeout")
+    ping_timeout: float = Field(5.0, gt=0, description="modest: seconds to wait for a pong or an acknowledgement")
+    aggregation_timeout: float = Field(30.0, gt=0, description="modest: seconds an aggregator waits for the sample's models")
+    round_timeout: float = Field(
+        120.0, gt=0, description="modest: seconds without word that a round was done before it is handed to others or restarted"
+    )
+
     @field_validator("codec")
     @classmethod
     def _known_codec(cls, spec: str) -> str:
@@ -108,7 +124,22 @@ class TrainingConfig(BaseModel):
     @model_validator(mode="after")
     def _compatible_gossip(self) -> TrainingConfig:
         self.gossip_settings()  # raises ValueError for settings that do not go together
+        if self.algorithm == "modest":
+            if self.error_feedback not in (None, "none"):
+                raise ValueError("modest: the peers a model goes to change every round, so there is no error feedback; use --error-feedback none")
+            self.modest_settings()
         return self
+
+    def modest_settings(self) -> ModestSettings:
+        return ModestSettings(
+            sample_size=self.sample_size or 10,
+            aggregators=self.aggregators,
+            success_fraction=self.success_fraction,
+            min_models=self.min_models,
+            ping_timeout=self.ping_timeout,
+            aggregation_timeout=self.aggregation_timeout,
+            round_timeout=self.round_timeout,
+        )
 
     @field_validator("lr_schedule")
     @classmethod
@@ -131,13 +162,20 @@ class TrainingConfig(BaseModel):
 
     def gossip_settings(self) -> GossipSettings:
         codec = parse_codec(self.codec)
+        # Error feedback keeps a copy per link; MoDeST's links change every round.
+        default_feedback = "none" if codec.lossless or self.algorithm == "modest" else "choco"
         return GossipSettings(
             timeout=self.exchange_timeout,
             codec=codec.spec,
-            error_feedback=self.error_feedback or ("none" if codec.lossless else "choco"),
+            error_feedback=self.error_feedback or default_feedback,
             consensus_step=self.consensus_step or default_consensus_step(codec),
             mixing=parse_mixing(self.mixing),
         )
+
+
+def check_sample_size(sample_size: int | None, peers: int) -> None:
+    if sample_size is not None and sample_size > peers:
+        raise ValueError(f"--sample-size {sample_size} is larger than the swarm of --peers {peers}")
 
 
 class SimulationConfig(TrainingConfig):
@@ -147,11 +185,19 @@ class SimulationConfig(TrainingConfig):
     link_bandwidth: float = Field(100.0, gt=0, description="simulated link bandwidth, Mbit/s")
     link_loss: float = Field(0.0, ge=0, le=1, description="probability that a message is lost")
     plot: bool = Field(False, description="write OUT/run.png, the run's learning curve (needs --out)")
+    stop_at_target: bool = Field(False, description="end the run once the mean accuracy reaches --target-accuracy")
+    faults: str = Field(
+        "none", description="peers that crash, leave or join, e.g. crash:0.8@30,leave:0.2@20,join:16@40 (fractions, a count)"
+    )
 
     @model_validator(mode="after")
     def _plot_needs_out(self) -> SimulationConfig:
         if self.plot and self.out is None:
             raise ValueError("--plot writes OUT/run.png: give --out DIR too")
+        if self.stop_at_target and self.target_accuracy is None:
+            raise ValueError("--stop-at-target needs --target-accuracy")
+        check_sample_size(self.sample_size, self.peers)
+        parse_faults(self.faults, rounds=self.rounds)
         return self
 
 
@@ -195,6 +241,7 @@ class SwarmConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
+        check_sample_size(self.sample_size, self.peers)
         if self.metrics_port is not None and self.metrics_port + self.peers - 1 > 65535:
             raise ValueError(f"--metrics-port {self.metrics_port} leaves no port for the last of {self.peers} peers")
         if self.algorithm == "fedavg":

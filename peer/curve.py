@@ -28,7 +28,9 @@ class CurvePoint:
     mean_accuracy: float
     min_accuracy: float
     max_accuracy: float
-    bytes_sent: int  # by those peers, from the start of the run to the end of this round
+    # From the start of the run to the end of this round: by every peer where a simulator
+    # counted it (idle and crashed peers included), else by the peers that evaluated.
+    bytes_sent: int
     seconds: float  # when the last of them finished the round: simulated, or wall seconds since the run began
 
 
@@ -39,6 +41,7 @@ class _Round:
     min_accuracy: float = math.inf
     max_accuracy: float = -math.inf
     bytes_sent: int = 0
+    swarm_bytes_sent: int | None = None
     latest: float = -math.inf  # the latest record's time: simulated, or Unix time for real peers
 
 
@@ -63,22 +66,28 @@ class CurveBuilder:
         entry.min_accuracy = min(entry.min_accuracy, record.accuracy)
         entry.max_accuracy = max(entry.max_accuracy, record.accuracy)
         entry.bytes_sent += record.bytes_sent
+        if record.swarm_bytes_sent is not None:
+            entry.swarm_bytes_sent = max(entry.swarm_bytes_sent or 0, record.swarm_bytes_sent)
         entry.latest = max(entry.latest, record.wall_time if record.wall_time is not None else record.virtual_time)
 
     def points(self) -> list[CurvePoint]:
-        origin = self._origin if self.wall_clock else 0.0
-        return [
-            CurvePoint(
-                round=round_,
-                peers=entry.peers,
-                mean_accuracy=entry.accuracy_sum / entry.peers,
-                min_accuracy=entry.min_accuracy,
-                max_accuracy=entry.max_accuracy,
-                bytes_sent=entry.bytes_sent,
-                seconds=entry.latest - origin,
-            )
-            for round_, entry in sorted(self._rounds.items())
-        ]
+        return [self._point(round_, entry) for round_, entry in sorted(self._rounds.items())]
+
+    def point(self, round_: int) -> CurvePoint | None:
+        """The point of one round as it stands (None before anyone evaluated it)."""
+        entry = self._rounds.get(round_)
+        return self._point(round_, entry) if entry else None
+
+    def _point(self, round_: int, entry: _Round) -> CurvePoint:
+        return CurvePoint(
+            round=round_,
+            peers=entry.peers,
+            mean_accuracy=entry.accuracy_sum / entry.peers,
+            min_accuracy=entry.min_accuracy,
+            max_accuracy=entry.max_accuracy,
+            bytes_sent=entry.bytes_sent if entry.swarm_bytes_sent is None else entry.swarm_bytes_sent,
+            seconds=entry.latest - (self._origin if self.wall_clock else 0.0),
+        )
 
 
 def time_to_target(points: list[CurvePoint], target: float | None, *, wall_clock: bool) -> dict[str, float | int | None]:

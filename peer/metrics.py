@@ -33,6 +33,8 @@ class RoundRecord:
     local_steps: int = 0  # optimisation steps taken this round
     exchange_seconds: float = 0.0  # clock seconds spent exchanging models this round
     wall_time: float | None = None  # Unix time of the record on a real peer; None in simulation
+    # Bytes sent by every peer of the swarm so far: known to a simulator, not to a real peer.
+    swarm_bytes_sent: int | None = None
 
 
 class MetricsLog:

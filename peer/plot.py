@@ -25,7 +25,8 @@ from topology.graphs import split_spec, torus_shape
 NAMED = ("algorithm", "topology", "codec")
 SETTINGS = (
     "task", "partition", "peers", "rounds", "local_steps", "batch_size", "lr", "lr_schedule", "init", "mixing",
-    "gossip_steps", "sam_rho", "error_feedback", "consensus_step", "seed",
+    "gossip_steps", "sam_rho", "error_feedback", "consensus_step", "sample_size", "aggregators", "success_fraction",
+    "faults", "seed",
 )
 DPI = 150
 
@@ -77,9 +78,10 @@ def _x_label(axis: str, runs: list[Run]) -> str:
     return "time (s)" if len(clocks) > 1 else ("wall-clock time (s)" if clocks.pop() else "simulated time (s)")
 
 
-def plot_runs(runs: list[Run], out: Path, x: str = "round") -> None:
+def plot_runs(runs: list[Run], out: Path, x: str = "round", *, log_x: bool = False) -> None:
     """Mean test accuracy with its min-max band across peers, one curve per run; beside it the
-    consensus distance for the runs that recorded it."""
+    consensus distance for the runs that recorded it. ``log_x``: a logarithmic x axis, for runs
+    whose bytes or time differ by orders of magnitude."""
     if x not in X_AXES:
         raise ConfigError(f"--x {x!r}: choose one of {', '.join(X_AXES)}")
     for run in runs:
@@ -125,6 +127,8 @@ def plot_runs(runs: list[Run], out: Path, x: str = "round") -> None:
         if len(with_consensus) < len(runs):
             consensus_axis.set_title("runs that record it (exact averaging gives 0)", fontsize="small")
     for axis in axes[0]:
+        if log_x:
+            axis.set_xscale("log")
         axis.grid(alpha=0.3)
         axis.spines[["top", "right"]].set_visible(False)
     if title:

@@ -27,6 +27,7 @@ class PeerNode:
         on_record: Callable[[RoundRecord], None] | None = None,
         pace: float = 0.0,
         wall_time: bool = False,
+        swarm_bytes: Callable[[], int] | None = None,
     ):
         self.transport = transport
         self.clock = clock
@@ -37,6 +38,7 @@ class PeerNode:
         self.on_record = on_record
         self.pace = pace  # minimum seconds per round
         self.wall_time = wall_time  # records carry the Unix time (real peers; a simulation stays reproducible)
+        self.swarm_bytes = swarm_bytes  # a simulator's count of the bytes every peer has sent
         self.protocol: Protocol | None = None
         self._round_started = 0.0
 
@@ -65,6 +67,7 @@ class PeerNode:
             local_steps=report.local_steps,
             exchange_seconds=report.exchange_seconds,
             wall_time=time.time() if self.wall_time else None,
+            swarm_bytes_sent=self.swarm_bytes() if self.swarm_bytes else None,
         )
         self.metrics.write(record)
         if self.on_record:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from gossip.neighbourhood import GraphNeighbourhood
-from gossip.protocols import GOSSIP_PROTOCOLS, FedAvgClient, FedAvgServer, ProtocolContext
+from gossip.protocols import GOSSIP_PROTOCOLS, FedAvgClient, FedAvgServer, MoDeST, ProtocolContext
 from peer.config import SimulationConfig
 from peer.curve import time_to_target
 from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
+from peer.sim.faults import parse_faults
 from peer.tasks import Task, load_task, partition
 from peer.trainer import Trainer, peer_trainer, resolve_device
 from topology import parse_topology
@@ -25,14 +27,17 @@ SERVER_ID = "server"
 LABELS = {
     "dpsgd": "D-PSGD (decentralised gossip)",
     "dfedsam": "DFedSAM (sharpness-aware local steps, decentralised gossip)",
+    "modest": "MoDeST (decentralised sampling)",
     "fedavg": "FedAvg (centralised reference, simulation only)",
 }
+# Protocols whose round ends in one model (the aggregate), which is what their records report.
+ROUND_MODEL_PROTOCOLS = ("modest", "fedavg")
 
 
 @dataclass
 class SimulationResult:
     summary: dict[str, Any]
-    final: list[RoundRecord]  # each peer's last record
+    final: list[RoundRecord]  # the last records: each live peer's, or the last round's model's
     compute_wall_seconds: float  # wall time spent training and evaluating, the rest is the simulator's
 
 
@@ -41,8 +46,9 @@ def peer_ids(n: int) -> list[str]:
     return [f"peer-{i:0{width}d}" for i in range(n)]
 
 
-def build_trainers(config: SimulationConfig, task: Task, device: torch.device) -> list[Trainer]:
-    shards = partition(task.train_y, config.peers, config.partition, config.seed)
+def build_trainers(config: SimulationConfig, task: Task, device: torch.device, peers: int | None = None) -> list[Trainer]:
+    """A trainer for each of ``peers`` (default: the run's), on its share of the training set."""
+    shards = partition(task.train_y, peers or config.peers, config.partition, config.seed)
     return [peer_trainer(config, task, shard, index, device) for index, shard in enumerate(shards)]
 
 
@@ -51,103 +57,236 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
     if config.out:
         prepare_out(config.out)
     torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    topology = parse_topology(config.topology, config.peers, weights=config.weights, seed=config.seed)
-    task = load_task(config.task, config.data_dir)
-    trainers = build_trainers(config, task, device)
-    ids = peer_ids(config.peers)
-
-    metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
-    consensus = ConsensusByRound(config.peers)
-    trainer_of = dict(zip(ids, trainers))
-
-    def recorded(record: RoundRecord) -> None:
-        # Called as the peer finishes its round, before it trains again: its model is the round's.
-        if record.accuracy is not None:
-            consensus.add(record.round, trainer_of[record.peer].state())
-        if on_record:
-            on_record(record)
-
-    network = SimNetwork(
-        LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
-    )
-    clock = SimClock(SpeedProfile(config.step_time))
-    # A round cannot take longer than its training plus this, so it bounds a FedAvg round.
-    round_timeout = config.exchange_timeout + config.local_steps * config.step_time
-
-    gossip = config.gossip_settings()
-    nodes = []
-    for peer_id, trainer in zip(ids, trainers):
-        node = PeerNode(
-            network.attach(peer_id), clock, trainer, metrics,
-            rounds=config.rounds, eval_every=config.eval_every, on_record=recorded,
-        )
-        context = ProtocolContext(node.transport, clock, trainer, None, node.round_finished, gossip)
-        if config.algorithm in GOSSIP_PROTOCOLS:
-            context.neighbourhood = GraphNeighbourhood(topology, ids, peer_id)
-            node.protocol = GOSSIP_PROTOCOLS[config.algorithm](
-                context, local_steps=config.local_steps, gossip_steps=config.gossip_steps
-            )
-        else:
-            node.protocol = FedAvgClient(
-                context, server=SERVER_ID, local_steps=config.local_steps, round_timeout=2 * round_timeout
-            )
-        nodes.append(node)
-
-    async def run_all() -> float:
-        if config.algorithm == "fedavg":
-            FedAvgServer(
-                network.attach(SERVER_ID), clock, trainers[0].state(), peers=config.peers, timeout=round_timeout
-            )
-        await asyncio.gather(*(node.run() for node in nodes))
-        return asyncio.get_running_loop().time()
-
+    world = World(config, on_record)
     started = time.perf_counter()
     try:
         with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-            virtual_seconds = runner.run(run_all())
+            virtual_seconds = runner.run(world.run())
     finally:
-        metrics.close()
-    wall_seconds = time.perf_counter() - started
-
-    final = [metrics.latest[peer_id] for peer_id in ids]
-    gossiping = config.algorithm in GOSSIP_PROTOCOLS
-    accuracies = [record.accuracy for record in final]
-    summary = {
-        "algorithm": config.algorithm,
-        "label": LABELS[config.algorithm],
-        "task": config.task,
-        "topology": config.topology if gossiping else "server",
-        "spectral_gap": topology.spectral_gap() if gossiping else 1.0,
-        "partition": config.partition,
-        "peers": config.peers,
-        "rounds": config.rounds,
-        "local_steps": config.local_steps,
-        "batch_size": config.batch_size,
-        "lr": trainers[0].lr,
-        "seed": config.seed,
-        "init": config.init,
-        "mixing": config.mixing,
-        "gossip_steps": config.gossip_steps if gossiping else None,
-        "sam_rho": config.sam_rho if config.algorithm == "dfedsam" else None,
-        "codec": gossip.codec,
-        "error_feedback": gossip.error_feedback,
-        "consensus_step": gossip.consensus_step,
-        "device": str(device),
-        "mean_accuracy": sum(accuracies) / len(accuracies),
-        "min_accuracy": min(accuracies),
-        "max_accuracy": max(accuracies),
-        "mean_loss": sum(record.loss for record in final) / len(final),
-        "consensus_distance": consensus_distance([trainer.state() for trainer in trainers]),
-        "bytes_sent_total": sum(record.bytes_sent for record in final),
-        "bytes_received_total": sum(record.bytes_received for record in final),
-        "missed_exchanges_total": metrics.missed_exchanges,
-        "rejected_total": sum(record.rejected for record in final),
-        "virtual_seconds": virtual_seconds,
-        "wall_seconds": wall_seconds,
-        **time_to_target(metrics.curve.points(), config.target_accuracy, wall_clock=False),
-        "consensus_by_round": [[round_, distance] for round_, distance in consensus.distances()],
-    }
+        world.metrics.close()
+    summary, final = world.summary(virtual_seconds, time.perf_counter() - started)
     if config.out:
         write_json_atomic(config.out / "summary.json", summary)
-    return SimulationResult(summary, final, clock.compute_wall_seconds)
+    return SimulationResult(summary, final, world.clock.compute_wall_seconds)
+
+
+class World:
+    """The simulated swarm: its peers, the network between them, and the faults it replays."""
+
+    def __init__(self, config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None):
+        self.config = config
+        self.on_record = on_record
+        self.faults = parse_faults(config.faults, rounds=config.rounds)
+        joining = sum(int(fault.amount) for fault in self.faults if fault.kind == "join")
+        self.device = resolve_device(config.device)
+        self.ids = peer_ids(config.peers + joining)
+        self.initial, self.newcomers = self.ids[: config.peers], list(self.ids[config.peers :])
+        self.gossiping = config.algorithm in GOSSIP_PROTOCOLS
+        # Newcomers have their place on the graph and their share of the data from the start.
+        self.topology = parse_topology(config.topology, len(self.ids), weights=config.weights, seed=config.seed)
+        self.task = load_task(config.task, config.data_dir)
+        self.trainers = dict(zip(self.ids, build_trainers(config, self.task, self.device, len(self.ids))))
+        self.metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
+        self.consensus = ConsensusByRound(None if self.faults else config.peers)
+        self.network = SimNetwork(
+            LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
+        )
+        self.clock = SimClock(SpeedProfile(config.step_time))
+        self.gossip = config.gossip_settings()
+        self.nodes: dict[str, PeerNode] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.gone: set[str] = set()  # crashed or left
+        self.last_round = -1  # the highest round anybody has recorded
+        self.last_record_at = 0.0
+        self.stalled = False
+        self.stopped_at_target = False
+        self._fired = 0  # faults applied so far, in round order
+        self._background: set[asyncio.Task] = set()
+        # A round cannot take longer than its training plus this, so it bounds a FedAvg round.
+        self.round_timeout = config.exchange_timeout + config.local_steps * config.step_time
+
+    def _node(self, peer_id: str, trainer: Trainer, transport, *, joining: bool) -> PeerNode:
+        config = self.config
+        node = PeerNode(
+            transport, self.clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every,
+            on_record=self._recorded, swarm_bytes=self.network.bytes_sent,
+        )
+        context = ProtocolContext(transport, self.clock, trainer, None, node.round_finished, self.gossip)
+        if self.gossiping:
+            context.neighbourhood = GraphNeighbourhood(self.topology, self.ids, peer_id)
+            for newcomer in self.newcomers:
+                context.neighbourhood.departed(newcomer)
+            node.protocol = GOSSIP_PROTOCOLS[config.algorithm](
+                context, local_steps=config.local_steps, gossip_steps=config.gossip_steps, joining=joining
+            )
+        elif config.algorithm == "modest":
+            settings = config.modest_settings()
+            if config.sample_size is None:
+                settings = replace(settings, sample_size=min(settings.sample_size, config.peers))
+            node.protocol = MoDeST(
+                context, local_steps=config.local_steps, settings=settings, peers=self.initial, joining=joining
+            )
+        else:
+            node.protocol = FedAvgClient(context, server=SERVER_ID, local_steps=config.local_steps, joining=joining)
+        return node
+
+    def _start(self, peer_id: str, *, joining: bool) -> None:
+        node = self._node(peer_id, self.trainers[peer_id], self.network.attach(peer_id), joining=joining)
+        self.nodes[peer_id] = node
+        self.tasks[peer_id] = asyncio.get_running_loop().create_task(node.run())
+
+    def _start_server(self) -> None:
+        config = self.config
+        # The server holds the global model; it starts as the peers' model does with --init same.
+        trainer = peer_trainer(config, self.task, np.arange(0), 0, self.device)
+        transport = self.network.attach(SERVER_ID)
+        node = PeerNode(
+            transport, self.clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every,
+            on_record=self._recorded, swarm_bytes=self.network.bytes_sent,
+        )
+        context = ProtocolContext(transport, self.clock, trainer, None, node.round_finished, self.gossip)
+        node.protocol = FedAvgServer(
+            context, clients=self.initial, sample_size=config.sample_size, local_steps=config.local_steps,
+            round_timeout=2 * self.round_timeout, seed=config.seed,
+        )
+        self.tasks[SERVER_ID] = asyncio.get_running_loop().create_task(node.run())
+
+    def _recorded(self, record: RoundRecord) -> None:
+        # Called as the peer finishes its round, before it trains again: its model is the round's.
+        if self.gossiping and record.accuracy is not None:
+            self.consensus.add(record.round, self.trainers[record.peer].state())
+        self.last_round = max(self.last_round, record.round)
+        self.last_record_at = self.clock.now()
+        self._fire_faults(completed=record.round + 1)
+        if self.on_record:
+            self.on_record(record)
+        if self.config.stop_at_target and record.accuracy is not None and self._reached_target(record.round):
+            self.stopped_at_target = True
+            for task in self.tasks.values():
+                task.cancel()
+
+    def _reached_target(self, round_: int) -> bool:
+        point = self.metrics.curve.point(round_)
+        # A gossip round counts once every live peer has evaluated it; an aggregate counts at once.
+        complete = not self.gossiping or point.peers >= len(self.nodes) - len(self.gone)
+        return complete and point.mean_accuracy >= self.config.target_accuracy
+
+    def _fire_faults(self, completed: int) -> None:
+        """Apply every fault due once ``completed`` rounds are done (at round R: when round R - 1 is)."""
+        while self._fired < len(self.faults) and self.faults[self._fired].round <= completed:
+            fault, index = self.faults[self._fired], self._fired
+            self._fired += 1
+            if fault.kind == "join":
+                for _ in range(int(fault.amount)):
+                    self._start(self.newcomers.pop(0), joining=True)
+                continue
+            up = [peer for peer in self.nodes if peer not in self.gone]
+            for peer in fault.victims(up, self.config.seed, index):
+                self.gone.add(peer)
+                if fault.kind == "crash":
+                    self._crash(peer)
+                else:
+                    task = asyncio.get_running_loop().create_task(self._leave(peer))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+
+    def _crash(self, peer: str) -> None:
+        self.network.crash(peer)
+        self.tasks[peer].cancel()
+
+    async def _leave(self, peer: str) -> None:
+        await self.nodes[peer].protocol.leave()
+        self._crash(peer)  # gone for good once its goodbye is on the wire
+
+    async def run(self) -> float:
+        for peer_id in self.initial:
+            self._start(peer_id, joining=False)
+        if self.config.algorithm == "fedavg":
+            self._start_server()
+        self._fire_faults(completed=0)
+        watchdog = asyncio.get_running_loop().create_task(self._watch_for_stall())
+        try:
+            while pending := [task for task in self.tasks.values() if not task.done()]:
+                await asyncio.wait(pending)
+        finally:
+            watchdog.cancel()
+            for task in self.tasks.values():
+                task.cancel()
+        return asyncio.get_running_loop().time()
+
+    async def _watch_for_stall(self) -> None:
+        """End a run in which no round completes any more (every peer that could go on is gone)."""
+        patience = 10 * max(self.round_timeout, self.config.round_timeout)
+        while True:
+            await asyncio.sleep(patience)
+            if self.clock.now() - self.last_record_at >= patience:
+                self.stalled = True
+                for task in self.tasks.values():
+                    task.cancel()
+                return
+
+    def summary(self, virtual_seconds: float, wall_seconds: float) -> tuple[dict[str, Any], list[RoundRecord]]:
+        config, gossip = self.config, self.gossip
+        points = self.metrics.curve.points()
+        live = [peer for peer in self.nodes if peer not in self.gone]
+        if config.algorithm in ROUND_MODEL_PROTOCOLS:
+            final = [record for record in self.metrics.latest.values() if record.round == self.last_round]
+        else:
+            final = [self.metrics.latest[peer] for peer in live if peer in self.metrics.latest]
+        accuracies = [record.accuracy for record in final if record.accuracy is not None]
+        summary = {
+            "algorithm": config.algorithm,
+            "label": LABELS[config.algorithm],
+            "task": config.task,
+            "topology": config.topology if self.gossiping else ("sampled" if config.algorithm == "modest" else "server"),
+            "spectral_gap": self.topology.spectral_gap() if self.gossiping else None,
+            "partition": config.partition,
+            "peers": config.peers,
+            "rounds": config.rounds,
+            "rounds_completed": self.last_round + 1,
+            "local_steps": config.local_steps,
+            "batch_size": config.batch_size,
+            "lr": self.trainers[self.ids[0]].lr,
+            "seed": config.seed,
+            "init": config.init,
+            "mixing": config.mixing,
+            "gossip_steps": config.gossip_steps if self.gossiping else None,
+            "sam_rho": config.sam_rho if config.algorithm == "dfedsam" else None,
+            "sample_size": self._sample_size(),
+            "aggregators": config.aggregators if config.algorithm == "modest" else None,
+            "success_fraction": config.success_fraction if config.algorithm == "modest" else None,
+            "faults": config.faults,
+            "peers_up_at_end": len(live),
+            "stalled": self.stalled,
+            "stopped_at_target": self.stopped_at_target,
+            "codec": gossip.codec,
+            "error_feedback": gossip.error_feedback,
+            "consensus_step": gossip.consensus_step,
+            "device": str(self.device),
+            "mean_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+            "min_accuracy": min(accuracies, default=None),
+            "max_accuracy": max(accuracies, default=None),
+            "mean_loss": _mean([record.loss for record in final if record.loss is not None]),
+            "consensus_distance": (
+                consensus_distance([self.trainers[peer].state() for peer in live]) if self.gossiping and live else None
+            ),
+            "bytes_sent_total": self.network.bytes_sent(),
+            "missed_exchanges_total": self.metrics.missed_exchanges,
+            "rejected_total": self.network.rejected(),
+            "virtual_seconds": virtual_seconds,
+            "wall_seconds": wall_seconds,
+            **time_to_target(points, config.target_accuracy, wall_clock=False),
+            "consensus_by_round": [[round_, distance] for round_, distance in self.consensus.distances()],
+        }
+        return summary, final
+
+    def _sample_size(self) -> int | None:
+        if self.config.algorithm == "modest":
+            return self.config.sample_size or min(10, self.config.peers)
+        if self.config.algorithm == "fedavg":
+            return self.config.sample_size or self.config.peers
+        return None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

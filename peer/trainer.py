@@ -105,6 +105,9 @@ class Trainer(Learner):
             for parameter, delta in zip(parameters, deltas):
                 parameter.sub_(delta)
 
+    def set_progress(self, steps: int) -> None:
+        self.steps_taken = steps
+
     def _scheduled_lr(self) -> float:
         first, last = self.schedule
         progress = min(max(self.steps_taken - first, 0) / max(last - first, 1), 1.0)

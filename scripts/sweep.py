@@ -12,17 +12,18 @@ from peer.runs import load_run
 from peer.simulate import simulate
 
 
-def run(settings: dict) -> dict:
+def run(settings: dict, out: Path | None = None) -> dict:
     """One simulation evaluated every round: its summary (with the target keys when ``settings``
-    has a ``target_accuracy``) and its curve."""
-    with tempfile.TemporaryDirectory() as out:
-        summary = simulate(SimulationConfig(**settings, out=Path(out), eval_every=1)).summary
-        return {"summary": summary, "curve": load_run(Path(out)).points}
+    has a ``target_accuracy``) and its curve. The run's folder is kept at ``out`` when given."""
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = out or Path(scratch)
+        summary = simulate(SimulationConfig(**settings, out=folder, eval_every=1)).summary
+        return {"summary": summary, "curve": load_run(folder).points}
 
 
-def run_all(settings: list[dict], jobs: int) -> list[dict]:
+def run_all(settings: list[dict], jobs: int, outs: list[Path | None] | None = None) -> list[dict]:
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(run, settings))
+        return list(pool.map(run, settings, outs or [None] * len(settings)))
 
 
 def accuracy_at_bytes(curve: list[CurvePoint], budget: int) -> float | None:

@@ -1,5 +1,6 @@
 """Learning curves from records in any order, time to a target, and consensus distance per round."""
 
+import dataclasses
 import random
 
 import pytest
@@ -32,6 +33,14 @@ def test_points_aggregate_each_round_whatever_the_order_of_the_records():
         assert (first.min_accuracy, first.max_accuracy) == (0.2, 0.4)
         assert (second.bytes_sent, second.seconds) == (70, 2.7)
         assert second.mean_accuracy == pytest.approx(0.75)
+
+
+def test_a_simulators_count_of_every_peers_bytes_is_taken_as_it_is():
+    curve = CurveBuilder()
+    for peer, swarm in (("a", 500), ("b", 700)):
+        curve.add(dataclasses.replace(record(peer, 0, 0.5, sent=10), swarm_bytes_sent=swarm))
+    assert curve.points()[0].bytes_sent == 700
+    assert curve.point(0) == curve.points()[0] and curve.point(1) is None
 
 
 def test_rounds_that_were_not_evaluated_make_no_point():

@@ -122,34 +122,85 @@ def test_weighted_average_needs_positive_weights():
         WeightedAverage().mix({"x": torch.ones(1)}, 0.0, [])
 
 
-def test_fedavg_gives_every_peer_the_exact_average():
-    n = 5
-    network = SimNetwork()
+def fedavg(n, *, sample_size=None, local_steps=2, network=None):
+    """A FedAvg server holding a global vector model of 0, and n clients; returns (network, server, clients, reports)."""
+    network = network or SimNetwork()
     clock = SimClock()
-    x0 = [torch.tensor([float(i), 2.0 * i]) for i in range(n)]
-    learners = [VectorLearner(x, drift=1.0) for x in x0]
-    server_reference = {"x": torch.zeros(2, dtype=torch.float64)}
+    reports = []
+
+    async def finished(report):
+        reports.append(report)
 
     async def noop(report):
         pass
 
-    clients = [
-        FedAvgClient(
-            ProtocolContext(network.attach(f"p{i}"), clock, learner, None, noop),
-            server="server", local_steps=2, round_timeout=60,
+    ids = [f"p{i}" for i in range(n)]
+    clients = {
+        peer: FedAvgClient(
+            ProtocolContext(network.attach(peer), clock, VectorLearner(torch.tensor([100.0]), drift=1.0), None, noop),
+            server="server", local_steps=local_steps,
         )
-        for i, learner in enumerate(learners)
-    ]
+        for peer in ids
+    }
+    server = FedAvgServer(
+        ProtocolContext(network.attach("server"), clock, VectorLearner(torch.zeros(1)), None, finished),
+        clients=ids, sample_size=sample_size, local_steps=local_steps, round_timeout=30, seed=0,
+    )
+    return network, server, clients, reports
 
+
+def run_fedavg(server, clients, rounds):
     async def main():
-        FedAvgServer(network.attach("server"), clock, server_reference, peers=n, timeout=30)
-        await asyncio.gather(*(c.run(3) for c in clients))
+        await asyncio.gather(server.run(rounds), *(c.run(rounds) for c in clients.values()))
 
     run(main())
-    # Each round adds 2 to every coordinate, then averages: the mean moves by 2 per round.
-    expected = torch.stack(x0).double().mean(dim=0) + 6.0
-    for learner in learners:
-        assert torch.allclose(learner.value, expected)
+
+
+def test_fedavg_replaces_the_global_model_by_the_average_of_the_trained_ones():
+    _, server, clients, reports = fedavg(5)
+    run_fedavg(server, clients, 3)
+    # Every client trains the global model (+2 per round); their average is the next global model.
+    assert server.context.learner.value.item() == pytest.approx(6.0)
+    assert [(r.round, r.neighbours_expected, r.neighbours_heard) for r in reports] == [(k, 5, 5) for k in range(3)]
+    assert all(c.context.learner.value.item() == pytest.approx(6.0) for c in clients.values())
+
+
+def test_fedavg_samples_s_clients_a_round_reproducibly():
+    _, server, clients, reports = fedavg(6, sample_size=2, local_steps=1)
+    samples = [server.sample(k) for k in range(20)]
+    assert all(len(s) == 2 for s in samples) and len({tuple(s) for s in samples}) > 5
+    run_fedavg(server, clients, 20)
+    trained = sum(c.context.learner.steps for c in clients.values())
+    assert trained == 40
+    assert [server.sample(k) for k in range(20)] == samples
+
+
+def test_fedavg_keeps_the_global_model_when_no_client_answers():
+    network, server, clients, reports = fedavg(3)
+    for peer in clients:
+        network.crash(peer)
+    run(server.run(2))
+    assert [r.neighbours_heard for r in reports] == [0, 0]
+    assert server.context.learner.value.item() == 0.0
+
+
+def test_fedavg_stops_sampling_a_client_that_left_and_samples_one_that_joined():
+    network, server, clients, _ = fedavg(3, local_steps=1)
+    newcomer = FedAvgClient(
+        ProtocolContext(network.attach("late"), SimClock(), VectorLearner(torch.zeros(1)), None, None),
+        server="server", local_steps=1, joining=True,
+    )
+
+    async def main():
+        await clients["p0"].leave()
+        joined = asyncio.ensure_future(newcomer.run(2))
+        await asyncio.sleep(1)
+        await asyncio.gather(server.run(2), joined, *(c.run(2) for c in clients.values()))
+
+    run(main())
+    assert clients["p0"].context.learner.steps == 0
+    assert newcomer.context.learner.steps == 2
+    assert server.clients == {"p1", "p2", "late"}
 
 
 def test_models_for_far_future_steps_are_not_buffered():
@@ -159,25 +210,6 @@ def test_models_for_far_future_steps_are_not_buffered():
     assert inbox.put(Message(MODEL, "a", 3))
     assert not inbox.put(Message(MODEL, "a", 4))
     assert not inbox.put(Message(MODEL, "a", -1))
-
-
-def test_fedavg_peer_keeps_its_model_when_the_server_is_gone():
-    network = SimNetwork()
-    network.attach("server")  # attached but serving nothing: requests go unanswered
-    network.crash("server")
-    learner = VectorLearner(torch.tensor([1.0]), drift=1.0)
-    reports = []
-
-    async def finished(report):
-        reports.append(report)
-
-    client = FedAvgClient(
-        ProtocolContext(network.attach("p0"), SimClock(), learner, None, finished),
-        server="server", local_steps=1, round_timeout=5,
-    )
-    run(client.run(2))
-    assert [r.neighbours_heard for r in reports] == [0, 0]
-    assert learner.value.item() == pytest.approx(3.0)
 
 
 def test_a_neighbour_that_is_ahead_serves_the_current_step_with_its_freshest_model():

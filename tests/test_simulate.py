@@ -52,12 +52,12 @@ def test_gossip_learns_and_peers_draw_together():
     assert summary["mean_accuracy"] > early["mean_accuracy"]
 
 
-def test_fedavg_reference_gives_every_peer_the_same_model():
+def test_fedavg_reference_reports_the_global_model():
     summary = simulate(SimulationConfig(**{**SMALL, "algorithm": "fedavg"})).summary
-    assert summary["consensus_distance"] == pytest.approx(0.0, abs=1e-10)
-    assert summary["min_accuracy"] == summary["max_accuracy"]
+    assert summary["consensus_distance"] is None  # one model, the server's
+    assert summary["min_accuracy"] == summary["max_accuracy"] == summary["mean_accuracy"]
     assert "centralised reference" in summary["label"]
-    assert summary["topology"] == "server"
+    assert summary["topology"] == "server" and summary["sample_size"] == 4
 
 
 def test_lossy_network_costs_timeouts_but_finishes():
@@ -77,3 +77,18 @@ def test_fashion_mnist_runs_end_to_end_from_idx_files(tmp_path):
     summary = simulate(config).summary
     assert summary["lr"] == 0.02  # the task's own learning rate
     assert summary["mean_accuracy"] > 0.5  # ten classes: chance is 0.1
+
+
+def test_a_run_can_stop_once_it_reaches_its_target():
+    config = SimulationConfig(**{**SMALL, "rounds": 30, "local_steps": 5, "target_accuracy": 0.3, "stop_at_target": True})
+    summary = simulate(config).summary
+    assert summary["stopped_at_target"] and summary["rounds_completed"] < 30
+    assert summary["rounds_to_target"] == summary["rounds_completed"]
+    assert summary["mean_accuracy"] >= 0.3
+
+
+def test_stopping_at_a_target_needs_one():
+    from peer.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="needs --target-accuracy"):
+        build_config(SimulationConfig, {}, {"stop_at_target": True})

@@ -237,8 +237,21 @@ def test_download_rejects_a_wrong_checksum(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_unknown_task_lists_the_choices() -> None:
-    with pytest.raises(TaskError, match="unknown task 'cifar': use one of mnist1d, fashion-mnist, or module:function"):
+    with pytest.raises(TaskError, match="unknown task 'cifar': use one of mnist1d, fashion-mnist, mnist1d:SAMPLES, or"):
         load_task("cifar", None)
+
+
+def test_mnist1d_can_be_generated_larger() -> None:
+    task = load_task("mnist1d:600")
+    assert task.name == "mnist1d:600"
+    assert (len(task.train_y), len(task.test_y)) == (480, 120)
+    assert task.train_x.shape[1:] == load_task("mnist1d").train_x.shape[1:]
+
+
+@pytest.mark.parametrize("spec", ["mnist1d:", "mnist1d:many", "mnist1d:10", "mnist1d:-5", "mnist1d:2000000"])
+def test_a_bad_mnist1d_size_says_what_is_allowed(spec: str) -> None:
+    with pytest.raises(TaskError, match="whole number of sequences from 100 to 1000000"):
+        load_task(spec)
 
 
 @pytest.mark.usefixtures("user_tasks")

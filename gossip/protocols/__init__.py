@@ -4,8 +4,12 @@ from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 from gossip.protocols.dfedsam import DFedSAM
 from gossip.protocols.dpsgd import DPSGD
 from gossip.protocols.fedavg import FedAvgClient, FedAvgServer
+from gossip.protocols.modest import MoDeST, ModestSettings
 
 # The protocols that gossip with a neighbourhood, by their command-line name.
 GOSSIP_PROTOCOLS: dict[str, type[DPSGD]] = {"dpsgd": DPSGD, "dfedsam": DFedSAM}
 
-__all__ = ["DPSGD", "GOSSIP_PROTOCOLS", "DFedSAM", "FedAvgClient", "FedAvgServer", "Protocol", "ProtocolContext", "RoundReport"]
+__all__ = [
+    "DPSGD", "GOSSIP_PROTOCOLS", "DFedSAM", "FedAvgClient", "FedAvgServer", "MoDeST", "ModestSettings",
+    "Protocol", "ProtocolContext", "RoundReport",
+]

@@ -54,3 +54,6 @@ class Protocol(ABC):
 
         A peer that joins a running swarm starts at the swarm's round (see ``gossip.catchup``).
         """
+
+    async def leave(self) -> None:
+        """Tell the others this peer is going, before it stops (a protocol with no goodbye just stops)."""

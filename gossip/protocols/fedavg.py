@@ -1,96 +1,157 @@
-"""FedAvg, the centralised reference: every round a server replaces all models by their exact average.
+"""FedAvg, the centralised reference: a server samples peers, they train, it averages.
 
-It needs a server that every peer reaches, which is what decentralised training avoids, so
-it is offered in simulation only, to show the gap that each gossip method closes. The
-average is uniform (not weighted by local data size): it is the consensus point that gossip
-with doubly stochastic weights converges to, which makes the comparison like for like.
+Each round the server draws ``sample_size`` of its clients uniformly at random (all of them by
+default), sends them the global model, and replaces it by the uniform average of the models
+that come back within the timeout. It needs a server that every peer reaches, which is what
+decentralised training avoids, so it is offered in simulation only, to show the gap that each
+decentralised method closes. The average is uniform (not weighted by local data size): it is
+the consensus point that gossip with doubly stochastic weights converges to, which makes the
+comparison like for like. The server reports each round's global model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 
 from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.mixing import average
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
-from gossip.transport import Clock, PeerUnreachable, Transport
+from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState, check_state
 
 log = logging.getLogger(__name__)
 
+TRAIN = "fedavg-train"  # the global model, to a sampled client; answered with UPDATE
 UPDATE = "fedavg-update"
-GLOBAL_MODEL = "fedavg-model"
+HELLO, BYE = "fedavg-hello", "fedavg-bye"
+FINISHED = "fedavg-finished"
 
 
-class FedAvgServer:
-    """Collects one model per peer per round and answers each with their average.
+class FedAvgServer(Protocol):
+    name = "fedavg-server"
 
-    A peer that has not reported within ``timeout`` of the round's first report is left out.
-    """
+    def __init__(
+        self,
+        context: ProtocolContext,
+        *,
+        clients: list[PeerId],
+        sample_size: int | None,
+        local_steps: int,
+        round_timeout: float,
+        seed: int,
+    ):
+        super().__init__(context)
+        self.clients = set(clients)
+        self.sample_size = sample_size
+        self.local_steps = local_steps
+        self.round_timeout = round_timeout
+        self.seed = seed
+        self._reference = context.learner.state()
+        context.transport.serve(HELLO, self._on_hello)
+        context.transport.serve(BYE, self._on_bye)
 
-    def __init__(self, transport: Transport, clock: Clock, reference: State, *, peers: int, timeout: float):
-        self.transport = transport
-        self.clock = clock
-        self.peers = peers
-        self.timeout = timeout
-        self._reference = reference
-        self._updates: dict[int, list[State]] = {}
-        self._averages: dict[int, asyncio.Future[State]] = {}
-        transport.serve(UPDATE, self._on_update)
+    async def _on_hello(self, message: Message) -> None:
+        self.clients.add(message.sender)
 
-    async def _on_update(self, message: Message) -> Message | None:
+    async def _on_bye(self, message: Message) -> None:
+        self.clients.discard(message.sender)
+
+    def sample(self, round_: int) -> list[PeerId]:
+        pool = sorted(self.clients)
+        size = len(pool) if self.sample_size is None else min(self.sample_size, len(pool))
+        return sorted(random.Random(f"{self.seed}:{round_}").sample(pool, size))
+
+    async def run(self, rounds: int, first_round: int = 0) -> None:
+        learner, clock = self.context.learner, self.context.clock
+        for round_ in range(first_round, rounds):
+            sampled = self.sample(round_)
+            request = Message(TRAIN, self.context.transport.peer_id, round_, learner.state())
+            started = clock.now()
+            replies = await asyncio.gather(*(self._train(client, request) for client in sampled))
+            updates = [reply for reply in replies if reply is not None]
+            if updates:
+                learner.load_state(average([state for state, _ in updates]))
+            loss = sum(loss for _, loss in updates) / len(updates) if updates else math.nan
+            await self.context.round_finished(RoundReport(
+                round_, loss, len(sampled), len(updates), exchange_seconds=clock.now() - started, local_steps=self.local_steps
+            ))
+        done = Message(FINISHED, self.context.transport.peer_id, rounds)
+        await asyncio.gather(*(self._tell(client, done) for client in sorted(self.clients)))
+
+    async def _train(self, client: PeerId, request: Message) -> tuple[State, float] | None:
+        transport = self.context.transport
         try:
-            check_state(message.tensors, self._reference)
-        except InvalidState as reason:
-            self.transport.counters.reject("invalid-model")
-            log.warning("server: rejected update from %s: %s", message.sender, reason)
+            reply = await transport.request(client, request, timeout=self.round_timeout)
+        except (TimeoutError, PeerUnreachable) as reason:
+            log.info("server: no update from %s for round %d: %r", client, request.round, reason)
             return None
-        round_ = message.round
-        result = self._averages.setdefault(round_, asyncio.get_running_loop().create_future())
-        updates = self._updates.setdefault(round_, [])
-        if not result.done():
-            updates.append(message.tensors)
-            if len(updates) == self.peers:
-                self._finish(round_)
+        loss = reply.meta.get("loss")
         try:
-            async with self.clock.timeout(self.timeout):
-                state = await asyncio.shield(result)
-        except TimeoutError:
-            self._finish(round_)
-            state = result.result()
-        return Message(GLOBAL_MODEL, self.transport.peer_id, round_, state)
+            if reply.kind != UPDATE or not isinstance(loss, float | int):
+                raise InvalidState(f"expected an {UPDATE!r} with a loss, got {reply.kind!r}")
+            check_state(reply.tensors, self._reference)
+        except InvalidState as reason:
+            transport.counters.reject("invalid-model")
+            log.warning("server: rejected the update of %s: %s", client, reason)
+            return None
+        return reply.tensors, float(loss)
 
-    def _finish(self, round_: int) -> None:
-        result = self._averages[round_]
-        if not result.done():
-            result.set_result(average(self._updates.pop(round_)))
+    async def _tell(self, client: PeerId, message: Message) -> None:
+        try:
+            async with self.context.clock.timeout(self.round_timeout):
+                await self.context.transport.send(client, message)
+        except (TimeoutError, PeerUnreachable):
+            pass
 
 
 class FedAvgClient(Protocol):
     name = "fedavg"
 
-    def __init__(self, context: ProtocolContext, *, server: PeerId, local_steps: int, round_timeout: float):
+    def __init__(self, context: ProtocolContext, *, server: PeerId, local_steps: int, joining: bool = False):
         super().__init__(context)
         self.server = server
         self.local_steps = local_steps
-        self.round_timeout = round_timeout
+        self.joining = joining
+        self._finished = asyncio.Event()
+        self._reference = context.learner.state()
+        context.transport.serve(TRAIN, self._on_train)
+        context.transport.serve(FINISHED, self._on_finished)
 
     async def run(self, rounds: int, first_round: int = 0) -> None:
-        learner, clock, transport = self.context.learner, self.context.clock, self.context.transport
-        for round_ in range(first_round, rounds):
-            loss = await clock.compute(learner.train, self.local_steps, steps=self.local_steps)
-            update = Message(UPDATE, transport.peer_id, round_, learner.state())
-            started = clock.now()
-            try:
-                reply = await transport.request(self.server, update, timeout=self.round_timeout)
-                learner.load_state(reply.tensors)
-                heard = 1
-            except (TimeoutError, PeerUnreachable) as reason:
-                # Without the server's average the peer keeps its own model for this round.
-                log.warning("%s: no global model for round %d: %r", transport.peer_id, round_, reason)
-                heard = 0
-            await self.context.round_finished(RoundReport(
-                round_, loss, 1, heard, exchange_seconds=clock.now() - started, local_steps=self.local_steps
-            ))
+        if self.joining:
+            await self._tell_server(HELLO)
+        await self._finished.wait()
+
+    async def leave(self) -> None:
+        await self._tell_server(BYE)
+        self._finished.set()
+
+    async def _tell_server(self, kind: str) -> None:
+        try:
+            await self.context.transport.send(self.server, Message(kind, self.context.transport.peer_id, 0))
+        except PeerUnreachable as reason:
+            log.warning("%s: could not reach the server: %r", self.context.transport.peer_id, reason)
+
+    async def _on_finished(self, message: Message) -> None:
+        if message.sender == self.server:
+            self._finished.set()
+
+    async def _on_train(self, message: Message) -> Message | None:
+        if message.sender != self.server or self._finished.is_set():
+            return None
+        try:
+            check_state(message.tensors, self._reference)
+        except InvalidState as reason:
+            self.context.transport.counters.reject("invalid-model")
+            log.warning("%s: rejected the global model: %s", self.context.transport.peer_id, reason)
+            return None
+        learner = self.context.learner
+        learner.load_state(message.tensors)
+        # The learning-rate schedule follows the server's rounds, not how often this client was sampled.
+        learner.set_progress(message.round * self.local_steps)
+        loss = await self.context.clock.compute(learner.train, self.local_steps, steps=self.local_steps)
+        return Message(UPDATE, self.context.transport.peer_id, message.round, learner.state(), meta={"loss": loss})

@@ -1,5 +1,6 @@
 """`peer run`: one real peer. It joins (or starts) a swarm through the DHT, trains on its shard,
-gossips with the neighbours that the overlay gives it, and leaves cleanly on SIGINT or SIGTERM.
+gossips with the neighbours that the overlay gives it (or, with MoDeST, trains and averages when
+sampled), and leaves cleanly on SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import hivemind
@@ -21,8 +22,10 @@ from safetensors.torch import save_file
 from gossip.catchup import SnapshotServer, catch_up
 from gossip.learner import State
 from gossip.neighbourhood import OverlayNeighbourhood
-from gossip.protocols import GOSSIP_PROTOCOLS, ProtocolContext
+from gossip.protocols import GOSSIP_PROTOCOLS, MoDeST, Protocol, ProtocolContext, RoundReport
 from gossip.settings import GossipSettings
+from gossip.transport import Clock
+from gossip.view import Entry
 from gossip.wire import Limits
 from peer.config import ConfigError, RunConfig
 from peer.curve import time_to_target
@@ -39,16 +42,27 @@ log = logging.getLogger(__name__)
 
 # Room beyond the model's own size for a message's header and a codec's side data.
 PAYLOAD_SLACK_BYTES = 1 << 20
+# Seconds a leaving MoDeST peer spends saying goodbye (peers that already left do not answer).
+GOODBYE_TIMEOUT = 5.0
 
 
-def fingerprint(task_name: str, state: State, gossip: GossipSettings) -> str:
-    """Peers mix only with peers whose task, model shapes and kind of exchange match this digest.
+def protocol_family(algorithm: str) -> str:
+    """Peers of one family speak the same messages: D-PSGD and DFedSAM peers gossip together."""
+    return "modest" if algorithm == "modest" else "gossip"
+
+
+def fingerprint(task_name: str, state: State, gossip: GossipSettings, algorithm: str) -> str:
+    """Peers mix only with peers whose task, protocol family, model shapes and kind of exchange
+    match this digest.
 
     Codecs may differ (a receiver decodes what the message names), but plain gossip and gossip
-    with error feedback exchange different things.
+    with error feedback exchange different things, and a sampling peer (MoDeST) never talks to
+    a gossiping one.
     """
     exchange = "plain" if gossip.error_feedback == "none" else "error-feedback"
-    layout = [task_name, exchange] + [[name, list(t.shape), str(t.dtype)] for name, t in sorted(state.items())]
+    layout = [task_name, protocol_family(algorithm), exchange] + [
+        [name, list(t.shape), str(t.dtype)] for name, t in sorted(state.items())
+    ]
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
 
@@ -107,6 +121,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         dht = await asyncio.to_thread(start_dht, config)
     membership = None
     transport = None
+    serving = True  # until a MoDeST peer's run is over
     keep_alive = None
     started = time.perf_counter()
     try:
@@ -115,7 +130,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         addresses = [str(a) for a in dht.get_visible_maddrs()]
         print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
         membership = Membership(
-            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task.name, state, gossip), 0), ttl=config.record_ttl
+            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task.name, state, gossip, config.algorithm), 0), ttl=config.record_ttl
         )
         transport = P2PTransport(p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view)
         if live:
@@ -123,41 +138,86 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             live.view_size = lambda: len(membership.live)
         metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
         clock = WallClock()
-        snapshots = SnapshotServer(transport, state)
+        modest = config.algorithm == "modest"
+        # MoDeST does not catch up (a newcomer JOINs and waits to be sampled), so it serves no snapshots.
+        snapshots = None if modest else SnapshotServer(transport, state)
+        neighbourhood: OverlayNeighbourhood | None = None
+        aggregated: set[int] = set()  # rounds this peer recorded (with MoDeST: the rounds it averaged)
 
         def round_done(record: RoundRecord) -> None:
-            snapshots.publish(trainer.state(), record.round + 1)
+            aggregated.add(record.round)
+            if snapshots:
+                snapshots.publish(trainer.state(), record.round + 1)
             if record.accuracy is not None:
                 membership.evaluated(record.accuracy)
             if live:
-                live.observe(record, neighbours=len(neighbourhood.in_weights((record.round + 1) * config.gossip_steps)))
+                # MoDeST has no neighbours: the models this aggregator averaged stand in for them.
+                neighbours = (
+                    len(neighbourhood.in_weights((record.round + 1) * config.gossip_steps))
+                    if neighbourhood else record.neighbours_heard
+                )
+                live.observe(record, neighbours=neighbours)
             if on_record:
                 on_record(record)
 
         node = PeerNode(
             transport, clock, trainer, metrics, rounds=config.rounds, eval_every=config.eval_every,
-            on_record=round_done, pace=config.pace, wall_time=True,
+            on_record=round_done, pace=0.0 if modest else config.pace, wall_time=True,
         )
-        neighbourhood = OverlayNeighbourhood(
-            config.topology, me, membership.view, weights=config.weights, seed=config.seed,
-            admits=membership.compatible, unreachable=membership.suspect,
-        )
-        context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished, gossip)
-        node.protocol = GOSSIP_PROTOCOLS[config.algorithm](
-            context, local_steps=config.local_steps, gossip_steps=config.gossip_steps
-        )
+        protocol: Protocol
+        if modest:
+            # Only aggregators finish rounds; --pace holds each aggregation back instead (see paced).
+            context = ProtocolContext(transport, clock, trainer, None, paced(node.round_finished, clock, config.pace), gossip)
+            # Built (and serving) before anyone can learn of us; its view is filled once the peers are known.
+            protocol = MoDeST(context, local_steps=config.local_steps, settings=config.modest_settings(), peers=[])
+        else:
+            neighbourhood = OverlayNeighbourhood(
+                config.topology, me, membership.view, weights=config.weights, seed=config.seed,
+                admits=membership.compatible, unreachable=membership.suspect,
+            )
+            context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished, gossip)
+            protocol = GOSSIP_PROTOCOLS[config.algorithm](
+                context, local_steps=config.local_steps, gossip_steps=config.gossip_steps
+            )
+        node.protocol = protocol
         # Handlers are in place before anyone can learn of us, so no early model is refused.
         await transport.start()
         await _wait_for_peers(membership, config)
-        first_round = await _catch_up(transport, membership, trainer, config)
-        current_round = lambda: metrics.latest[me].round + 1 if me in metrics.latest else first_round  # noqa: E731
+        if isinstance(protocol, MoDeST):
+            first_round = 0
+            _enter_swarm(protocol, membership)
+        else:
+            first_round = await _catch_up(transport, membership, trainer, config)
+
+        def current_round() -> int:
+            recorded = metrics.latest[me].round + 1 if me in metrics.latest else first_round
+            if isinstance(protocol, MoDeST):
+                # Only aggregators record rounds; the view's estimate is the round the swarm is at.
+                return min(max(protocol.view.estimate(), recorded), config.rounds)
+            return recorded
+
         keep_alive = asyncio.create_task(membership.keep_alive(current_round))
+        holds_final_model = False
         try:
             await _until_signal(node.run(first_round))
+            if isinstance(protocol, MoDeST):
+                # The last round's model reached us (or we averaged it), unless the run ended on a
+                # signal or on word from others that it was over.
+                holds_final_model = protocol.finished.is_set()
+                # Its handlers outlive run(): a late model must not change the one we evaluate and save.
+                await _stop_serving(transport)
+                serving = False
             await clock.settle()  # a training step cut short by the signal finishes before saving
+            if isinstance(protocol, MoDeST):
+                await _say_goodbye(protocol)
         finally:
             metrics.close()
         last = metrics.latest.get(me)
+        accuracy, loss = (last.accuracy, last.loss) if last else (None, None)
+        if holds_final_model and not (last and last.round == config.rounds - 1):
+            # Only aggregators record rounds; every peer was sent the last round's model.
+            accuracy, loss = await clock.compute(trainer.evaluate, steps=0)
+            membership.evaluated(accuracy)  # shown by `peer status` once we have left
         summary = {
             "peer": me,
             "swarm": config.swarm,
@@ -166,7 +226,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             "mixing": config.mixing,
             "gossip_steps": config.gossip_steps,
             "task": config.task,
-            "topology": config.topology,
+            "topology": "sampled" if modest else config.topology,
             "partition": config.partition,
             "shard": config.shard,
             "shards": config.shards,
@@ -175,8 +235,8 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             "error_feedback": gossip.error_feedback,
             "rounds_completed": current_round(),
             "rounds": config.rounds,
-            "accuracy": last.accuracy if last else None,
-            "loss": last.loss if last else None,
+            "accuracy": accuracy,
+            "loss": loss,
             "bytes_sent": transport.counters.bytes_sent,
             "bytes_received": transport.counters.bytes_received,
             "rejected": transport.counters.rejected,
@@ -185,6 +245,11 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             "wall_seconds": time.perf_counter() - started,
             **time_to_target(metrics.curve.points(), config.target_accuracy, wall_clock=True),
         }
+        if isinstance(protocol, MoDeST):
+            summary.update(
+                sample_size=protocol.settings.sample_size, aggregators=protocol.settings.aggregators,
+                final_model=holds_final_model, rounds_aggregated=len(aggregated),
+            )
         if config.out:
             save_checkpoint(config.out / "checkpoint.safetensors", trainer.state(), current_round())
             write_json_atomic(config.out / "summary.json", summary)
@@ -192,7 +257,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
     finally:
         if keep_alive:
             keep_alive.cancel()
-        await _leave(membership, transport, dht)
+        await _leave(membership, transport if serving else None, dht)
         if identity_lock:
             identity_lock.close()
 
@@ -208,7 +273,7 @@ async def _leave(membership: Membership | None, transport: P2PTransport | None, 
         try:
             async with asyncio.timeout(5):
                 await step
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - the next step is tried all the same
             log.warning("could not %s: %r", what, error)
     dht.shutdown()
 
@@ -216,7 +281,7 @@ async def _leave(membership: Membership | None, transport: P2PTransport | None, 
 def lock_identity(path: Path):
     """Hold an exclusive lock beside the identity file for as long as this peer runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(path.with_name(path.name + ".lock"), "w")
+    lock = open(path.with_name(path.name + ".lock"), "w")  # noqa: SIM115 - held open while the peer runs
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -254,9 +319,50 @@ async def _catch_up(transport: P2PTransport, membership: Membership, trainer: Tr
         return 0
     state, round_ = pulled
     trainer.load_state(state)
-    trainer.steps_taken = min(round_, config.rounds) * config.local_steps  # join the swarm's learning-rate schedule
+    trainer.set_progress(min(round_, config.rounds) * config.local_steps)  # join the swarm's learning-rate schedule
     print(f"caught up: round {round_} from the swarm", flush=True)
     return min(round_, config.rounds)
+
+
+def paced(round_finished: Callable[[RoundReport], Awaitable[None]], clock: Clock, pace: float):
+    """MoDeST's --pace: an aggregator hands a round's average on no sooner than ``pace`` seconds
+    after the round's first model reached it, so each round takes at least that long."""
+    if not pace:
+        return round_finished
+
+    async def finished(report: RoundReport) -> None:
+        started = clock.now() - report.exchange_seconds
+        await round_finished(report)
+        await clock.sleep(started + pace - clock.now())
+
+    return finished
+
+
+def _enter_swarm(protocol: MoDeST, membership: Membership) -> None:
+    """Give MoDeST the live peers as its view; in a swarm already under way it JOINs them."""
+    protocol.view.merge({peer: Entry(0) for peer in membership.view()})
+    me = membership.record.peer_id
+    protocol.joining = any(r.round > 0 for r in membership.live.values() if r.peer_id != me)
+    if protocol.joining:
+        print(f"joining a swarm under way at round {max(r.round for r in membership.live.values())}", flush=True)
+
+
+async def _stop_serving(transport: P2PTransport) -> None:
+    """Refuse new streams: requests then fail at once, as to a peer that has gone (no reply to count)."""
+    try:
+        async with asyncio.timeout(5):
+            await transport.stop()
+    except Exception as error:  # noqa: BLE001 - the summary and the checkpoint come first
+        log.warning("could not stop serving: %r", error)
+
+
+async def _say_goodbye(protocol: MoDeST) -> None:
+    """LEAVE to some peers, so that nobody samples us again; it also spreads word of a finished run."""
+    try:
+        async with asyncio.timeout(GOODBYE_TIMEOUT):
+            await protocol.leave()
+    except Exception as error:  # noqa: BLE001 - leaving must not cost the summary and the checkpoint
+        log.warning("could not say goodbye: %r", error)
 
 
 async def _until_signal(work) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from peer.config import ConfigError, SwarmConfig, TrainingConfig
-from peer.curve import CurveBuilder, time_to_target
+from peer.curve import CurveBuilder, CurvePoint, time_to_target
 from peer.metrics import consensus_distance, prepare_out, write_json_atomic
 from peer.runs import RunError, read_curve
 
@@ -41,6 +41,9 @@ class LocalSwarm:
             value = getattr(self.config, name)
             if value is not None and name != "out":
                 args += [f"--{name.replace('_', '-')}", str(value)]
+        if self.config.algorithm == "modest" and self.config.sample_size is None:
+            # As in simulation: no larger a sample than the swarm, or every round would wait out its timeout.
+            args += ["--sample-size", str(modest_sample_size(self.config))]
         return args
 
     def folder(self, index: int) -> Path:
@@ -91,12 +94,24 @@ class LocalSwarm:
         raise ConfigError(f"peer {index} did not announce its address within {self.config.join_timeout:g} s; see {log}")
 
     def last_round(self, index: int) -> int:
-        """The last round peer ``index`` recorded, or -1."""
+        """The highest round peer ``index`` recorded, or -1 (also while it has recorded none)."""
         metrics = self.folder(index) / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        return json.loads(lines[-1])["round"] if lines else -1
+        try:
+            text = metrics.read_text()
+        except FileNotFoundError:
+            return -1
+        # A last line without its newline is still being written.
+        lines = text.splitlines()[: text.count("\n")]
+        return max((json.loads(line)["round"] for line in lines if line.strip()), default=-1)
 
     def rounds_done(self) -> int:
+        """Peer-rounds done so far, out of peers x rounds.
+
+        With MoDeST only a round's aggregators record it, so the swarm's progress is its highest
+        round recorded by anyone, counted once for every peer.
+        """
+        if self.config.algorithm == "modest":
+            return len(self.processes) * (max((self.last_round(i) for i in self.processes), default=-1) + 1)
         return sum(self.last_round(index) + 1 for index in self.processes)
 
     def running(self) -> bool:
@@ -128,12 +143,32 @@ class LocalSwarm:
         return found
 
 
+def modest_sample_size(config: SwarmConfig) -> int:
+    return config.sample_size or min(config.modest_settings().sample_size, config.peers)
+
+
 def kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     process.wait()
+
+
+def swarm_accuracy(algorithm: str, summaries: list[dict], points: list[CurvePoint]) -> tuple[float | None, ...]:
+    """The swarm's test accuracy: mean, min and max.
+
+    Gossip: over each peer's last evaluation. MoDeST: only aggregators record rounds, and the
+    swarm's result is the last aggregated model, as evaluated by the aggregators of the highest
+    round that any peer recorded.
+    """
+    if algorithm == "modest" and points:
+        final = points[-1]
+        return final.mean_accuracy, final.min_accuracy, final.max_accuracy
+    accuracies = [s["accuracy"] for s in summaries if s["accuracy"] is not None]
+    if not accuracies:
+        return None, None, None
+    return sum(accuracies) / len(accuracies), min(accuracies), max(accuracies)
 
 
 def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = None) -> dict:
@@ -155,7 +190,6 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
     summaries = list(swarm.summaries().values())
     checkpoints = [swarm.folder(i) / "checkpoint.safetensors" for i in swarm.processes]
     states = [load_file(str(path)) for path in checkpoints if path.exists()]
-    accuracies = [s["accuracy"] for s in summaries if s["accuracy"] is not None]
     files = [swarm.folder(i) / "metrics.jsonl" for i in swarm.processes]
     try:
         curve = read_curve([path for path in files if path.exists()])
@@ -163,10 +197,12 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         print(f"peer swarm: warning: {error}", file=sys.stderr)
         curve = CurveBuilder()
     gossip = config.gossip_settings()
+    points = curve.points()
+    mean_accuracy, min_accuracy, max_accuracy = swarm_accuracy(config.algorithm, summaries, points)
     summary = {
         "algorithm": config.algorithm,
         "task": config.task,
-        "topology": config.topology,
+        "topology": "sampled" if config.algorithm == "modest" else config.topology,
         "partition": config.partition,
         "peers": config.peers,
         "rounds": config.rounds,
@@ -178,16 +214,23 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         "error_feedback": gossip.error_feedback,
         "peers_finished": sum(s["rounds_completed"] == config.rounds for s in summaries),
         "failed_peers": {f"peer-{i}": p.returncode for i, p in swarm.processes.items() if p.returncode != 0},
-        "mean_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
-        "min_accuracy": min(accuracies, default=None),
-        "max_accuracy": max(accuracies, default=None),
+        "mean_accuracy": mean_accuracy,
+        "min_accuracy": min_accuracy,
+        "max_accuracy": max_accuracy,
         "consensus_distance": consensus_distance(states) if states else None,
         "bytes_sent_total": sum(s["bytes_sent"] for s in summaries),
         "rejected_total": sum(s["rejected"] for s in summaries),
         "missed_exchanges_total": sum(s["missed_exchanges"] for s in summaries),
         "interrupted": interrupted,
         "wall_seconds": time.perf_counter() - started,
-        **time_to_target(curve.points(), config.target_accuracy, wall_clock=True),
+        **time_to_target(points, config.target_accuracy, wall_clock=True),
     }
+    if config.algorithm == "modest":
+        summary.update(
+            sample_size=modest_sample_size(config),
+            aggregators=config.aggregators,
+            last_round=points[-1].round if points else None,  # the highest evaluated round recorded
+            peers_with_final_model=sum(bool(s.get("final_model")) for s in summaries),
+        )
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -62,6 +62,13 @@ class SimNetwork:
     def is_up(self, peer_id: PeerId) -> bool:
         return peer_id in self._endpoints and peer_id not in self._down
 
+    def bytes_sent(self) -> int:
+        """By every peer of the network, up or down, since the start."""
+        return sum(endpoint.counters.bytes_sent for endpoint in self._endpoints.values())
+
+    def rejected(self) -> int:
+        return sum(endpoint.counters.rejected for endpoint in self._endpoints.values())
+
     def peers(self) -> list[PeerId]:
         return [p for p in self._endpoints if p not in self._down]
 

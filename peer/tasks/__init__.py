@@ -20,17 +20,28 @@ _BUILTIN_LOADERS: dict[str, Callable[[Path | None], Task]] = {
     "fashion-mnist": load_fashion_mnist,
 }
 TASK_NAMES = tuple(_BUILTIN_LOADERS)
+MIN_MNIST1D_SAMPLES, MAX_MNIST1D_SAMPLES = 100, 1_000_000
 _USER_TASK_CONTRACT = "def FUNCTION(data_dir: Path | None) -> peer.tasks.Task"
 
 
 def load_task(spec: str, data_dir: Path | None = None) -> Task:
     """Load and validate a built-in task by name, or a user's task given as module:function."""
+    name, _, samples = spec.partition(":")
     if spec in _BUILTIN_LOADERS:
         task = _BUILTIN_LOADERS[spec](data_dir)
+    elif name == "mnist1d":
+        if not samples.isdigit() or not MIN_MNIST1D_SAMPLES <= int(samples) <= MAX_MNIST1D_SAMPLES:
+            raise TaskError(
+                f"task {spec!r}: mnist1d:SAMPLES takes a whole number of sequences from "
+                f"{MIN_MNIST1D_SAMPLES} to {MAX_MNIST1D_SAMPLES}, e.g. mnist1d:25000"
+            )
+        task = load_mnist1d(data_dir, int(samples))
     elif ":" in spec:
         task = _load_user_task(spec, data_dir)
     else:
-        raise TaskError(f"unknown task {spec!r}: use one of {', '.join(TASK_NAMES)}, or module:function for your own")
+        raise TaskError(
+            f"unknown task {spec!r}: use one of {', '.join(TASK_NAMES)}, mnist1d:SAMPLES, or module:function for your own"
+        )
     task.validate()
     return task
 

@@ -22,14 +22,18 @@ SEQUENCE_LENGTH = 40
 _ARRAY_NAMES = ("x", "y", "x_test", "y_test")
 
 
-def load_mnist1d(data_dir: Path | None = None) -> Task:
-    """The MNIST-1D task; data_dir is unused because the data is generated, not read."""
-    arrays = _cached_dataset()
+DEFAULT_SAMPLES = 5000  # the generator's own default: 4,000 to train on, 1,000 to test
+
+
+def load_mnist1d(data_dir: Path | None = None, samples: int = DEFAULT_SAMPLES) -> Task:
+    """The MNIST-1D task with ``samples`` sequences, 80% of them for training; data_dir is unused
+    because the data is generated, not read. More samples give each of many peers a real share."""
+    arrays = _cached_dataset(samples)
     train_x = arrays["x"].astype(np.float32)
     test_x = arrays["x_test"].astype(np.float32)
     mean, std = train_x.mean(), train_x.std()
     return Task(
-        name="mnist1d",
+        name="mnist1d" if samples == DEFAULT_SAMPLES else f"mnist1d:{samples}",
         train_x=torch.from_numpy((train_x - mean) / std).unsqueeze(1),
         train_y=torch.from_numpy(arrays["y"].astype(np.int64)),
         test_x=torch.from_numpy((test_x - mean) / std).unsqueeze(1),
@@ -57,13 +61,14 @@ def make_mnist1d_model() -> nn.Module:
     )
 
 
-def _cached_dataset() -> dict[str, np.ndarray]:
+def _cached_dataset(samples: int) -> dict[str, np.ndarray]:
     """The generated arrays, from the cache when an intact copy is there."""
     # Imported here, not at the top, because it pulls in scipy and matplotlib (over a second)
     # and only this task needs it.
     import mnist1d.data
 
     args = mnist1d.data.get_dataset_args(as_dict=True)
+    args["num_samples"] = samples
     path = cache_dir() / f"mnist1d-{_cache_key(args)}.npz"
     try:
         with np.load(path) as stored:

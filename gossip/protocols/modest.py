@@ -1,0 +1,516 @@
+"""MoDeST: decentralised sampling (ALGORITHMS.md section 4; de Vos et al., arXiv 2302.13837).
+
+Each round a sample of s peers trains and a aggregators average, as in federated learning, but
+no server chooses them: every peer orders the candidates of its view by md5(peer, round) and
+takes the first ones that answer a ping (``gossip.sampling``). Round r at message level:
+
+- A trainer of round r holds the aggregated model of round r - 1 (round 0: its initial model),
+  takes its local steps, and sends the result to the first a live aggregators in round r's
+  order, each of which acknowledges it on receipt.
+- An aggregator averages once it holds floor(s * success_fraction) models, or when the
+  aggregation timeout has passed with at least ``min_models``. It then sends the average to the
+  s live trainers of round r + 1 and tells its contributors the round is done.
+
+Views (``gossip.view``) travel with every message. What the authors' code lacked, and this has:
+a trainer that gets no acknowledgement, or no word that its round was done, forwards its model
+to the next live aggregator in the order; the aggregator of round r restarts round r + 1 when
+nobody reports it done; failed pings are remembered; rounds too far ahead are refused. The
+aggregator of the last round sends the final model to every peer it knows, and marks the run
+finished in its view, which the others' heartbeats pick up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+from gossip.codecs import Identity, parse_codec
+from gossip.exchange import message_seed
+from gossip.learner import State
+from gossip.message import Message, PeerId
+from gossip.model_codec import FlatModel, codec_for, exchanged
+from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.sampling import Liveness, hash_order
+from gossip.transport import PeerUnreachable
+from gossip.validation import InvalidState, check_state
+from gossip.view import VIEW_TENSOR, Entry, View, ViewError, decode_view
+
+log = logging.getLogger(__name__)
+
+PING, PONG = "modest-ping", "modest-pong"
+MODEL = "modest-model"  # an aggregated model, to a trainer of the next round
+TRAINED = "modest-trained"  # a trained model, to an aggregator; answered with ACK
+ACK = "modest-ack"
+DONE = "modest-done"  # to contributors: the round was aggregated and handed on
+JOIN, LEAVE = "modest-join", "modest-leave"
+MAX_OPEN_ROUNDS = 8  # rounds an aggregator collects models for at once
+
+
+@dataclass(frozen=True)
+class ModestSettings:
+    sample_size: int = 10
+    aggregators: int = 1
+    success_fraction: float = 1.0
+    min_models: int = 1  # the fewest models an aggregator averages once its timeout has passed
+    ping_timeout: float = 5.0  # also the wait for an acknowledgement
+    aggregation_timeout: float = 30.0
+    round_timeout: float = 120.0  # without word that a round was done, a trainer forwards and the previous aggregator restarts it
+    heartbeat: float = 10.0  # a peer that heard nothing for this long pings someone, keeping both views fresh
+    inactivity_rounds: int = 500  # peers not seen active for this many rounds are not sampled
+    max_round_lead: int = 100  # rounds further ahead of our estimate than this are refused
+    join_fanout: int = 10  # a JOIN or LEAVE goes to this many times s peers of the view
+
+    def __post_init__(self) -> None:
+        if self.sample_size < 1:
+            raise ValueError(f"sample size must be at least 1, got {self.sample_size}")
+        if not 1 <= self.aggregators <= self.sample_size:
+            raise ValueError(f"aggregators must be between 1 and the sample size {self.sample_size}, got {self.aggregators}")
+        if not 0 < self.success_fraction <= 1:
+            raise ValueError(f"success fraction must be in (0, 1], got {self.success_fraction}")
+        if self.min_models < 1:
+            raise ValueError(f"min models must be at least 1, got {self.min_models}")
+
+    @property
+    def models_needed(self) -> int:
+        return max(1, math.floor(self.sample_size * self.success_fraction))
+
+
+@dataclass
+class _Collecting:
+    """An aggregator's models for one round: one per sender."""
+
+    models: dict[PeerId, tuple[State, float, PeerId]]  # sender: (state, training loss, who sent it the model)
+    started: float
+    timed_out: bool = False
+
+
+class MoDeST(Protocol):
+    name = "modest"
+
+    def __init__(
+        self,
+        context: ProtocolContext,
+        *,
+        local_steps: int,
+        settings: ModestSettings,
+        peers: list[PeerId],
+        joining: bool = False,
+    ):
+        super().__init__(context)
+        if context.gossip.error_feedback != "none":
+            raise ValueError("MoDeST's links change every round, so there are no per-link copies for error feedback; use --error-feedback none")
+        self.local_steps = local_steps
+        self.settings = settings
+        self.joining = joining
+        transport = context.transport
+        self.me = transport.peer_id
+        self.view = View(self.me, peers)
+        self.liveness = Liveness(self._ping)
+        self.codec = parse_codec(context.gossip.codec)
+        reference = context.learner.state()
+        self._reference = {k: v.detach() for k, v in exchanged(reference).items()}
+        self._flat = FlatModel(reference)
+        self._rng = random.Random(self.me)
+        self.rounds = 0
+        self._started = asyncio.Event()  # models that come before run() wait for it
+        self._stopped = False  # run() has returned: what comes now is ignored
+        # One model, one training at a time: a newer round's model waits for the training under way.
+        self._learner_lock = asyncio.Lock()
+        self.finished = asyncio.Event()
+        self.training_round = -1  # the newest round this peer trains or has trained for
+        self._collecting: dict[int, _Collecting] = {}
+        self._aggregated: set[int] = set()  # rounds this peer has averaged
+        self._done: dict[int, asyncio.Event] = {}  # rounds reported done to this peer
+        self._pending_joins: dict[PeerId, Entry] = {}
+        self._last_heard = 0.0
+        self._tasks: set[asyncio.Task] = set()
+        for kind, handler in (
+            (PING, self._on_ping), (JOIN, self._on_join), (LEAVE, self._on_leave), (MODEL, self._on_model),
+            (TRAINED, self._on_trained), (DONE, self._on_done),
+        ):
+            transport.serve(kind, handler)
+
+    # --- the peer's life ---------------------------------------------------------------
+
+    async def run(self, rounds: int, first_round: int = 0) -> None:
+        self.rounds = rounds
+        self._started.set()
+        self._last_heard = self.context.clock.now()
+        try:
+            if self.joining:
+                await self._join()
+            elif self.me in hash_order(self.view.candidates(0, self.settings.inactivity_rounds), 0)[: self.settings.sample_size]:
+                # Round 0's trainers are the first of its order: at the start every peer is up.
+                self._start_training(0, None, None)
+            progress = (self.view.estimate(), self.context.clock.now())
+            while not self.finished.is_set():
+                if self.view.estimate() >= rounds:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with self.context.clock.timeout(self.settings.heartbeat):
+                        await self.finished.wait()
+                now = self.context.clock.now()
+                if now - self._last_heard >= self.settings.heartbeat:
+                    await self._heartbeat()
+                if self.view.estimate() > progress[0]:
+                    progress = (self.view.estimate(), now)
+                elif now - progress[1] >= self._restart_delay() and not self.finished.is_set():
+                    await self._restart_stalled()
+                    progress = (self.view.estimate(), self.context.clock.now())
+        finally:
+            self._stopped = True
+            for task in self._tasks:
+                task.cancel()
+
+    async def leave(self) -> None:
+        """Say goodbye: the LEAVE spreads with the views, and nobody samples this peer again."""
+        self.view.announce(left=True)
+        await asyncio.gather(*(self._send(peer, self._message(LEAVE, self.view.estimate())) for peer in self._fanout()))
+        self.finished.set()
+
+    async def _join(self) -> None:
+        self.view.announce(left=False)
+        request = self._message(JOIN, 0)
+        replies = await asyncio.gather(*(self._request(peer, request, bounded=False) for peer in self._fanout()))
+        if not any(reply is not None for reply in replies):
+            log.warning("%s: no peer answered our JOIN; waiting to be found", self.me)
+        self.view.touch(self.me, self.view.estimate())
+
+    def _restart_delay(self) -> float:
+        """How long without progress before this peer restarts the swarm: peers holding the most
+        recent models first, then in hash order, so that one restart usually suffices."""
+        estimate = self.view.estimate()
+        newest = max(self.training_round, max(self._aggregated, default=-1))
+        order = hash_order(self.view.candidates(estimate + 1, self.settings.inactivity_rounds), estimate + 1)
+        rank = order.index(self.me) if self.me in order else len(order)
+        staleness = max(0, estimate - newest)
+        return self.settings.round_timeout * (2 + staleness) + rank * 2 * self.settings.ping_timeout
+
+    async def _restart_stalled(self) -> None:
+        """Nobody in reach holds a round in progress (its trainers and aggregators are gone): hand
+        our own model to the next round's trainers, unless their answers show the swarm moving."""
+        estimate = self.view.estimate()
+        log.warning("%s: no progress past round %d; restarting round %d", self.me, estimate, estimate + 1)
+        await self._hand_on(estimate, self.context.learner.state(), restart=True)
+
+    async def _heartbeat(self) -> None:
+        self._merge_pending_joins()
+        peers = [p for p in self.view.entries if p != self.me and not self.view.left(p) and not self.liveness.suspected(p)]
+        if peers:
+            await self._ping(self._rng.choice(sorted(peers)))
+        self._last_heard = self.context.clock.now()
+
+    def _fanout(self) -> list[PeerId]:
+        others = sorted(p for p in self.view.entries if p != self.me and not self.view.left(p))
+        return self._rng.sample(others, min(len(others), self.settings.join_fanout * self.settings.sample_size))
+
+    # --- messages ------------------------------------------------------------------------
+
+    def _message(self, kind: str, round_: int, state: State | None = None, **meta) -> Message:
+        tensors = dict(self.view.encode())
+        if state is not None:
+            if self.codec.lossless:
+                tensors.update(exchanged(state))
+            else:
+                seed = message_seed(self.me, kind, round_)
+                tensors.update(self.codec.encode(self._flat.flatten(state), seed))
+                meta["seed"] = seed
+        return Message(kind, self.me, round_, tensors, meta=meta, codec=self.codec.spec if state is not None else Identity.spec)
+
+    def _accept(self, message: Message, *, bounded: bool = True) -> bool:
+        """Merge the view a message carries; False (counted) when it is malformed or too far ahead."""
+        max_round = self.view.estimate() + self.settings.max_round_lead if bounded else 2**62
+        try:
+            if message.round > max_round:
+                raise ViewError(f"round {message.round} is beyond the {max_round} accepted")
+            entries = decode_view(message.tensors, max_round=max_round)
+        except ViewError as reason:
+            self.context.transport.counters.reject("malformed")
+            log.warning("%s: refused a %s from %s: %s", self.me, message.kind, message.sender, reason)
+            return False
+        self.view.merge(entries)
+        self.view.touch(message.sender, message.round)
+        for peer, entry in entries.items():
+            self.liveness.seen_active(peer, entry.active)
+        self.liveness.heard_from(message.sender)
+        self._last_heard = self.context.clock.now()
+        return True
+
+    def _model(self, message: Message) -> State | None:
+        """The model a message carries, or None (counted) when it is not one we can use."""
+        parts = {k: v for k, v in message.tensors.items() if k != VIEW_TENSOR}
+        try:
+            if message.codec == Identity.spec:
+                check_state(parts, self._reference)
+                return parts
+            seed = message.meta.get("seed")
+            if type(seed) is not int:
+                raise InvalidState(f"a {message.codec} model needs an integer seed, got {seed!r}")
+            return self._flat.unflatten(self._flat.decode(codec_for(message.codec), parts, seed))
+        except (InvalidState, ValueError) as reason:
+            self.context.transport.counters.reject("invalid-model")
+            log.warning("%s: refused a model from %s for round %d: %s", self.me, message.sender, message.round, reason)
+            return None
+
+    async def _send(self, peer: PeerId, message: Message) -> bool:
+        try:
+            # A peer that stops reading must not hold us up; a model may take a while to transmit.
+            async with self.context.clock.timeout(self.context.gossip.timeout):
+                await self.context.transport.send(peer, message)
+            return True
+        except (PeerUnreachable, TimeoutError) as reason:
+            log.info("%s: could not send to %s: %r", self.me, peer, reason)
+            return False
+
+    async def _request(self, peer: PeerId, message: Message, *, bounded: bool = True) -> Message | None:
+        timeout = self.context.gossip.timeout if message.kind == TRAINED else self.settings.ping_timeout
+        try:
+            reply = await self.context.transport.request(peer, message, timeout=timeout)
+        except (TimeoutError, PeerUnreachable):
+            return None
+        return reply if self._accept(reply, bounded=bounded) else None
+
+    async def _ping(self, peer: PeerId) -> bool:
+        if peer == self.me:
+            return True
+        return await self._request(peer, self._message(PING, self.view.estimate())) is not None
+
+    async def _on_ping(self, message: Message) -> Message | None:
+        return self._message(PONG, self.view.estimate()) if self._accept(message) else None
+
+    async def _on_join(self, message: Message) -> Message | None:
+        # Merged after our next model send, so that the newcomer is not sampled in the very next round.
+        if not self._accept_view_only(message):
+            return None
+        return self._message(PONG, self.view.estimate())
+
+    def _accept_view_only(self, message: Message) -> bool:
+        try:
+            entries = decode_view(message.tensors, max_round=self.view.estimate() + self.settings.max_round_lead)
+        except ViewError as reason:
+            self.context.transport.counters.reject("malformed")
+            log.warning("%s: refused a JOIN from %s: %s", self.me, message.sender, reason)
+            return False
+        own = entries.get(message.sender)
+        if own is not None:
+            self._pending_joins[message.sender] = own
+        return True
+
+    def _merge_pending_joins(self) -> None:
+        if self._pending_joins:
+            self.view.merge(self._pending_joins)
+            for peer in self._pending_joins:
+                self.view.touch(peer, self.view.estimate())
+            self._pending_joins = {}
+
+    async def _on_leave(self, message: Message) -> None:
+        self._accept(message)
+
+    async def _on_done(self, message: Message) -> None:
+        if self._accept(message):
+            self._done.setdefault(message.round, asyncio.Event()).set()
+
+    # --- training ------------------------------------------------------------------------
+
+    def _spawn(self, coroutine) -> None:
+        if self._stopped:
+            coroutine.close()
+            return
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_training(self, round_: int, state: State | None, parent: PeerId | None) -> None:
+        self.training_round = round_
+        self.view.touch(self.me, round_)
+        self._spawn(self._train(round_, state, parent))
+
+    async def _ready(self) -> bool:
+        """Wait for run() to start; False once it has returned."""
+        await self._started.wait()
+        return not self._stopped and not self.finished.is_set()
+
+    async def _on_model(self, message: Message) -> None:
+        if not self._accept(message) or not await self._ready():
+            return
+        state = self._model(message)
+        if state is None:
+            return
+        if message.round >= self.rounds - 1:
+            async with self._learner_lock:
+                self.context.learner.load_state(state)  # the final model
+            self.finished.set()
+        elif message.round + 1 > self.training_round:
+            self._start_training(message.round + 1, state, message.sender)
+        # Otherwise a later copy of a round we already train: the first copy wins.
+
+    async def _train(self, round_: int, state: State | None, parent: PeerId | None) -> None:
+        learner = self.context.learner
+        async with self._learner_lock:
+            if self.training_round != round_ or self.finished.is_set():
+                return  # a newer round's model came while we waited
+            if state is not None:
+                learner.load_state(state)
+            # The learning-rate schedule follows the swarm's rounds, not how often we were sampled.
+            learner.set_progress(round_ * self.local_steps)
+            loss = await self.context.clock.compute(learner.train, self.local_steps, steps=self.local_steps)
+            if self.training_round != round_:
+                return  # a newer round's model came while we trained
+            trained = learner.state()
+        order = hash_order(self.view.candidates(round_, self.settings.inactivity_rounds), round_)
+        done = self._done.setdefault(round_, asyncio.Event())
+        tried: set[PeerId] = set()
+        while not done.is_set() and not self.finished.is_set() and self.training_round == round_:
+            acknowledged = await self._contribute(round_, trained, loss, parent, [p for p in order if p not in tried])
+            if not acknowledged:
+                log.warning("%s: no aggregator of round %d acknowledged our model", self.me, round_)
+                return
+            tried |= acknowledged
+            with contextlib.suppress(TimeoutError):
+                async with self.context.clock.timeout(self.settings.round_timeout):
+                    await done.wait()
+            if not done.is_set():
+                # They acknowledged and then went silent: the next live aggregators get our model.
+                for peer in acknowledged - {self.me}:
+                    self.liveness.suspect(peer, self._active(peer))
+
+    async def _contribute(
+        self, round_: int, trained: State, loss: float, parent: PeerId | None, order: list[PeerId]
+    ) -> set[PeerId]:
+        """Hand our model to a aggregators; one that does not acknowledge is replaced by the next live one."""
+        wanted = self.settings.aggregators
+        acknowledged: set[PeerId] = set()
+        message = self._message(TRAINED, round_, trained, loss=loss, parent=parent or "")
+        while len(acknowledged) < wanted and order:
+            targets = await self.liveness.first_live(order, wanted - len(acknowledged), self._active)
+            if not targets:
+                break
+            order = order[order.index(targets[-1]) + 1 :]
+            replies = await asyncio.gather(*(self._hand_over(peer, message, trained, loss, parent) for peer in targets))
+            for peer, ok in zip(targets, replies):
+                if ok:
+                    acknowledged.add(peer)
+                else:
+                    self.liveness.suspect(peer, self._active(peer))
+        self._merge_pending_joins()
+        return acknowledged
+
+    async def _hand_over(self, peer: PeerId, message: Message, trained: State, loss: float, parent: PeerId | None) -> bool:
+        if peer == self.me:
+            self._collect(message.round, self.me, trained, loss, parent or "")
+            return True
+        reply = await self._request(peer, message)
+        if reply is not None and reply.meta.get("done"):
+            self._done.setdefault(message.round, asyncio.Event()).set()
+        return reply is not None and reply.kind == ACK
+
+    def _active(self, peer: PeerId) -> int:
+        entry = self.view.entries.get(peer)
+        return entry.active if entry else 0
+
+    # --- aggregation ---------------------------------------------------------------------
+
+    async def _on_trained(self, message: Message) -> Message | None:
+        if not self._accept(message) or not await self._ready():
+            return None
+        if message.round in self._aggregated:
+            return self._message(ACK, message.round, done=True)  # late: the round is over
+        collecting = self._collecting.get(message.round)
+        # What a stranger can make us buffer is bounded: a few open rounds of a few samples each.
+        if collecting is None and len(self._collecting) >= MAX_OPEN_ROUNDS:
+            return None
+        if collecting is not None and message.sender not in collecting.models and len(collecting.models) >= 2 * self.settings.sample_size:
+            return None
+        state = self._model(message)
+        loss, parent = message.meta.get("loss"), message.meta.get("parent")
+        if state is None or not isinstance(loss, float | int) or not isinstance(parent, str) or not math.isfinite(loss):
+            return None
+        self._collect(message.round, message.sender, state, float(loss), parent)
+        return self._message(ACK, message.round)
+
+    def _collect(self, round_: int, sender: PeerId, state: State, loss: float, parent: str) -> None:
+        if round_ in self._aggregated:
+            return
+        collecting = self._collecting.get(round_)
+        if collecting is None:
+            collecting = self._collecting[round_] = _Collecting({}, self.context.clock.now())
+            self._spawn(self._aggregation_timeout(round_))
+        collecting.models[sender] = (state, loss, parent)
+        if len(collecting.models) >= self.settings.models_needed or (
+            collecting.timed_out and len(collecting.models) >= self.settings.min_models
+        ):
+            self._close(round_)
+
+    async def _aggregation_timeout(self, round_: int) -> None:
+        await self.context.clock.sleep(self.settings.aggregation_timeout)
+        collecting = self._collecting.get(round_)
+        if collecting is not None and round_ not in self._aggregated:
+            collecting.timed_out = True
+            if len(collecting.models) >= self.settings.min_models:
+                self._close(round_)
+
+    def _close(self, round_: int) -> None:
+        """No more models for this round: later ones are told it is done."""
+        self._aggregated.add(round_)
+        self._spawn(self._aggregate(round_, self._collecting.pop(round_)))
+
+    async def _aggregate(self, round_: int, collecting: _Collecting) -> None:
+        senders = sorted(collecting.models)
+        states = [collecting.models[s][0] for s in senders]
+        mixed = self.context.gossip.mixing.mix(exchanged(states[0]), 1.0, [(1.0, s) for s in states[1:]])
+        learner = self.context.learner
+        async with self._learner_lock:
+            average = {**learner.state(), **mixed}
+            learner.load_state(average)
+        self.training_round = max(self.training_round, round_)
+        last = round_ >= self.rounds - 1
+        self.view.touch(self.me, self.rounds if last else round_)
+        loss = sum(collecting.models[s][1] for s in senders) / len(senders)
+        await self.context.round_finished(RoundReport(
+            round_, loss, self.settings.models_needed, len(states),
+            exchange_seconds=self.context.clock.now() - collecting.started, local_steps=self.local_steps,
+        ))
+        if last:
+            everyone = [p for p in self.view.entries if p != self.me and not self.view.left(p) and not self.liveness.suspected(p)]
+            await asyncio.gather(*(self._send(peer, self._message(MODEL, round_, average)) for peer in everyone))
+            self.finished.set()
+        else:
+            await self._hand_on(round_, average)
+        parents = {collecting.models[s][2] for s in senders}
+        notice = self._message(DONE, round_)
+        await asyncio.gather(*(self._send(peer, notice) for peer in (set(senders) | parents) - {self.me, ""}))
+        self._done.setdefault(round_, asyncio.Event()).set()
+        if not last:
+            self._spawn(self._watch(round_ + 1, average))
+
+    async def _hand_on(self, round_: int, average: State, *, restart: bool = False) -> None:
+        """Send the average of ``round_`` to the live trainers of the next round."""
+        order = hash_order(self.view.candidates(round_ + 1, self.settings.inactivity_rounds), round_ + 1)
+        trainers = await self.liveness.first_live(order, self.settings.sample_size, self._active)
+        if restart and self.view.estimate() > round_:
+            return  # their answers show the next round under way: nothing to restart
+        message = self._message(MODEL, round_, average)
+        for peer in trainers:
+            if peer == self.me:
+                if round_ + 1 > self.training_round:
+                    self._start_training(round_ + 1, average, self.me)
+            else:
+                self._spawn(self._send(peer, message))
+        self._merge_pending_joins()
+
+    async def _watch(self, round_: int, previous: State) -> None:
+        """Restart ``round_`` from our average of the round before when nobody reports it done."""
+        done = self._done.setdefault(round_, asyncio.Event())
+        while not self.finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with self.context.clock.timeout(self.settings.round_timeout):
+                    await done.wait()
+            if done.is_set() or self.finished.is_set() or self.view.estimate() > round_:
+                return
+            log.warning("%s: round %d was not completed in time; restarting it", self.me, round_)
+            await self._hand_on(round_ - 1, previous)
+

@@ -1,0 +1,271 @@
+"""MoDeST on the simulated world: sampling, aggregation, and the failures it must survive."""
+
+import asyncio
+
+import pytest
+import torch
+
+from gossip.codecs import parse_codec
+from gossip.message import Message
+from gossip.protocols import MoDeST, ModestSettings, ProtocolContext
+from gossip.protocols.modest import PING
+from gossip.sampling import hash_order
+from gossip.settings import GossipSettings
+from gossip.view import View
+from peer.sim import LinkModel, SimClock, SimNetwork
+from tests.sim_swarm import run
+from tests.vector_learner import VectorLearner
+
+FAST = {"ping_timeout": 1.0, "aggregation_timeout": 3.0, "round_timeout": 6.0, "heartbeat": 2.0}
+
+
+class CountingNetwork(SimNetwork):
+    """Counts the messages addressed to each peer."""
+
+    def __init__(self):
+        super().__init__(LinkModel(latency=0.01))
+        self.addressed: dict[str, int] = {}
+
+    def transmit(self, src, dst, message, on_arrival):
+        self.addressed[dst] = self.addressed.get(dst, 0) + 1
+        super().transmit(src, dst, message, on_arrival)
+
+
+class Swarm:
+    def __init__(self, n, *, rounds, network=None, known=None, **settings):
+        self.network = network or SimNetwork(LinkModel(latency=0.01))
+        self.rounds = rounds
+        self.ids = [f"p{i:02d}" for i in range(n)]
+        self.settings = ModestSettings(**{**FAST, **settings})
+        self.clock = SimClock()
+        self.reports = []  # (aggregator, report)
+        self.learners, self.protocols, self.tasks = {}, {}, {}
+        self.on_report = None
+        for peer in self.ids:
+            self.add(peer, peers=known or self.ids)
+
+    def add(self, peer, *, peers, joining=False):
+        learner = VectorLearner(torch.tensor([float(int(peer[1:]))]), drift=1.0)
+
+        async def finished(report, peer=peer):
+            self.reports.append((peer, report))
+            if self.on_report:
+                self.on_report(peer, report)
+
+        context = ProtocolContext(self.network.attach(peer), self.clock, learner, None, finished, GossipSettings(timeout=5.0))
+        self.learners[peer] = learner
+        self.protocols[peer] = MoDeST(context, local_steps=1, settings=self.settings, peers=peers, joining=joining)
+
+    def start(self, peer):
+        self.tasks[peer] = asyncio.get_running_loop().create_task(self.protocols[peer].run(self.rounds))
+
+    def crash(self, peer):
+        self.network.crash(peer)
+        self.tasks[peer].cancel()
+
+    async def run(self):
+        for peer in self.protocols:
+            if peer not in self.tasks:
+                self.start(peer)
+        async with asyncio.timeout(100_000):
+            while pending := [t for t in self.tasks.values() if not t.done()]:
+                await asyncio.wait(pending)
+
+    def rounds_reported(self):
+        return sorted({report.round for _, report in self.reports})
+
+    def live(self):
+        return [peer for peer in self.ids if self.network.is_up(peer)]
+
+
+def test_each_round_averages_its_sample_and_every_peer_ends_with_the_final_model():
+    swarm = Swarm(16, rounds=6, sample_size=4)
+    run(swarm.run())
+    assert [r.round for _, r in swarm.reports] == list(range(6))
+    assert all(r.neighbours_heard == 4 for _, r in swarm.reports)
+    # Round 0's sample trains from its own values (+1); each later round adds 1 to the average.
+    sample = hash_order(swarm.ids, 0)[:4]
+    expected = sum(float(int(p[1:])) for p in sample) / 4 + 1 + 5
+    for learner in swarm.learners.values():
+        assert learner.value.item() == pytest.approx(expected)
+
+
+def test_every_aggregator_reports_its_round():
+    swarm = Swarm(16, rounds=5, sample_size=4, aggregators=2)
+    run(swarm.run())
+    per_round = [sum(1 for _, r in swarm.reports if r.round == k) for k in range(5)]
+    assert per_round == [2] * 5
+
+
+def test_a_success_fraction_aggregates_before_the_slowest_models():
+    swarm = Swarm(16, rounds=4, sample_size=4, success_fraction=0.5)
+    run(swarm.run())
+    assert swarm.rounds_reported() == [0, 1, 2, 3]
+    assert all(r.neighbours_heard == 2 and r.neighbours_expected == 2 for _, r in swarm.reports)
+
+
+def test_training_goes_on_when_the_only_aggregator_of_a_round_crashes():
+    swarm = Swarm(16, rounds=8, sample_size=4)
+    crashed = []
+
+    def crash_next_aggregator(peer, report):
+        if report.round == 2 and not crashed:
+            aggregator = hash_order(swarm.live(), 3)[0]
+            crashed.append(aggregator)
+            swarm.crash(aggregator)
+
+    swarm.on_report = crash_next_aggregator
+    run(swarm.run())
+    assert swarm.rounds_reported() == list(range(8))
+    assert crashed and crashed[0] not in {peer for peer, r in swarm.reports if r.round >= 3}
+    final = {swarm.learners[p].value.item() for p in swarm.live()}
+    assert len(final) == 1
+
+
+def test_trainers_hand_their_models_on_when_their_aggregator_acknowledged_and_died():
+    swarm = Swarm(16, rounds=6, sample_size=4)
+    crashed = []
+    for protocol in swarm.protocols.values():
+
+        def close(round_, protocol=protocol, close=protocol._close):
+            if round_ == 3 and not crashed:  # it holds every model of the round, and dies with them
+                crashed.append(protocol.me)
+                swarm.crash(protocol.me)
+                return
+            close(round_)
+
+        protocol._close = close
+    run(swarm.run())
+    assert crashed
+    assert swarm.rounds_reported() == list(range(6))
+    assert crashed[0] not in {peer for peer, r in swarm.reports if r.round >= 3}
+
+
+def test_a_round_whose_trainers_all_crash_is_restarted():
+    swarm = Swarm(16, rounds=6, sample_size=4)
+    crashed = []
+
+    def crash_the_next_trainers(peer, report):
+        if report.round == 2 and not crashed:
+            trainers = [p for p in hash_order(swarm.ids, 3)[:4] if p != peer]
+            crashed.extend(trainers)
+
+            def crash():  # once they have the model, before they can hand it on
+                for trainer in trainers:
+                    swarm.crash(trainer)
+
+            asyncio.get_running_loop().call_later(0.035, crash)
+
+    swarm.on_report = crash_the_next_trainers
+    run(swarm.run())
+    assert crashed
+    assert swarm.rounds_reported() == list(range(6))
+
+
+def test_a_dead_peer_is_pinged_once_per_sampler_not_every_round():
+    network = CountingNetwork()
+    swarm = Swarm(16, rounds=30, network=network, sample_size=4)
+    dead = swarm.ids[:4]
+
+    async def main():
+        for peer in swarm.ids:
+            swarm.start(peer)
+        for peer in dead:
+            swarm.crash(peer)
+        await swarm.run()
+
+    run(main())
+    assert swarm.rounds_reported() == list(range(30))
+    live = len(swarm.ids) - len(dead)
+    for peer in dead:
+        # At most one failed ping from each live peer, plus the final model's broadcast.
+        assert network.addressed.get(peer, 0) <= 2 * live
+
+
+def test_rounds_far_ahead_and_malformed_views_are_refused_and_counted():
+    swarm = Swarm(4, rounds=3, sample_size=2)
+    target = swarm.protocols["p00"]
+    liar = View("p01", swarm.ids)
+    liar.touch("p02", 10**6)
+
+    async def main():
+        transport = swarm.protocols["p01"].context.transport
+        for message in (
+            Message(PING, "p01", 0, liar.encode()),  # an inflated activity
+            Message(PING, "p01", 10**6, View("p01", swarm.ids).encode()),  # an inflated round
+            Message(PING, "p01", 0, {"view": torch.ones(3, dtype=torch.uint8)}),
+        ):
+            with pytest.raises(TimeoutError):
+                await transport.request("p00", message, timeout=1.0)
+
+    run(main())
+    assert target.context.transport.counters.rejections["malformed"] == 3
+    assert target.view.estimate() < 100
+
+
+def test_a_newcomer_joins_and_is_sampled_and_a_leaver_is_not():
+    swarm = Swarm(8, rounds=40, sample_size=3)
+    swarm.add("p08", peers=swarm.ids, joining=True)
+    swarm.ids.append("p08")
+    leaver = "p03"
+
+    async def main():
+        for peer in swarm.protocols:
+            swarm.start(peer)
+        await swarm.protocols[leaver].leave()
+        swarm.crash(leaver)
+        await swarm.run()
+
+    run(main())
+    assert swarm.rounds_reported() == list(range(40))
+    assert "p08" in {peer for peer, _ in swarm.reports}  # it aggregated a round, so it was sampled
+    assert leaver not in {peer for peer, _ in swarm.reports}
+    assert all(swarm.protocols[p].view.left(leaver) for p in swarm.live())
+
+
+def test_settings_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="aggregators"):
+        ModestSettings(sample_size=2, aggregators=3)
+    with pytest.raises(ValueError, match="success fraction"):
+        ModestSettings(success_fraction=0)
+    with pytest.raises(ValueError, match="sample size"):
+        ModestSettings(sample_size=0)
+
+
+def test_error_feedback_is_refused():
+    network = SimNetwork()
+    context = ProtocolContext(
+        network.attach("a"), SimClock(), VectorLearner(torch.zeros(1)), None, None,
+        GossipSettings(codec="int8", error_feedback="choco"),
+    )
+    with pytest.raises(ValueError, match="error feedback"):
+        MoDeST(context, local_steps=1, settings=ModestSettings(), peers=["a"])
+
+
+def test_a_lossy_codec_carries_the_models():
+    swarm_values = []
+    for codec in ("none", "fp16"):
+        swarm = Swarm(8, rounds=3, sample_size=2)
+        for protocol in swarm.protocols.values():
+            protocol.codec = parse_codec(codec)
+        run(swarm.run())
+        swarm_values.append(swarm.learners["p00"].value.item())
+    assert swarm_values[1] == pytest.approx(swarm_values[0], rel=1e-3)
+
+
+def test_a_peer_that_is_not_sampled_keeps_its_view_fresh():
+    def largest_lag(heartbeat):
+        swarm = Swarm(40, rounds=80, sample_size=1, heartbeat=heartbeat)
+        lag = {}
+
+        def measure(peer, report):
+            if report.round == 70 and not lag:
+                lag.update({p: 70 - protocol.view.estimate() for p, protocol in swarm.protocols.items()})
+
+        swarm.on_report = measure
+        run(swarm.run())
+        return max(lag.values())
+
+    # Without heartbeats some peers never hear of a round; with them, every view moves on.
+    assert largest_lag(heartbeat=1000) == 70
+    assert largest_lag(heartbeat=0.5) < 60

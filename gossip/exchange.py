@@ -13,14 +13,14 @@ import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 
-from gossip.codecs import Codec, CodecError, Identity
+from gossip.codecs import Codec, Identity
 from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.mixing import MixingRule, WeightedAverage
-from gossip.model_codec import FlatModel, codec_for, exchanged
+from gossip.model_codec import ModelMessages, exchanged
 from gossip.neighbourhood import Neighbourhood
 from gossip.transport import Clock, PeerUnreachable, Transport
-from gossip.validation import InvalidState, check_state
+from gossip.validation import InvalidState
 
 log = logging.getLogger(__name__)
 
@@ -147,32 +147,17 @@ class NeighbourExchange(Exchange):
         self.neighbourhood = neighbourhood
         self.timeout = timeout
         self.mixing = mixing or WeightedAverage()
-        self.codec = codec or Identity()
-        self._reference = {k: v.detach() for k, v in exchanged(reference).items()}
-        self._flat = FlatModel(reference)
+        self.models = ModelMessages(reference, codec or Identity())
         self._inbox = StepInbox()
         transport.serve(MODEL, self._receive)
 
     def _encode(self, step: int, state: State) -> Message:
         me = self.transport.peer_id
-        if self.codec.lossless:
-            return Message(MODEL, me, step, exchanged(state))
-        seed = message_seed(me, step)
-        parts = self.codec.encode(self._flat.flatten(state), seed)
-        return Message(MODEL, me, step, parts, meta={"seed": seed}, codec=self.codec.spec)
+        tensors, meta, codec = self.models.encode(state, message_seed(me, step))
+        return Message(MODEL, me, step, tensors, meta=meta, codec=codec)
 
     def _decode(self, message: Message) -> State:
-        if message.codec == Identity.spec:
-            check_state(message.tensors, self._reference)
-            return message.tensors
-        seed = message.meta.get("seed")
-        if type(seed) is not int:
-            raise InvalidState(f"a {message.codec} model needs an integer seed, got {seed!r}")
-        try:
-            codec = codec_for(message.codec)
-        except CodecError as reason:
-            raise InvalidState(str(reason)) from None
-        return self._flat.unflatten(self._flat.decode(codec, message.tensors, seed))
+        return self.models.decode(message.tensors, message.codec, message.meta)
 
     async def _receive(self, message: Message) -> None:
         if not admitted(self.transport, self.neighbourhood, message):

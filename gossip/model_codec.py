@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from gossip.codecs import Codec, CodecError, parse_codec
+from gossip.codecs import Codec, CodecError, Identity, parse_codec
 from gossip.learner import State
-from gossip.validation import InvalidState
+from gossip.validation import InvalidState, check_state
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,3 +60,37 @@ class FlatModel:
         if not bool(torch.isfinite(flat).all()):
             raise InvalidState("decoded model contains NaN or infinity")
         return flat
+
+
+class ModelMessages:
+    """A model's state as the tensors of a message, through ``codec`` when it is lossy, and back.
+
+    What comes back has been checked against the reference layout (names, shapes, dtypes,
+    finite values), so it may be mixed. A receiver decodes with the codec the message names,
+    so peers need not agree on one.
+    """
+
+    def __init__(self, reference: State, codec: Codec):
+        self.codec = codec
+        self._reference = {k: v.detach() for k, v in exchanged(reference).items()}
+        self.flat = FlatModel(reference)
+
+    def encode(self, state: State, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:
+        """The tensors, metadata and codec name of a message that carries ``state``."""
+        if self.codec.lossless:
+            return exchanged(state), {}, Identity.spec
+        return self.codec.encode(self.flat.flatten(state), seed), {"seed": seed}, self.codec.spec
+
+    def decode(self, tensors: dict[str, torch.Tensor], codec: str, meta: dict) -> State:
+        """The state a message carries; InvalidState when it is malformed or not finite."""
+        if codec == Identity.spec:
+            check_state(tensors, self._reference)
+            return tensors
+        seed = meta.get("seed")
+        if type(seed) is not int:
+            raise InvalidState(f"a {codec} model needs an integer seed, got {seed!r}")
+        try:
+            decoder = codec_for(codec)
+        except CodecError as reason:
+            raise InvalidState(str(reason)) from None
+        return self.flat.unflatten(self.flat.decode(decoder, tensors, seed))

@@ -99,6 +99,7 @@ def test_arrival_time_is_latency_plus_transmission_and_links_serialise():
     assert arrivals == [pytest.approx(size / 1000 + 0.05), pytest.approx(2 * size / 1000 + 0.05)]
     assert a.counters.bytes_sent == 2 * size
     assert b.counters.bytes_received == 2 * size
+    assert a.network.bytes_sent() == 2 * size  # the whole network's, for a run's records
 
 
 def test_request_gets_the_handlers_reply():

@@ -32,11 +32,11 @@ from gossip.codecs import Identity, parse_codec
 from gossip.exchange import message_seed
 from gossip.learner import State
 from gossip.message import Message, PeerId
-from gossip.model_codec import FlatModel, codec_for, exchanged
+from gossip.model_codec import ModelMessages, exchanged
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 from gossip.sampling import Liveness, hash_order
 from gossip.transport import PeerUnreachable
-from gossip.validation import InvalidState, check_state
+from gossip.validation import InvalidState
 from gossip.view import VIEW_TENSOR, Entry, View, ViewError, decode_view
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,7 @@ class MoDeST(Protocol):
         self.me = transport.peer_id
         self.view = View(self.me, peers)
         self.liveness = Liveness(self._ping)
-        self.codec = parse_codec(context.gossip.codec)
-        reference = context.learner.state()
-        self._reference = {k: v.detach() for k, v in exchanged(reference).items()}
-        self._flat = FlatModel(reference)
+        self.models = ModelMessages(context.learner.state(), parse_codec(context.gossip.codec))
         self._rng = random.Random(self.me)
         self.rounds = 0
         self._started = asyncio.Event()  # models that come before run() wait for it
@@ -211,15 +208,12 @@ class MoDeST(Protocol):
     # --- messages ------------------------------------------------------------------------
 
     def _message(self, kind: str, round_: int, state: State | None = None, **meta) -> Message:
-        tensors = dict(self.view.encode())
+        tensors, codec = self.view.encode(), Identity.spec
         if state is not None:
-            if self.codec.lossless:
-                tensors.update(exchanged(state))
-            else:
-                seed = message_seed(self.me, kind, round_)
-                tensors.update(self.codec.encode(self._flat.flatten(state), seed))
-                meta["seed"] = seed
-        return Message(kind, self.me, round_, tensors, meta=meta, codec=self.codec.spec if state is not None else Identity.spec)
+            model, model_meta, codec = self.models.encode(state, message_seed(self.me, kind, round_))
+            tensors.update(model)
+            meta.update(model_meta)
+        return Message(kind, self.me, round_, tensors, meta=meta, codec=codec)
 
     def _accept(self, message: Message, *, bounded: bool = True) -> bool:
         """Merge the view a message carries; False (counted) when it is malformed or too far ahead."""
@@ -242,16 +236,10 @@ class MoDeST(Protocol):
 
     def _model(self, message: Message) -> State | None:
         """The model a message carries, or None (counted) when it is not one we can use."""
-        parts = {k: v for k, v in message.tensors.items() if k != VIEW_TENSOR}
+        parts = {name: tensor for name, tensor in message.tensors.items() if name != VIEW_TENSOR}
         try:
-            if message.codec == Identity.spec:
-                check_state(parts, self._reference)
-                return parts
-            seed = message.meta.get("seed")
-            if type(seed) is not int:
-                raise InvalidState(f"a {message.codec} model needs an integer seed, got {seed!r}")
-            return self._flat.unflatten(self._flat.decode(codec_for(message.codec), parts, seed))
-        except (InvalidState, ValueError) as reason:
+            return self.models.decode(parts, message.codec, message.meta)
+        except InvalidState as reason:
             self.context.transport.counters.reject("invalid-model")
             log.warning("%s: refused a model from %s for round %d: %s", self.me, message.sender, message.round, reason)
             return None

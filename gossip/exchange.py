@@ -162,6 +162,11 @@ class NeighbourExchange(Exchange):
     async def _receive(self, message: Message) -> None:
         if not admitted(self.transport, self.neighbourhood, message):
             return
+        # Only peers we gossip with take a place in the inbox, so that strangers making up
+        # identities cannot crowd the neighbours out (a view that lags ours catches up).
+        if message.sender not in self.neighbourhood.linked(message.round):
+            log.debug("%s: dropped a model from %s, not a neighbour", self.transport.peer_id, message.sender)
+            return
         try:
             state = self._decode(message)
         except InvalidState as reason:

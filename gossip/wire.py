@@ -245,6 +245,10 @@ def _tensor_table(table: Any, limits: Limits) -> list[_TensorSpec]:
             raise WireError(f"tensor {name!r}: shape is not a list of at most {_MAX_DIMS} sizes")
         if not all(_is_int(size) and size >= 0 for size in shape):
             raise WireError(f"tensor {name!r}: shape {shape!r} has a size that is not a non-negative integer")
+        # An empty tensor weighs nothing, but its other sizes still make torch compute strides:
+        # counted as if its empty sizes were 1, it must fit the payload limit like any other.
+        if 0 in shape and math.prod(max(size, 1) for size in shape) * dtype.itemsize > limits.max_payload_bytes:
+            raise WireError(f"tensor {name!r}: shape {shape} is larger than the payload limit of {limits.max_payload_bytes}")
         expected = math.prod(shape) * dtype.itemsize
         if not _is_int(nbytes) or nbytes != expected:
             raise WireError(f"tensor {name!r}: nbytes {nbytes!r} != {expected} for shape {shape} of {dtype_name}")

@@ -203,6 +203,21 @@ def test_fedavg_stops_sampling_a_client_that_left_and_samples_one_that_joined():
     assert server.clients == {"p1", "p2", "late"}
 
 
+def test_strangers_cannot_crowd_the_neighbours_out_of_the_inbox():
+    topology = parse_topology("ring", 4)
+    _, ids, _, protocols, _ = build_dpsgd(topology, [torch.zeros(1, dtype=torch.float64) for _ in range(4)])
+    exchange = protocols[0].exchange
+    model = {"x": torch.ones(1, dtype=torch.float64)}
+
+    async def main():
+        for i in range(2000):  # more identities than the inbox has places
+            await exchange._receive(Message(MODEL, f"stranger-{i}", 0, model))
+        await exchange._receive(Message(MODEL, ids[1], 0, model))
+
+    run(main())
+    assert set(exchange._inbox._latest) == {ids[1]}
+
+
 def test_models_for_far_future_steps_are_not_buffered():
     from gossip.exchange import StepInbox
 

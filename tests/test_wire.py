@@ -289,6 +289,18 @@ def test_an_oversized_payload_is_refused_before_it_is_read():
         decode(header_only, LIMITS)
 
 
+@pytest.mark.parametrize("shape", [[0, 2**40, 2**40], [0, 2**62], [2**21, 0]])
+def test_an_empty_tensor_with_huge_sizes_is_refused_not_built(shape):
+    # Zero bytes pass the payload check; building it would overflow torch's stride arithmetic.
+    refused = reason(framed(valid_header(tensors=[["w", "float32", shape, 0]])))
+    assert refused == f"tensor 'w': shape {shape} is larger than the payload limit of 1048576"
+
+
+def test_an_empty_tensor_of_plausible_sizes_is_accepted():
+    received = decode(framed(valid_header(tensors=[["w", "float32", [0, 16], 0]])), LIMITS)
+    assert received.tensors["w"].shape == (0, 16)
+
+
 def test_many_tensors_summing_past_the_limit_are_refused():
     table = [[f"t{i}", "uint8", [600], 600] for i in range(2)]
     refused = reason(framed(valid_header(tensors=table)), Limits(max_payload_bytes=1000))

@@ -94,10 +94,11 @@ class ConsensusByRound:
 
     A running mean and sum of squared deviations per round (Welford's update, in float64), so
     identical models give exactly 0 and no round keeps more than one model-sized vector;
-    a round is closed when all ``peers`` have reported (peers that skipped it close at the end).
+    a round is closed when all ``peers`` have reported (peers that skipped it close at the end;
+    with ``peers`` None, when peers come and go, every round stays open until the end).
     """
 
-    def __init__(self, peers: int):
+    def __init__(self, peers: int | None):
         self.peers = peers
         self._open: dict[int, tuple[int, torch.Tensor, float]] = {}  # round: (count, mean, squared deviations)
         self._closed: dict[int, float] = {}

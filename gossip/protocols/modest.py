@@ -215,16 +215,22 @@ class MoDeST(Protocol):
             meta.update(model_meta)
         return Message(kind, self.me, round_, tensors, meta=meta, codec=codec)
 
-    def _accept(self, message: Message, *, bounded: bool = True) -> bool:
-        """Merge the view a message carries; False (counted) when it is malformed or too far ahead."""
+    def _view_of(self, message: Message, *, bounded: bool = True) -> dict[PeerId, Entry] | None:
+        """The view a message carries; None (counted) when it is malformed or too far ahead."""
         max_round = self.view.estimate() + self.settings.max_round_lead if bounded else 2**62
         try:
             if message.round > max_round:
                 raise ViewError(f"round {message.round} is beyond the {max_round} accepted")
-            entries = decode_view(message.tensors, max_round=max_round)
+            return decode_view(message.tensors, max_round=max_round)
         except ViewError as reason:
             self.context.transport.counters.reject("malformed")
             log.warning("%s: refused a %s from %s: %s", self.me, message.kind, message.sender, reason)
+            return None
+
+    def _accept(self, message: Message, *, bounded: bool = True) -> bool:
+        """Merge the view a message carries, and take the message as a sign of life."""
+        entries = self._view_of(message, bounded=bounded)
+        if entries is None:
             return False
         self.view.merge(entries)
         self.view.touch(message.sender, message.round)
@@ -272,21 +278,12 @@ class MoDeST(Protocol):
 
     async def _on_join(self, message: Message) -> Message | None:
         # Merged after our next model send, so that the newcomer is not sampled in the very next round.
-        if not self._accept_view_only(message):
+        entries = self._view_of(message)
+        if entries is None:
             return None
+        if message.sender in entries:
+            self._pending_joins[message.sender] = entries[message.sender]
         return self._message(PONG, self.view.estimate())
-
-    def _accept_view_only(self, message: Message) -> bool:
-        try:
-            entries = decode_view(message.tensors, max_round=self.view.estimate() + self.settings.max_round_lead)
-        except ViewError as reason:
-            self.context.transport.counters.reject("malformed")
-            log.warning("%s: refused a JOIN from %s: %s", self.me, message.sender, reason)
-            return False
-        own = entries.get(message.sender)
-        if own is not None:
-            self._pending_joins[message.sender] = own
-        return True
 
     def _merge_pending_joins(self) -> None:
         if self._pending_joins:

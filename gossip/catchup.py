@@ -5,6 +5,7 @@ instead of starting from scratch (and instead of sending models the others would
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from gossip.learner import State
 from gossip.message import Message, PeerId
@@ -21,18 +22,25 @@ class SnapshotServer:
     """Answers pulls with the model as it was at the end of the latest round.
 
     A snapshot taken between rounds is consistent; reading the live model could catch it
-    halfway through a training step.
+    halfway through a training step. Only peers that ``admits`` (the swarm's members) get one.
     """
 
-    def __init__(self, transport: Transport, state: State, round_: int = 0):
+    def __init__(
+        self, transport: Transport, state: State, round_: int = 0, *, admits: Callable[[PeerId], Awaitable[bool]]
+    ):
         self.transport = transport
+        self.admits = admits
         self.publish(state, round_)
         transport.serve(PULL, self._on_pull)
 
     def publish(self, state: State, round_: int) -> None:
         self._state, self._round = state, round_
 
-    async def _on_pull(self, message: Message) -> Message:
+    async def _on_pull(self, message: Message) -> Message | None:
+        if not await self.admits(message.sender):
+            self.transport.counters.reject("not-member")
+            log.warning("%s: refused a snapshot to %s, which is not a member", self.transport.peer_id, message.sender)
+            return None
         return Message(SNAPSHOT, self.transport.peer_id, self._round, self._state)
 
 

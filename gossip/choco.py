@@ -18,7 +18,10 @@ per link are what make it work on a real network:
   ``resync`` and is sent a full copy at once; so is a link whose reply never came;
 - a full copy is the model through a dense codec (int8 for a lossy ``codec``); both ends set
   the copy to what the receiver decodes, so it need not be exact, only the same;
-- the state of a link is freed as soon as the neighbourhood no longer links the two peers.
+- the state of a link is freed as soon as the neighbourhood no longer links the two peers;
+- copies follow versions, not gossip steps: a delta is applied however far ahead or behind its
+  step is, so two peers whose rounds drifted apart keep their copies of each other exact, and
+  when the one behind moves on to the other's round they mix again with nothing to reset.
 
 With ``eta`` (EControl, Gao, Islamov and Stich 2024) the sender also keeps the error of its
 past compressions, ``e``, and sends ``q = C(eta * e + x_i - x̂_ij)``, then
@@ -35,11 +38,21 @@ from dataclasses import dataclass
 import torch
 
 from gossip.codecs import BlockInt8, Codec, CodecError, Identity, RandK, TopK
-from gossip.exchange import Exchange, StepInbox, StepResult, admitted, message_seed, reject_model
+from gossip.exchange import (
+    Exchange,
+    StepInbox,
+    StepResult,
+    admitted,
+    claims_past_end,
+    message_seed,
+    reject_model,
+    step_most_have_reached,
+)
 from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.model_codec import FlatModel, codec_for
 from gossip.neighbourhood import Neighbourhood
+from gossip.robust import screen
 from gossip.transport import Clock, PeerUnreachable, Transport
 from gossip.validation import InvalidState
 
@@ -186,6 +199,8 @@ class ChocoExchange(Exchange):
         sender = message.sender
         if not admitted(self.transport, self.neighbourhood, message):
             return self._reply(message.round, RESYNC)
+        if claims_past_end(self.transport, self._inbox, message):
+            return self._reply(message.round, RESYNC)
         try:
             link = self._apply(message)
         except InvalidState as reason:
@@ -218,18 +233,19 @@ class ChocoExchange(Exchange):
         weights = self.neighbourhood.in_weights(step)
         received = await self._inbox.collect(step, set(weights), self.clock, self.timeout, absent)
         pull = torch.zeros_like(x)
-        for peer in sorted(received):
-            theirs = self.in_links.get(peer)
-            if theirs is None:
-                continue
+        # Our copies of the neighbours' models go through the outlier guard like whole models: an
+        # absurd one is left out of this step's pull (the copy itself stays in step with its sender).
+        copies = {peer: (weights[peer], {"model": self.in_links[peer].copy}) for peer in sorted(received) if peer in self.in_links}
+        for peer in screen(self.transport, {"model": x}, copies, step):
+            theirs = self.in_links[peer]
             ours = self.out_links.get(peer)
             # Without a link back (a directed graph), our own model stands in for our copy.
             pull.add_(theirs.copy.to(x.device) - (ours.copy if ours else x), alpha=weights[peer])
         # Not in place: a message in flight may still hold a view of x.
         mixed = self._flat.unflatten(x + self.consensus_step * pull)
-        newest = max((m.round for m in received.values()), default=step)
         expected = frozenset(weights)
-        return StepResult({**state, **mixed}, expected, expected - frozenset(received), max(newest, step))
+        newest = step_most_have_reached(step, received, expected)
+        return StepResult({**state, **mixed}, expected, expected - frozenset(received), newest)
 
 
 ERROR_FEEDBACK_SPECS = "none, choco, or econtrol:ETA with ETA in (0, 1]"

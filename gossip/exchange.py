@@ -2,7 +2,9 @@
 
 Shared by every protocol that mixes with a neighbourhood (D-PSGD, DFedSAM and its multiple
 gossip steps). Each model carries its gossip step; a model for a step that has already been
-mixed is late and dropped, and a neighbour that is ahead contributes its freshest model.
+mixed is late and dropped, and a neighbour that is ahead, however far, contributes its
+freshest model (the protocol then moves on to that neighbour's round, so peers that drifted
+apart meet again). A model for a step past the end of the run is malformed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from gossip.message import Message, PeerId
 from gossip.mixing import MixingRule, WeightedAverage
 from gossip.model_codec import ModelMessages, exchanged
 from gossip.neighbourhood import Neighbourhood
+from gossip.robust import mix_screened
 from gossip.transport import Clock, PeerUnreachable, Transport
 from gossip.validation import InvalidState
 
@@ -32,33 +35,48 @@ class StepResult:
     state: State
     expected: frozenset[PeerId]  # the in-neighbours of this step
     missing: frozenset[PeerId]  # of those, the ones whose model did not arrive in time
-    newest_step: int  # the most advanced step among the models mixed (a neighbour may be ahead)
+    newest_step: int  # the step at least half the in-neighbours have reached (see step_most_have_reached)
 
     @property
     def heard(self) -> int:
         return len(self.expected) - len(self.missing)
 
 
+def step_most_have_reached(step: int, received: dict[PeerId, Message], expected: frozenset[PeerId]) -> int:
+    """The step that at least half of the in-neighbours have reached, counting those we did not hear
+    from at ``step``: a peer far behind jumps there. A neighbour far ahead on its own (say, one
+    that claims the last round to end our run) moves nobody who has another neighbour at our step,
+    as long as fewer than half of the neighbours lie (what robust mixing assumes too).
+    """
+    steps = sorted([m.round for m in received.values()] + [step] * len(expected - frozenset(received)))
+    return max(step, steps[len(steps) // 2]) if steps else step
+
+
 class StepInbox:
     """The freshest model from each sender.
 
     A step is served by any model from a sender whose step is at least the one being
-    mixed: a neighbour that is ahead is used as it is, instead of being waited for at a
-    step it has already left. Models for steps further than ``horizon`` ahead are refused,
-    and one model per sender is kept, so a hostile sender cannot make us buffer much.
+    mixed: a neighbour that is ahead is used as it is, however far ahead, instead of being
+    waited for at a step it has already left. One model per sender is kept, for a bounded
+    number of senders, so a hostile sender cannot make us buffer much; models for steps
+    past ``end`` (the run's last step + 1, None while unknown) are refused.
     """
 
-    def __init__(self, horizon: int = 16, max_senders: int = 1024) -> None:
+    def __init__(self, max_senders: int = 1024, end: int | None = None) -> None:
         self._latest: dict[PeerId, Message] = {}
         self._floor = 0  # steps below this are finished; their models are late
-        self._horizon = horizon
         self._max_senders = max_senders
+        self.end = end
         self._arrived = asyncio.Event()
 
+    def past_end(self, step: int) -> bool:
+        """Whether the run has no such step: a model claiming it is malformed."""
+        return self.end is not None and step >= self.end
+
     def put(self, message: Message) -> bool:
-        """Keep a model if it is the sender's freshest; False when it is late, too far ahead,
-        or from one sender too many (identities are cheap to make, memory is not)."""
-        if not self._floor <= message.round < self._floor + self._horizon:
+        """Keep a model if it is the sender's freshest; False when it is late, past the end of
+        the run, or from one sender too many (identities are cheap to make, memory is not)."""
+        if message.round < self._floor or self.past_end(message.round):
             return False
         current = self._latest.get(message.sender)
         if current is None and len(self._latest) >= self._max_senders:
@@ -95,6 +113,14 @@ class StepInbox:
 class Exchange(ABC):
     """One gossip step with the neighbours, as a protocol uses it."""
 
+    _inbox: StepInbox
+
+    def set_run_length(self, steps: int) -> None:
+        """The run has gossip steps 0 .. ``steps - 1``: a model claiming a later step is refused as
+        malformed, so that nobody can make us skip to a round past the run (or to its end, unless
+        its model is one we mix)."""
+        self._inbox.end = steps
+
     @abstractmethod
     async def step(self, step: int, state: State, absent: frozenset[PeerId] = frozenset()) -> StepResult:
         """Send our state, collect the neighbours' for this step, and return the mixed state.
@@ -111,6 +137,18 @@ def admitted(transport: Transport, neighbourhood: Neighbourhood, message: Messag
     transport.counters.reject("incompatible")
     log.warning("%s: rejected a message from %s: it trains another task or model", transport.peer_id, message.sender)
     return False
+
+
+def claims_past_end(transport: Transport, inbox: StepInbox, message: Message) -> bool:
+    """Whether a message claims a step past the end of the run; such a claim is counted and logged."""
+    if not inbox.past_end(message.round):
+        return False
+    transport.counters.reject("malformed")
+    log.warning(
+        "%s: rejected a model from %s: it claims step %d, past the run's last step %d",
+        transport.peer_id, message.sender, message.round, inbox.end - 1,
+    )
+    return True
 
 
 def reject_model(transport: Transport, message: Message, reason: InvalidState) -> None:
@@ -162,6 +200,8 @@ class NeighbourExchange(Exchange):
     async def _receive(self, message: Message) -> None:
         if not admitted(self.transport, self.neighbourhood, message):
             return
+        if claims_past_end(self.transport, self._inbox, message):
+            return
         # Only peers we gossip with take a place in the inbox, so that strangers making up
         # identities cannot crowd the neighbours out (a view that lags ours catches up).
         if message.sender not in self.neighbourhood.linked(message.round):
@@ -173,7 +213,8 @@ class NeighbourExchange(Exchange):
             reject_model(self.transport, message, reason)
             return
         if not self._inbox.put(replace(message, tensors=state)):
-            log.debug("%s: dropped model from %s for step %d: late or too far ahead", self.transport.peer_id, message.sender, message.round)
+            # A neighbour far behind learns it is behind from our models, and catches up.
+            log.debug("%s: dropped model from %s for step %d: late, or a sender too many", self.transport.peer_id, message.sender, message.round)
 
     async def _send(self, peer: PeerId, message: Message) -> None:
         try:
@@ -189,11 +230,10 @@ class NeighbourExchange(Exchange):
         await asyncio.gather(*(self._send(peer, message) for peer in self.neighbourhood.out_neighbours(step)))
         weights = self.neighbourhood.in_weights(step)
         received = await self._inbox.collect(step, set(weights), self.clock, self.timeout, absent)
-        mixed = self.mixing.mix(
-            exchanged(state),
-            self.neighbourhood.self_weight(step),
-            [(weights[peer], received[peer].tensors) for peer in sorted(received)],
+        mixed = mix_screened(
+            self.mixing, self.transport, exchanged(state), self.neighbourhood.self_weight(step),
+            {peer: (weights[peer], received[peer].tensors) for peer in sorted(received)}, step,
         )
-        newest = max((m.round for m in received.values()), default=step)
         expected = frozenset(weights)
-        return StepResult({**state, **mixed}, expected, expected - frozenset(received), max(newest, step))
+        newest = step_most_have_reached(step, received, expected)
+        return StepResult({**state, **mixed}, expected, expected - frozenset(received), newest)

@@ -10,6 +10,11 @@ import torch
 State = dict[str, torch.Tensor]
 
 
+def is_finite(state: State) -> bool:
+    """Whether every floating-point value of a state is finite (no NaN, no infinity)."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
 class Learner(ABC):
     @abstractmethod
     def train(self, steps: int) -> float:

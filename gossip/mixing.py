@@ -14,7 +14,12 @@ class MixingRule(ABC):
 
     @abstractmethod
     def mix(self, own: State, own_weight: float, received: list[tuple[float, State]]) -> State:
-        """Combine ``own`` with weighted ``received`` states into a new state."""
+        """Combine ``own`` with weighted ``received`` states into a new state.
+
+        ``own_weight`` 0 (an aggregator's or a server's model) leaves ``own`` out of the result;
+        it is still the point the result is laid out like, and the centre a robust rule trusts.
+        Callers mix through ``gossip.robust.mix_screened``, which first drops absurd models.
+        """
 
 
 class WeightedAverage(MixingRule):
@@ -32,7 +37,8 @@ class WeightedAverage(MixingRule):
             raise ValueError("mixing weights must sum to a positive number")
         mixed: State = {}
         for name, tensor in own.items():
-            acc = tensor * (own_weight / total)
+            # Without weight our model has no say, even when it is not finite.
+            acc = tensor * (own_weight / total) if own_weight else torch.zeros_like(tensor)
             for weight, state in received:
                 acc.add_(state[name].to(device=acc.device, dtype=acc.dtype), alpha=weight / total)
             mixed[name] = acc

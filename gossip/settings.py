@@ -22,10 +22,13 @@ class GossipSettings:
     mixing: MixingRule = field(default_factory=WeightedAverage)
 
     def __post_init__(self) -> None:
+        # Error feedback sends compressed differences and moves towards its copies of the
+        # neighbours by a consensus step; a rule that rescales, clips or ranks whole models has
+        # nothing to work on there.
         if self.error_feedback != "none" and type(self.mixing) is not WeightedAverage:
             raise ValueError(
-                f"--mixing {self.mixing.spec} rescales whole models, which error feedback does not send; "
-                "use it with --error-feedback none"
+                f"--mixing {self.mixing.spec} works on whole models, which error feedback does not send "
+                "(it sends compressed differences); use it with --error-feedback none"
             )
 
     def exchange(self, transport: Transport, clock: Clock, neighbourhood: Neighbourhood, reference: State) -> Exchange:

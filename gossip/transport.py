@@ -29,10 +29,17 @@ class PeerUnreachable(ConnectionError):
 # Why a message was refused. A fixed set, so that a hostile peer cannot invent new labels.
 REJECTION_REASONS = (
     "malformed",  # not a message on the wire: truncated, oversized, not msgpack, bad fields
+    "over-capacity",  # a stream past the caps on open streams (per peer or in all): closed unread
+    "too-slow",  # its header or payload did not arrive within the deadline
+    "ignored",  # from a peer ignored for a while after too many refused messages: closed unread
     "wrong-sender",  # claims a sender other than the peer that sent it
     "unknown-kind",  # no handler serves its kind
     "invalid-model",  # wrong names, shapes or dtypes, non-finite values, a bad codec payload
+    "outlier",  # a valid model too far from ours to be mixed (gossip.robust's guard)
     "incompatible",  # from a peer whose membership record shows another task or model
+    "not-member",  # from a peer outside a private swarm or its peer list, or a pull by a stranger
+    "stale-proof",  # a stream's proof of the swarm key is too old (or from a clock far off ours)
+    "replayed",  # a stream's proof of the swarm key was used before
 )
 
 

@@ -5,7 +5,8 @@
 Tensor bytes are C-contiguous and little-endian. Encoding hands out views of the tensors'
 own memory; decoding builds tensors as views into one buffer. Every header field is checked
 against ``Limits`` before any payload is read or allocated, so a message that its header
-shows to be malformed or too large costs at most one header's worth of memory.
+shows to be malformed or too large costs at most one header's worth of memory; and no
+payload buffer exists before the payload's first bytes arrive.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class _TensorSpec(NamedTuple):
     nbytes: int
 
 
-class _Header(NamedTuple):
+class Header(NamedTuple):
+    """A parsed and checked header: what the payload that follows must hold."""
+
     kind: str
     sender: str
     round: int
@@ -129,14 +132,64 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> int:
 
 async def read_message(reader: asyncio.StreamReader, limits: Limits) -> Message:
     """Read one message, rejecting it as soon as its header shows it is malformed or too large."""
+    return await read_payload(reader, await read_header(reader, limits))
+
+
+async def read_header(reader: asyncio.StreamReader, limits: Limits) -> Header:
+    """Read and check a message's length prefix and header; the payload is still to be read.
+
+    A receiver may decide from the header, before anything is allocated for the payload,
+    whether and when to read it (``read_payload``).
+    """
     prefix = await _read_exactly(reader, HEADER_LENGTH_PREFIX, "length-prefix")
     header_length = _header_length(prefix, limits)
-    header = _parse_header(await _read_exactly(reader, header_length, "header"), limits)
-    # Uninitialised, unlike a bytearray, whose zero-fill costs a pass over the whole payload;
-    # every byte is written before any tensor is built over it, or the message is refused.
-    payload = memoryview(torch.empty(header.payload_size, dtype=torch.uint8).numpy())
-    await _fill(reader, payload)
-    return _message(header, payload)
+    return _parse_header(await _read_exactly(reader, header_length, "header"), limits)
+
+
+async def read_payload(reader: asyncio.StreamReader, header: Header) -> Message:
+    """Read the payload that ``header`` announced and build the message over it."""
+    payload = _PayloadBuffer(header.payload_size)
+    # StreamReader.read() returns a new bytes object, which we would then copy again; taking the
+    # bytes straight from the reader's own buffer halves the copying of a large model. Those
+    # attributes are private, so any other reader falls back to read().
+    if all(hasattr(reader, name) for name in ("_buffer", "_wait_for_data", "_maybe_resume_transport")):
+        await _fill(reader, payload)
+    else:
+        await _fill_by_reading(reader, payload)
+    return _message(header, payload.memory)
+
+
+class _PayloadBuffer:
+    """A payload's one buffer, allocated when the payload's first bytes arrive.
+
+    A sender that announces a payload and sends none of it costs no buffer. The OS backs a
+    large uninitialised buffer page by page as it is written, so the memory a slow sender
+    holds follows what it has sent, not what its header claims. A buffer that doubled as the
+    bytes came would copy and fault in the payload twice: half the speed of reading a model
+    that arrives in pieces (scripts/bench_wire.py).
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.filled = 0
+        self.memory = _uninitialised(0)
+
+    @property
+    def missing(self) -> int:
+        return self.size - self.filled
+
+    def append(self, data: bytes | memoryview) -> None:
+        if not self.filled:
+            self.memory = _uninitialised(self.size)
+        end = self.filled + len(data)
+        self.memory[self.filled : end] = data
+        self.filled = end
+
+
+def _uninitialised(size: int) -> memoryview:
+    # Unlike a bytearray, whose zero-fill costs a pass over the whole payload; every byte is
+    # written before any tensor is built over it, or the message is refused.
+    return memoryview(torch.empty(size, dtype=torch.uint8).numpy())
 
 
 def _header_length(prefix: bytes | memoryview, limits: Limits) -> int:
@@ -153,38 +206,29 @@ async def _read_exactly(reader: asyncio.StreamReader, size: int, part: str) -> b
         raise WireError(f"truncated: {len(error.partial)} of {size} {part} bytes") from None
 
 
-async def _fill(reader: asyncio.StreamReader, buffer: memoryview) -> None:
-    # StreamReader.read() returns a new bytes object, which we would then copy again; taking the
-    # bytes straight from the reader's own buffer halves the copying of a large model. Those
-    # attributes are private, so any other reader falls back to read().
-    if not all(hasattr(reader, name) for name in ("_buffer", "_wait_for_data", "_maybe_resume_transport")):
-        return await _fill_by_reading(reader, buffer)
-    filled = 0
-    while filled < len(buffer):
+async def _fill(reader: asyncio.StreamReader, payload: _PayloadBuffer) -> None:
+    while payload.missing:
         pending = reader._buffer
         if not pending:
             if reader.at_eof():
-                raise WireError(f"truncated: {filled} of {len(buffer)} payload bytes")
+                raise WireError(f"truncated: {payload.filled} of {payload.size} payload bytes")
             await reader._wait_for_data("read")
             continue
-        size = min(len(pending), len(buffer) - filled)
-        buffer[filled : filled + size] = memoryview(pending)[:size]
+        size = min(len(pending), payload.missing)
+        payload.append(memoryview(pending)[:size])
         del pending[:size]
         reader._maybe_resume_transport()
-        filled += size
 
 
-async def _fill_by_reading(reader: asyncio.StreamReader, buffer: memoryview) -> None:
-    filled = 0
-    while filled < len(buffer):
-        chunk = await reader.read(min(len(buffer) - filled, _READ_CHUNK))
+async def _fill_by_reading(reader: asyncio.StreamReader, payload: _PayloadBuffer) -> None:
+    while payload.missing:
+        chunk = await reader.read(min(payload.missing, _READ_CHUNK))
         if not chunk:
-            raise WireError(f"truncated: {filled} of {len(buffer)} payload bytes")
-        buffer[filled : filled + len(chunk)] = chunk
-        filled += len(chunk)
+            raise WireError(f"truncated: {payload.filled} of {payload.size} payload bytes")
+        payload.append(chunk)
 
 
-def _parse_header(raw: bytes | memoryview, limits: Limits) -> _Header:
+def _parse_header(raw: bytes | memoryview, limits: Limits) -> Header:
     try:
         # The unpacker's own limits bound what a hostile header can make it allocate.
         header = msgpack.unpackb(
@@ -211,7 +255,7 @@ def _parse_header(raw: bytes | memoryview, limits: Limits) -> _Header:
     round_ = header["round"]
     if not _is_int(round_) or not 0 <= round_ < _MAX_ROUND:
         raise WireError(f"round {round_!r} is not an integer in [0, 2**62)")
-    parsed = _Header(
+    parsed = Header(
         kind=_string(header["kind"], "kind"),
         sender=_string(header["sender"], "sender"),
         round=round_,
@@ -279,7 +323,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _message(header: _Header, payload: memoryview) -> Message:
+def _message(header: Header, payload: memoryview) -> Message:
     tensors, offset = {}, 0
     with warnings.catch_warnings():
         # Read-only input (bytes) is fine: receivers treat message tensors as read-only.

@@ -88,11 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--initial-peers", nargs="+", default=[], help="multiaddrs of any peer or DHT node of the swarm")
     status.add_argument("--swarm", default="gossip", help="swarm name (default: gossip)")
+    status.add_argument("--swarm-key", type=Path, default=None, help="the key of a private swarm (its peers are listed only with it)")
+    status.add_argument("--allow-peers", type=Path, default=None, help="list only the peers in this file of peer ids")
     status.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the DHT (default: 30)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument(
         "--watch", type=float, default=None, metavar="S", help="refresh every S seconds until Ctrl-C (with --json: one line each)"
     )
+    keygen = commands.add_parser(
+        "keygen", help="make a key for a private swarm",
+        description="Write a new random swarm key; give the file to every peer of the swarm with --swarm-key.",
+    )
+    keygen.add_argument("--out", type=Path, required=True, help="file to write (never overwritten); keep it secret")
     plot = commands.add_parser(
         "plot", help="plot runs' learning curves, or a topology",
         description="Overlay the learning curves of runs (folders written with --out), or draw a topology.",
@@ -140,6 +147,9 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     if summary["faults"] != "none":
         rows.append(("faults", f"{summary['faults']}; {summary['peers_up_at_end']} peers up at the end"))
         rows.append(("rounds completed", f"{summary['rounds_completed']}" + (" (stalled)" if summary["stalled"] else "")))
+    if summary["attackers"]:
+        attackers = ", ".join(summary["attackers"])
+        rows.append(("attackers", f"{summary['byzantine']}: {attackers}; accuracy is the honest peers'"))
     if summary["mean_accuracy"] is None:
         rows.append(("test accuracy", "no model was evaluated"))
     elif summary["algorithm"] in ("modest", "fedavg"):
@@ -179,14 +189,17 @@ def config_from_args(args: argparse.Namespace, model: type[C]) -> C:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from peer.sim.byzantine import parse_byzantine
     from peer.simulate import simulate  # torch is imported only when a command needs it
 
     config = config_from_args(args, SimulationConfig)
     console = Console(stderr=True)
-    # A round of D-PSGD is one record per peer; a round of MoDeST or FedAvg ends in one model.
+    # A round of D-PSGD is one record per honest peer; a round of MoDeST or FedAvg ends in one model.
     per_peer = config.algorithm not in ("modest", "fedavg")
+    attack = parse_byzantine(config.byzantine)
+    honest = config.peers - (attack.count(config.peers) if attack else 0)
     with _progress(console) as progress:
-        bar = progress.add_task("simulating", total=config.rounds * (config.peers if per_peer else 1), status="")
+        bar = progress.add_task("simulating", total=config.rounds * (honest if per_peer else 1), status="")
 
         def advance(record: RoundRecord) -> None:
             status = f"round {record.round + 1}/{config.rounds}"
@@ -265,10 +278,12 @@ def _status_table(status: dict[str, Any]) -> Table:
 def run_status(args: argparse.Namespace) -> int:
     import asyncio
 
+    from peer.net.access import access_from
     from peer.net.status import connect, swarm_status
 
     if args.watch is not None and not args.watch > 0:
         raise ConfigError(f"--watch {args.watch:g}: give a number of seconds above 0")
+    access = access_from(args.swarm_key, args.allow_peers)
     dht = connect(args.initial_peers, args.timeout)
     console = Console()
 
@@ -279,7 +294,7 @@ def run_status(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         while not stop.is_set():
-            status = await swarm_status(dht, args.swarm, args.timeout)
+            status = await swarm_status(dht, args.swarm, args.timeout, access)
             if args.json:
                 print(json.dumps(status, indent=None if args.watch else 2), flush=True)
             else:
@@ -295,6 +310,14 @@ def run_status(args: argparse.Namespace) -> int:
         asyncio.run(show())
     finally:
         dht.shutdown()
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from peer.net.access import generate_swarm_key
+
+    generate_swarm_key(args.out)
+    print(f"wrote a swarm key to {args.out}; give it to every peer of the swarm with --swarm-key {args.out}")
     return 0
 
 
@@ -315,7 +338,7 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"simulate": run_simulate, "run": run_run, "swarm": run_swarm_command, "status": run_status, "plot": run_plot}
+COMMANDS = {"simulate": run_simulate, "run": run_run, "swarm": run_swarm_command, "status": run_status, "keygen": run_keygen, "plot": run_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,10 @@ from gossip.choco import ERROR_FEEDBACK_SPECS, default_consensus_step, parse_err
 from gossip.codecs import CodecError, parse_codec
 from gossip.mixing import MixingRule, WeightedAverage
 from gossip.protocols.modest import ModestSettings
+from gossip.robust import ROBUST_SPECS, parse_robust
 from gossip.settings import GossipSettings
 from gossip.variance import TARGETS, VarianceCorrected
+from peer.sim.byzantine import check_byzantine, parse_byzantine
 from peer.sim.faults import parse_faults
 
 C = TypeVar("C", bound="TrainingConfig")
@@ -29,7 +31,13 @@ def parse_mixing(spec: str) -> MixingRule:
     name, _, target = spec.partition(":")
     if name == "variance-corrected":
         return VarianceCorrected(target or "others")
-    raise ValueError(f"bad mixing {spec[:100]!r}; valid: plain, or variance-corrected[:TARGET] with TARGET one of {TARGETS}")
+    robust = parse_robust(spec)
+    if robust is not None:
+        return robust
+    raise ValueError(
+        f"bad mixing {spec[:100]!r}; valid: plain, variance-corrected[:TARGET] with TARGET one of {TARGETS}, "
+        f"or a robust rule: {ROBUST_SPECS}"
+    )
 
 
 def parse_lr_schedule(spec: str) -> float | None:
@@ -71,7 +79,13 @@ class TrainingConfig(BaseModel):
     init: Literal["same", "independent"] = Field(
         "same", description="same: every peer's model is drawn from --seed; independent: each peer draws its own"
     )
-    mixing: str = Field("plain", description="plain, or variance-corrected[:others|self|conservative:C] (default target: others)")
+    mixing: str = Field(
+        "plain",
+        description=(
+            "plain, variance-corrected[:others|self|conservative:C] (default target: others), or a robust rule: "
+            "clipped[:TAU] (self-centred clipping; TAU adapts when not given), trimmed-mean:B or median (per coordinate)"
+        ),
+    )
     sam_rho: float = Field(0.05, gt=0, description="dfedsam: radius of the sharpness-aware perturbation")
     gossip_steps: int = Field(
         1, ge=1, le=64, description="gossip steps per round, each a real exchange (dfedsam: 1 is DFedSAM, more is DFedSAM-MGS)"
@@ -187,8 +201,29 @@ class SimulationConfig(TrainingConfig):
     plot: bool = Field(False, description="write OUT/run.png, the run's learning curve (needs --out)")
     stop_at_target: bool = Field(False, description="end the run once the mean accuracy reaches --target-accuracy")
     faults: str = Field(
-        "none", description="peers that crash, leave or join, e.g. crash:0.8@30,leave:0.2@20,join:16@40 (fractions, a count)"
+        "none",
+        description="peers that crash, leave or join (fractions, a count), and partitions from one round to another, "
+        "e.g. crash:0.8@30,leave:0.2@20,join:16@40,partition:0.5@50-70",
     )
+    byzantine: str = Field(
+        "none",
+        description="attackers: F:ATTACK, a fraction F of the peers sends crafted models; ATTACK one of signflip, "
+        "alie:Z, ipm:EPS, dissensus:EPS, noise:SCALE, huge (e.g. 0.2:alie:1)",
+    )
+
+    @field_validator("byzantine")
+    @classmethod
+    def _known_attack(cls, spec: str) -> str:
+        parse_byzantine(spec)
+        return spec
+
+    @model_validator(mode="after")
+    def _attackers_fit(self) -> SimulationConfig:
+        spec = parse_byzantine(self.byzantine)
+        if spec is not None:
+            feedback = self.gossip_settings().error_feedback
+            check_byzantine(spec, peers=self.peers, algorithm=self.algorithm, error_feedback=feedback)
+        return self
 
     @model_validator(mode="after")
     def _plot_needs_out(self) -> SimulationConfig:
@@ -219,6 +254,10 @@ class RunConfig(TrainingConfig):
         None, ge=1, le=65535, description="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics"
     )
     metrics_host: str = Field("127.0.0.1", description="address the metrics server listens on (0.0.0.0: every interface)")
+    swarm_key: Path | None = Field(
+        None, description="a private swarm: only peers holding this key (made by `peer keygen`) may join, send or pull"
+    )
+    allow_peers: Path | None = Field(None, description="a file of peer ids, one per line: only these may join, send or pull")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -238,6 +277,7 @@ class SwarmConfig(TrainingConfig):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="peer I serves Prometheus metrics on 127.0.0.1 at port METRICS_PORT + I"
     )
+    swarm_key: Path | None = Field(None, description="run a private swarm: every peer holds this key (made by `peer keygen`)")
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:

@@ -18,6 +18,7 @@ from peer.curve import time_to_target
 from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
+from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers, parse_byzantine
 from peer.sim.faults import parse_faults
 from peer.tasks import Task, load_task, partition
 from peer.trainer import Trainer, peer_trainer, resolve_device
@@ -81,13 +82,15 @@ class World:
         self.device = resolve_device(config.device)
         self.ids = peer_ids(config.peers + joining)
         self.initial, self.newcomers = self.ids[: config.peers], list(self.ids[config.peers :])
+        attack = parse_byzantine(config.byzantine)
+        self.attackers = choose_attackers(attack, self.initial, config.seed) if attack else frozenset()
         self.gossiping = config.algorithm in GOSSIP_PROTOCOLS
         # Newcomers have their place on the graph and their share of the data from the start.
         self.topology = parse_topology(config.topology, len(self.ids), weights=config.weights, seed=config.seed)
         self.task = load_task(config.task, config.data_dir)
         self.trainers = dict(zip(self.ids, build_trainers(config, self.task, self.device, len(self.ids))))
         self.metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
-        self.consensus = ConsensusByRound(None if self.faults else config.peers)
+        self.consensus = ConsensusByRound(None if self.faults else config.peers - len(self.attackers))
         self.network = SimNetwork(
             LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
         )
@@ -104,6 +107,10 @@ class World:
         self._background: set[asyncio.Task] = set()
         # A round cannot take longer than its training plus this, so it bounds a FedAvg round.
         self.round_timeout = config.exchange_timeout + config.local_steps * config.step_time
+        self.adversary = Adversary(
+            attack, self.attackers, self.topology, self.ids, HonestModels(self.trainers[self.ids[0]].state()),
+            live=lambda peer: peer in self.nodes and peer not in self.gone, seed=config.seed,
+        ) if attack else None
 
     def _node(self, peer_id: str, trainer: Trainer, transport, *, joining: bool) -> PeerNode:
         config = self.config
@@ -130,8 +137,23 @@ class World:
             node.protocol = FedAvgClient(context, server=SERVER_ID, local_steps=config.local_steps, joining=joining)
         return node
 
+    def _attacker(self, peer_id: str, transport) -> PeerNode:
+        config = self.config
+        trainer = self.trainers[peer_id]  # never trained: it gives the layout of the models to craft
+        node = PeerNode(transport, self.clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every)
+        neighbourhood = GraphNeighbourhood(self.topology, self.ids, peer_id)
+        context = ProtocolContext(transport, self.clock, trainer, neighbourhood, node.round_finished, self.gossip)
+        node.protocol = Attacker(context, self.adversary, gossip_steps=config.gossip_steps)
+        return node
+
     def _start(self, peer_id: str, *, joining: bool) -> None:
-        node = self._node(peer_id, self.trainers[peer_id], self.network.attach(peer_id), joining=joining)
+        transport = self.network.attach(peer_id)
+        if peer_id in self.attackers:
+            node = self._attacker(peer_id, transport)
+        else:
+            # The attackers see every model an honest peer sends.
+            transport = self.adversary.tap(transport) if self.adversary else transport
+            node = self._node(peer_id, self.trainers[peer_id], transport, joining=joining)
         self.nodes[peer_id] = node
         self.tasks[peer_id] = asyncio.get_running_loop().create_task(node.run())
 
@@ -168,7 +190,7 @@ class World:
     def _reached_target(self, round_: int) -> bool:
         point = self.metrics.curve.point(round_)
         # A gossip round counts once every live peer has evaluated it; an aggregate counts at once.
-        complete = not self.gossiping or point.peers >= len(self.nodes) - len(self.gone)
+        complete = not self.gossiping or point.peers >= len(self._honest_up())
         return complete and point.mean_accuracy >= self.config.target_accuracy
 
     def _fire_faults(self, completed: int) -> None:
@@ -180,7 +202,13 @@ class World:
                 for _ in range(int(fault.amount)):
                     self._start(self.newcomers.pop(0), joining=True)
                 continue
+            if fault.kind == "heal":
+                self.network.heal()
+                continue
             up = [peer for peer in self.nodes if peer not in self.gone]
+            if fault.kind == "partition":
+                self.network.cut(fault.victims(up, self.config.seed, index))
+                continue
             for peer in fault.victims(up, self.config.seed, index):
                 self.gone.add(peer)
                 if fault.kind == "crash":
@@ -225,10 +253,14 @@ class World:
                     task.cancel()
                 return
 
+    def _honest_up(self) -> list[str]:
+        """The peers running now that are not attackers: those whose models a run reports."""
+        return [peer for peer in self.nodes if peer not in self.gone and peer not in self.attackers]
+
     def summary(self, virtual_seconds: float, wall_seconds: float) -> tuple[dict[str, Any], list[RoundRecord]]:
         config, gossip = self.config, self.gossip
         points = self.metrics.curve.points()
-        live = [peer for peer in self.nodes if peer not in self.gone]
+        live = self._honest_up()
         if config.algorithm in ROUND_MODEL_PROTOCOLS:
             final = [record for record in self.metrics.latest.values() if record.round == self.last_round]
         else:
@@ -256,6 +288,8 @@ class World:
             "aggregators": config.aggregators if config.algorithm == "modest" else None,
             "success_fraction": config.success_fraction if config.algorithm == "modest" else None,
             "faults": config.faults,
+            "byzantine": config.byzantine,
+            "attackers": sorted(self.attackers),
             "peers_up_at_end": len(live),
             "stalled": self.stalled,
             "stopped_at_target": self.stopped_at_target,
@@ -273,6 +307,7 @@ class World:
             "bytes_sent_total": self.network.bytes_sent(),
             "missed_exchanges_total": self.metrics.missed_exchanges,
             "rejected_total": self.network.rejected(),
+            "rollbacks_total": sum(trainer.rollbacks for trainer in self.trainers.values()),
             "virtual_seconds": virtual_seconds,
             "wall_seconds": wall_seconds,
             **time_to_target(points, config.target_accuracy, wall_clock=False),

@@ -1,7 +1,12 @@
-"""Local training and evaluation of one peer's model: SGD with momentum on the peer's own data."""
+"""Local training and evaluation of one peer's model: SGD with momentum on the peer's own data.
+
+The model never stays NaN or infinite: a copy of the last finite state is kept after every
+training and every load (the models are small), and a step that breaks the model puts it back.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -9,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gossip.learner import Learner, State
+from gossip.learner import Learner, State, is_finite
 from peer.config import ConfigError, TrainingConfig
 from peer.tasks import Task
+
+log = logging.getLogger(__name__)
 
 # Small enough that activations stay in the allocator cache instead of being mapped and unmapped per batch.
 EVAL_BATCH = 256
@@ -65,6 +72,8 @@ class Trainer(Learner):
         self._order = torch.empty(0, dtype=torch.long)
         self._position = 0
         self.steps_taken = 0
+        self.rollbacks = 0  # times the model was put back to its last finite state
+        self._last_finite = self.state()
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         # Epochs of sampling without replacement; a new permutation when the current one runs out.
@@ -90,7 +99,23 @@ class Trainer(Learner):
             self.optimizer.step()
             total += loss.detach()
             self.steps_taken += 1
+        self._keep_or_roll_back()
         return float(total) / max(steps, 1)
+
+    def _keep_or_roll_back(self) -> None:
+        """Keep the trained model as the last finite one, or put the last finite one back."""
+        trained = self.state()
+        if is_finite(trained):
+            self._last_finite = trained
+            return
+        self.rollbacks += 1
+        log.warning(
+            "training made the model NaN or infinite (is --lr too high?); rolled back to its last finite state "
+            "(%d rollbacks so far)", self.rollbacks,
+        )
+        self._copy_in(self._last_finite)
+        # Momentum built from non-finite gradients would bring the NaN straight back.
+        self.optimizer.state.clear()
 
     def _sharpness_aware_gradient(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Replace the gradient by the one at the worst point within sam_rho (same batch), as SAM does."""
@@ -134,8 +159,21 @@ class Trainer(Learner):
     def state(self) -> State:
         return {name: t.detach().clone() for name, t in self.model.state_dict().items() if t.is_floating_point()}
 
-    @torch.no_grad()
     def load_state(self, state: State) -> None:
+        """Load ``state``; one that is NaN or infinite (mixing overflowed) is refused, and the model
+        stays at its last finite state."""
+        if not is_finite(state):
+            self.rollbacks += 1
+            log.warning(
+                "refused to load a NaN or infinite model (mixing overflowed); kept the last finite state "
+                "(%d rollbacks so far)", self.rollbacks,
+            )
+            return
+        self._copy_in(state)
+        self._last_finite = self.state()
+
+    @torch.no_grad()
+    def _copy_in(self, state: State) -> None:
         own = self.model.state_dict()
         for name, tensor in state.items():
             own[name].copy_(tensor)

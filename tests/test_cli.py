@@ -62,7 +62,7 @@ BAD_INPUTS = {
     "bad error feedback": (["--error-feedback", "econtrol:2"], "--error-feedback"),
     "consensus step above one": (["--consensus-step", "2"], "--consensus-step"),
     "unknown schedule": (["--lr-schedule", "linear"], "--lr-schedule: bad schedule"),
-    "unknown mixing": (["--mixing", "median"], "--mixing: bad mixing"),
+    "unknown mixing": (["--mixing", "geometric-median"], "--mixing: bad mixing"),
     "unknown variance target": (["--mixing", "variance-corrected:everyone"], "bad variance target"),
     "variance correction with error feedback": (["--mixing", "variance-corrected", "--codec", "int8"], "--error-feedback none"),
     "no gossip steps": (["--gossip-steps", "0"], "--gossip-steps"),

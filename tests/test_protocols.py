@@ -218,10 +218,10 @@ def test_strangers_cannot_crowd_the_neighbours_out_of_the_inbox():
     assert set(exchange._inbox._latest) == {ids[1]}
 
 
-def test_models_for_far_future_steps_are_not_buffered():
+def test_models_for_steps_past_the_end_of_the_run_are_not_buffered():
     from gossip.exchange import StepInbox
 
-    inbox = StepInbox(horizon=4)
+    inbox = StepInbox(end=4)
     assert inbox.put(Message(MODEL, "a", 3))
     assert not inbox.put(Message(MODEL, "a", 4))
     assert not inbox.put(Message(MODEL, "a", -1))
@@ -274,13 +274,17 @@ def test_a_slow_peer_skips_ahead_to_its_neighbours_round_instead_of_stalling_the
     assert slow_rounds == sorted(set(slow_rounds))
 
 
+async def anyone(peer):
+    return True
+
+
 def test_catch_up_pulls_the_most_advanced_valid_snapshot():
     from gossip.catchup import SnapshotServer, catch_up
 
     network = SimNetwork()
     reference = {"x": torch.zeros(2, dtype=torch.float64)}
-    SnapshotServer(network.attach("old"), {"x": torch.ones(2, dtype=torch.float64)}, round_=40)
-    SnapshotServer(network.attach("bad"), {"x": torch.ones(3, dtype=torch.float64)}, round_=50)
+    SnapshotServer(network.attach("old"), {"x": torch.ones(2, dtype=torch.float64)}, round_=40, admits=anyone)
+    SnapshotServer(network.attach("bad"), {"x": torch.ones(3, dtype=torch.float64)}, round_=50, admits=anyone)
     network.attach("gone")
     network.crash("gone")
     joiner = network.attach("new")
@@ -291,6 +295,26 @@ def test_catch_up_pulls_the_most_advanced_valid_snapshot():
     state, round_ = run(main())
     assert round_ == 40 and torch.equal(state["x"], torch.ones(2, dtype=torch.float64))
     assert run(catch_up(joiner, ["gone"], reference, timeout=2)) is None
+
+
+def test_a_snapshot_is_refused_to_a_peer_that_is_not_a_member():
+    from gossip.catchup import SnapshotServer, catch_up
+
+    network = SimNetwork()
+    reference = {"x": torch.zeros(2, dtype=torch.float64)}
+    asked = []
+
+    async def members_only(peer):
+        asked.append(peer)
+        return peer == "member"
+
+    server = network.attach("server")
+    SnapshotServer(server, {"x": torch.ones(2, dtype=torch.float64)}, round_=40, admits=members_only)
+    stranger, member = network.attach("stranger"), network.attach("member")
+    assert run(catch_up(stranger, ["server"], reference, timeout=2)) is None
+    assert server.counters.rejections == {"not-member": 1}
+    _, round_ = run(catch_up(member, ["server"], reference, timeout=2))
+    assert round_ == 40 and asked == ["stranger", "member"]
 
 
 def test_models_from_senders_that_are_not_admitted_are_rejected():

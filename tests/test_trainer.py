@@ -6,6 +6,8 @@ import torch
 from peer.config import ConfigError
 from peer.trainer import Trainer, resolve_device
 
+torch.set_num_threads(1)  # the models here are tiny: more threads only contend on a shared machine
+
 
 def blobs(n=400, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -14,12 +16,12 @@ def blobs(n=400, seed=0):
     return x, y
 
 
-def make_trainer(seed=0, schedule=None):
+def make_trainer(seed=0, schedule=None, lr=0.1):
     torch.manual_seed(0)
     x, y = blobs()
     return Trainer(
         torch.nn.Linear(2, 3), (x[:300], y[:300]), (x[300:], y[300:]),
-        lr=0.1, momentum=0.9, weight_decay=0.0, batch_size=32, seed=seed, device=torch.device("cpu"),
+        lr=lr, momentum=0.9, weight_decay=0.0, batch_size=32, seed=seed, device=torch.device("cpu"),
         schedule=schedule,
     )
 
@@ -82,3 +84,38 @@ def test_device_resolution():
     else:
         with pytest.raises(ConfigError, match="--device auto or cpu"):
             resolve_device("cuda")
+
+
+def finite(state):
+    return all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def test_training_that_overflows_rolls_back_to_the_last_finite_state():
+    trainer = make_trainer(lr=1e38)  # the first step overflows float32
+    before = trainer.state()
+    trainer.train(5)
+    assert trainer.rollbacks == 1
+    assert all(torch.equal(before[name], tensor) for name, tensor in trainer.state().items())
+
+
+def test_after_a_rollback_training_goes_on_from_the_last_finite_state():
+    trainer = make_trainer()
+    trainer.train(5)
+    last_finite = trainer.state()
+    with torch.no_grad():
+        trainer.model.weight[0, 0] = float("inf")  # a NaN loss, NaN gradients, NaN momentum
+    trainer.train(1)
+    assert trainer.rollbacks == 1
+    assert all(torch.equal(last_finite[name], tensor) for name, tensor in trainer.state().items())
+    # The momentum of the NaN step is gone too, or the next step would be NaN again.
+    trainer.train(20)
+    assert trainer.rollbacks == 1 and finite(trainer.state())
+
+
+def test_a_non_finite_state_is_not_loaded():
+    trainer = make_trainer()
+    trainer.train(5)
+    kept = trainer.state()
+    trainer.load_state({"weight": torch.full((3, 2), float("nan")), "bias": torch.zeros(3)})
+    assert trainer.rollbacks == 1
+    assert all(torch.equal(kept[name], tensor) for name, tensor in trainer.state().items())

@@ -11,8 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gossip import wire
 from gossip.message import Message
-from gossip.wire import Limits, WireError, decode, encode, read_message, write_message
+from gossip.wire import Limits, WireError, decode, encode, read_header, read_message, read_payload, write_message
 
 LIMITS = Limits(max_payload_bytes=1 << 20)
 DTYPES = [
@@ -166,6 +167,35 @@ def test_payload_arriving_in_small_pieces_is_reassembled():
         return received
 
     assert_same(asyncio.run(main()), message)
+
+
+@pytest.mark.parametrize("public_reader", [False, True], ids=["streamreader", "public-reader"])
+def test_no_payload_buffer_exists_until_the_payload_starts_to_arrive(monkeypatch, public_reader):
+    allocated = []
+
+    def uninitialised(size):
+        allocated.append(size)
+        return memoryview(torch.empty(size, dtype=torch.uint8).numpy())
+
+    monkeypatch.setattr(wire, "_uninitialised", uninitialised)
+    message = Message("push", "a", 3, {"w": torch.randn(1000)})
+    data = encoded(message)
+    payload_start = len(data) - message.payload_size()
+
+    async def main():
+        reader = asyncio.StreamReader()
+        reader.feed_data(data[:payload_start])
+        header = await read_header(PublicReader(reader) if public_reader else reader, LIMITS)
+        reading = asyncio.ensure_future(read_payload(PublicReader(reader) if public_reader else reader, header))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not reading.done() and not any(allocated)  # a header alone costs no buffer
+        reader.feed_data(data[payload_start:])
+        reader.feed_eof()
+        return await reading
+
+    assert_same(asyncio.run(main()), message)
+    assert max(allocated) == message.payload_size()  # then one buffer, the payload's size
 
 
 class PublicReader:

@@ -8,6 +8,13 @@ has arrived), so a slow or dead neighbour costs a round one timeout, not Q.
 A peer that joins says hello to its neighbours, who start gossiping with it, and starts from
 the model and round of the first that answers; a peer that leaves says goodbye, and its
 neighbours stop waiting for it.
+
+Neighbours whose rounds drifted apart, however far (a partition, a long pause, a slow peer),
+meet again: the one behind mixes the newer model it is sent and moves on to its round, while
+the one ahead drops the older models as late until then. A jump goes to the round that at least
+half of the neighbours have reached (so one lying neighbour among honest ones moves nobody),
+never further than a round whose model was mixed, and never past the run: models claiming a
+step beyond it are refused.
 """
 
 from __future__ import annotations
@@ -44,7 +51,11 @@ class DPSGD(Protocol):
 
     async def run(self, rounds: int, first_round: int = 0) -> None:
         learner, clock = self.context.learner, self.context.clock
-        round_ = max(first_round, await self._join()) if self.joining else first_round
+        self.exchange.set_run_length(rounds * self.gossip_steps)
+        round_ = first_round
+        if self.joining:
+            round_ = max(first_round, await self._join())
+            learner.set_progress(round_ * self.local_steps)
         while round_ < rounds:
             self.round = round_
             loss = await clock.compute(learner.train, self.local_steps, steps=self.local_steps)
@@ -63,10 +74,13 @@ class DPSGD(Protocol):
             await self.context.round_finished(RoundReport(
                 round_, loss, expected, heard, exchange_seconds=clock.now() - exchange_started, local_steps=self.local_steps
             ))
-            # A peer that fell behind (slow, or back from a pause) has just mixed in its
-            # neighbours' newer models; it goes on at their round instead of sending models
-            # they would find late.
-            round_ = max(round_ + 1, newest // self.gossip_steps)
+            # A peer that fell behind (slow, back from a pause, or cut off) has just mixed in its
+            # neighbours' newer models; it goes on at their round, on their learning-rate
+            # schedule, instead of sending models they would find late.
+            next_round = max(round_ + 1, newest // self.gossip_steps)
+            if next_round > round_ + 1:
+                learner.set_progress(next_round * self.local_steps)
+            round_ = next_round
 
     async def _join(self) -> int:
         """Say hello to the neighbours and take the first answer's model; the round to start at."""

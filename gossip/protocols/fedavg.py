@@ -18,8 +18,8 @@ import random
 
 from gossip.learner import State
 from gossip.message import Message, PeerId
-from gossip.mixing import average
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.robust import mix_screened
 from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState, check_state
 
@@ -74,7 +74,10 @@ class FedAvgServer(Protocol):
             replies = await asyncio.gather(*(self._train(client, request) for client in sampled))
             updates = [reply for reply in replies if reply is not None]
             if updates:
-                learner.load_state(average([state for state, _ in updates]))
+                # Centred on the global model, which has no weight of its own: plain mixing is the uniform average.
+                arrived = {client: (1.0, reply[0]) for client, reply in zip(sampled, replies) if reply is not None}
+                global_model = learner.state()
+                learner.load_state(mix_screened(self.context.gossip.mixing, self.context.transport, global_model, 0.0, arrived, round_))
             loss = sum(loss for _, loss in updates) / len(updates) if updates else math.nan
             await self.context.round_finished(RoundReport(
                 round_, loss, len(sampled), len(updates), exchange_seconds=clock.now() - started, local_steps=self.local_steps

@@ -34,6 +34,7 @@ from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.model_codec import ModelMessages, exchanged
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.robust import mix_screened
 from gossip.sampling import Liveness, hash_order
 from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState
@@ -446,9 +447,14 @@ class MoDeST(Protocol):
     async def _aggregate(self, round_: int, collecting: _Collecting) -> None:
         senders = sorted(collecting.models)
         states = [collecting.models[s][0] for s in senders]
-        mixed = self.context.gossip.mixing.mix(exchanged(states[0]), 1.0, [(1.0, s) for s in states[1:]])
         learner = self.context.learner
         async with self._learner_lock:
+            # Centred on the model we trained for this round (a round's aggregators are the first of
+            # its trainers); without one, on the model we hold, which then has no weight of its own.
+            mine = collecting.models.get(self.me)
+            own, own_weight = (mine[0], 1.0) if mine else (learner.state(), 0.0)
+            others = {s: (1.0, collecting.models[s][0]) for s in senders if s != self.me}
+            mixed = mix_screened(self.context.gossip.mixing, self.context.transport, exchanged(own), own_weight, others, round_)
             average = {**learner.state(), **mixed}
             learner.load_state(average)
         self.training_round = max(self.training_round, round_)

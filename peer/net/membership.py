@@ -1,20 +1,32 @@
 """Swarm membership in the DHT: each peer announces a record under the swarm's key and
 refreshes it before it expires; a peer's view is the set of live, compatible records.
+
+A record's subkey is its owner's public key, and the DHT's signature validator refuses any
+change to it that the owner did not sign; readers derive the peer id from that key, so nobody
+can announce, or withdraw, a peer but the peer itself. Whatever else a reader finds under the
+key (unsigned records, records that claim another id, non-members of a private swarm) is
+ignored and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
+import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPublicKey
 
 from gossip.message import PeerId
+from peer.net.access import PUBLIC, Access, peer_id_of
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +55,12 @@ class PeerRecord:
     left: bool = False  # a tombstone: the peer withdrew before its record expired
     announced: float = 0.0  # DHT time of the announcement
     accuracy: float | None = None  # test accuracy at the peer's last evaluation
+    proof: str = ""  # in a private swarm, the swarm key's HMAC of peer_id
 
     @classmethod
     def parse(cls, peer_id: str, value: object) -> PeerRecord | None:
         """A record read from the DHT, which anyone can write to; None when malformed."""
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) or value.get("peer_id") != peer_id:
             return None
         try:
             accuracy = value.get("accuracy")
@@ -59,6 +72,7 @@ class PeerRecord:
                 left=bool(value.get("left", False)),
                 announced=float(value.get("announced", 0.0)),
                 accuracy=float(accuracy) if accuracy is not None else None,
+                proof=str(value.get("proof", ""))[:128],
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -67,14 +81,43 @@ class PeerRecord:
         return record
 
 
+_OWNER = re.compile(re.escape(b"[owner:") + rb"(.+)" + re.escape(b"]"), re.DOTALL)
+_MAX_OWNER_KEY_BYTES = 4096
+# A stranger's pull or stream may make us re-read the members' records, but not more often than this.
+MIN_REFRESH_INTERVAL = 1.0
+
+
+def record_owner(subkey: object, known: dict[bytes, PeerId]) -> PeerId | None:
+    """The peer id whose key signed the record under ``subkey``; None for an unsigned subkey."""
+    if not isinstance(subkey, bytes) or len(subkey) > _MAX_OWNER_KEY_BYTES:
+        return None
+    if subkey not in known:
+        match = _OWNER.fullmatch(subkey)
+        try:
+            known[subkey] = peer_id_of(RSAPublicKey.from_bytes(match.group(1))) if match else None
+        except (ValueError, TypeError):  # not an RSA key in OpenSSH form
+            known[subkey] = None
+    return known[subkey]
+
+
 class Membership:
-    def __init__(self, dht: hivemind.DHT, swarm: str, record: PeerRecord, *, ttl: float):
+    def __init__(
+        self, dht: hivemind.DHT, swarm: str, record: PeerRecord, *, ttl: float,
+        signer: RSASignatureValidator | None = None, access: Access = PUBLIC,
+    ):
+        """``signer`` holds this peer's identity key (the DHT's validator); a reader that announces nothing needs none."""
         self.dht = dht
-        self.key = f"{swarm}.peers"
-        self.record = record
+        self.key = access.dht_key(swarm)
+        self.access = access
+        self.record = replace(record, proof=access.record_proof(record.peer_id))
         self.ttl = ttl
+        self._subkey = signer.local_public_key if signer else None
         self.live: dict[PeerId, PeerRecord] = {}  # compatible peers, self included
         self.seen: dict[PeerId, tuple[PeerRecord, float]] = {}  # every record read, with its expiry
+        self.rejected: Counter[str] = Counter()  # records ignored, by reason
+        self._owners: dict[bytes, PeerId | None] = {}
+        self._refreshed = float("-inf")
+        self._rereading = asyncio.Lock()
         # Peers we could not reach, with the expiry of their record at that time: they stay out
         # of the view until they refresh their record, which a dead peer never does.
         self._suspects: dict[PeerId, float] = {}
@@ -88,18 +131,31 @@ class Membership:
         await self._store(self.record, get_dht_time() + self.ttl)
 
     async def _store(self, record: PeerRecord, expiration: float) -> None:
-        value = asdict(record)
-        del value["peer_id"]
-        await self.dht.store(self.key, value, expiration, subkey=record.peer_id, return_future=True)
+        if self._subkey is None:
+            raise RuntimeError("a membership without a signer only reads records")
+        stored = await self.dht.store(self.key, asdict(record), expiration, subkey=self._subkey, return_future=True)
+        if not stored:
+            log.warning("the DHT did not store our record; is another process using this identity?")
 
     async def refresh(self) -> dict[PeerId, PeerRecord]:
+        self._refreshed = time.monotonic()
         found = await self.dht.get(self.key, latest=True, return_future=True)
         records: dict[PeerId, tuple[PeerRecord, float]] = {}
-        if found is not None and isinstance(found.value, dict):
-            for subkey, entry in found.value.items():
-                record = PeerRecord.parse(str(subkey), getattr(entry, "value", None))
-                if record is not None:
-                    records[record.peer_id] = (record, entry.expiration_time)
+        entries = found.value.items() if found is not None and isinstance(found.value, dict) else []
+        if len(self._owners) > 4 * len(entries) + 64:
+            self._owners.clear()
+        for subkey, entry in entries:
+            owner = record_owner(subkey, self._owners)
+            if owner is None:
+                self._reject("unsigned-record", subkey)
+                continue
+            record = PeerRecord.parse(owner, getattr(entry, "value", None))
+            if record is None:
+                self._reject("malformed-record", owner)
+            elif not self.access.admits_record(owner, record.proof):
+                self._reject("not-member", owner)
+            else:
+                records[owner] = (record, entry.expiration_time)
         self.seen = records
         self._suspects = {
             peer: expiry for peer, expiry in self._suspects.items() if peer in records and records[peer][1] <= expiry
@@ -111,6 +167,30 @@ class Membership:
         }
         self.live[self.record.peer_id] = self.record
         return self.live
+
+    def _reject(self, reason: str, who: object) -> None:
+        self.rejected[reason] += 1
+        log.debug("ignored a membership record (%s): %.80r", reason, who)
+
+    async def is_member(self, peer: PeerId) -> bool:
+        """Whether ``peer`` has a compatible record and has not left.
+
+        An unknown peer may have joined since our last reading (a newcomer's first pull comes right
+        after its first announcement), so it waits for a reading that started after it asked;
+        strangers share those readings, and there is at most one a second.
+        """
+        if self._member(peer):
+            return True
+        asked = time.monotonic()
+        async with self._rereading:
+            if self._refreshed < asked:
+                await asyncio.sleep(self._refreshed + MIN_REFRESH_INTERVAL - time.monotonic())
+                await self.refresh()
+        return self._member(peer)
+
+    def _member(self, peer: PeerId) -> bool:
+        seen = self.seen.get(peer)
+        return seen is not None and not seen[0].left and seen[0].fingerprint == self.record.fingerprint
 
     def compatible(self, peer: PeerId) -> bool:
         """False for a peer whose record shows another task or model; unknown peers get the benefit of the doubt."""

@@ -11,16 +11,18 @@ import hashlib
 import json
 import logging
 import signal
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import hivemind
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
 from safetensors.torch import save_file
 
 from gossip.catchup import SnapshotServer, catch_up
-from gossip.learner import State
+from gossip.learner import State, is_finite
 from gossip.neighbourhood import OverlayNeighbourhood
 from gossip.protocols import GOSSIP_PROTOCOLS, MoDeST, Protocol, ProtocolContext, RoundReport
 from gossip.settings import GossipSettings
@@ -30,6 +32,7 @@ from gossip.wire import Limits
 from peer.config import ConfigError, RunConfig
 from peer.curve import time_to_target
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
+from peer.net.access import access_from, load_identity, peer_id_of
 from peer.net.clock import WallClock
 from peer.net.live_metrics import LiveMetrics
 from peer.net.membership import Membership, PeerRecord, children_ignore_ctrl_c
@@ -66,14 +69,19 @@ def fingerprint(task_name: str, state: State, gossip: GossipSettings, algorithm:
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
 
-def start_dht(config: RunConfig) -> hivemind.DHT:
-    """Start the DHT (and its libp2p daemon); a bad or unreachable bootstrap address is a ConfigError."""
+def start_dht(config: RunConfig, identity: Path, signer: RSASignatureValidator) -> hivemind.DHT:
+    """Start the DHT (and its libp2p daemon) as ``identity``, whose key ``signer`` holds; a bad or
+    unreachable bootstrap address is a ConfigError."""
     try:
         return hivemind.DHT(
             initial_peers=config.initial_peers,
             host_maddrs=config.host_maddrs,
             announce_maddrs=config.announce_maddrs or None,
-            identity_path=str(config.identity) if config.identity else None,
+            identity_path=str(identity),
+            # A key made for this run cannot be in use elsewhere: no need for hivemind's check,
+            # which starts a second daemon and dials the bootstrap peers with it.
+            check_if_identity_free=config.identity is not None,
+            record_validators=[signer],
             start=True,
             startup_timeout=config.join_timeout,
         )
@@ -86,7 +94,11 @@ def start_dht(config: RunConfig) -> hivemind.DHT:
 
 
 def save_checkpoint(path: Path, state: State, round_: int) -> None:
-    """Written through a temporary file and renamed, so a crash leaves the previous checkpoint intact."""
+    """Written through a temporary file and renamed, so a crash leaves the previous checkpoint intact.
+    A NaN or infinite model is never written: it would only spread to whoever loads it."""
+    if not is_finite(state):
+        log.error("the model is NaN or infinite; not writing %s (an earlier checkpoint there is kept)", path)
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({name: t.contiguous().cpu() for name, t in state.items()}, str(tmp), metadata={"round": str(round_)})
     tmp.replace(path)
@@ -115,10 +127,15 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
     state = trainer.state()
     gossip = config.gossip_settings()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    access = access_from(config.swarm_key, config.allow_peers)
     identity_lock = lock_identity(config.identity) if config.identity else None
+    # A peer without --identity gets a fresh one: its key must sign its membership record.
+    scratch = None if config.identity else tempfile.TemporaryDirectory(prefix="peer-identity-")
+    identity = config.identity or Path(scratch.name) / "identity.key"
+    signer = RSASignatureValidator(load_identity(identity))
     # The DHT process and its daemon must outlive a Ctrl-C until this peer has saved and withdrawn.
     with children_ignore_ctrl_c():
-        dht = await asyncio.to_thread(start_dht, config)
+        dht = await asyncio.to_thread(start_dht, config, identity, signer)
     membership = None
     transport = None
     serving = True  # until a MoDeST peer's run is over
@@ -127,12 +144,17 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
     try:
         p2p = await dht.replicate_p2p()
         me = p2p.peer_id.to_base58()
+        if me != peer_id_of(signer._private_key.get_public_key()):  # the validator keeps its key private
+            raise ConfigError(f"the p2p daemon runs as {me}, not as identity {identity}; is the file being replaced?")
         addresses = [str(a) for a in dht.get_visible_maddrs()]
         print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
         membership = Membership(
-            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task.name, state, gossip, config.algorithm), 0), ttl=config.record_ttl
+            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task.name, state, gossip, config.algorithm), 0),
+            ttl=config.record_ttl, signer=signer, access=access,
         )
-        transport = P2PTransport(p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view)
+        transport = P2PTransport(
+            p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view, access=access
+        )
         if live:
             live.counters = transport.counters
             live.view_size = lambda: len(membership.live)
@@ -140,7 +162,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         clock = WallClock()
         modest = config.algorithm == "modest"
         # MoDeST does not catch up (a newcomer JOINs and waits to be sampled), so it serves no snapshots.
-        snapshots = None if modest else SnapshotServer(transport, state)
+        snapshots = None if modest else SnapshotServer(transport, state, admits=membership.is_member)
         neighbourhood: OverlayNeighbourhood | None = None
         aggregated: set[int] = set()  # rounds this peer recorded (with MoDeST: the rounds it averaged)
 
@@ -242,6 +264,9 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             "rejected": transport.counters.rejected,
             "missed_exchanges": metrics.missed_exchanges,
             "peers_seen": sorted(membership.seen),
+            "private_swarm": access.private,
+            "records_ignored": dict(membership.rejected),
+            "rollbacks": trainer.rollbacks,
             "wall_seconds": time.perf_counter() - started,
             **time_to_target(metrics.curve.points(), config.target_accuracy, wall_clock=True),
         }
@@ -260,6 +285,8 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         await _leave(membership, transport if serving else None, dht)
         if identity_lock:
             identity_lock.close()
+        if scratch:
+            scratch.cleanup()
 
 
 async def _leave(membership: Membership | None, transport: P2PTransport | None, dht: hivemind.DHT) -> None:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from peer.config import ConfigError, SwarmConfig, TrainingConfig
 from peer.curve import CurveBuilder, CurvePoint, time_to_target
 from peer.metrics import consensus_distance, prepare_out, write_json_atomic
+from peer.net.access import load_swarm_key
 from peer.runs import RunError, read_curve
 
 ADDRESS_LINE = re.compile(r"others join with --initial-peers (.+)$")
@@ -34,6 +35,8 @@ class LocalSwarm:
         self._common = self._training_arguments() + [
             "--swarm", self.name, "--shards", str(config.peers), "--join-timeout", str(config.join_timeout), *extra_args,
         ]
+        if config.swarm_key:
+            self._common += ["--swarm-key", str(config.swarm_key)]
 
     def _training_arguments(self) -> list[str]:
         args = []
@@ -172,6 +175,8 @@ def swarm_accuracy(algorithm: str, summaries: list[dict], points: list[CurvePoin
 
 
 def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = None) -> dict:
+    if config.swarm_key:
+        load_swarm_key(config.swarm_key)  # a bad key is one error here, not one per peer
     out = config.out or Path("runs/swarm")
     prepare_out(out)
     swarm = LocalSwarm(config, out)

@@ -2,7 +2,11 @@
 
 The sender of every incoming message is the peer that libp2p authenticated for the stream;
 a message that claims another sender is rejected, like any malformed one, before a protocol
-sees it.
+sees it. What incoming streams may cost, whoever opens them, is bounded by ``StreamLimits``
+(peer.net.stream_limits): a stream past the caps, or from a peer ignored for its refused
+messages, is closed before anything is read from it. In a private swarm (``Access``, see
+peer.net.access) every stream opens with a proof of the swarm key, checked before the message's
+header is read, and with a list of allowed peers, any other peer's stream is closed at once.
 """
 
 from __future__ import annotations
@@ -16,24 +20,38 @@ from hivemind.p2p import P2P, PeerID
 
 from gossip.message import Message, PeerId
 from gossip.transport import Handler, PeerUnreachable, TrafficCounters, Transport
-from gossip.wire import Limits, WireError, read_message, write_message
+from gossip.wire import Limits, WireError, read_header, read_message, read_payload, write_message
+from peer.net.access import PUBLIC, STREAM_PROOF_BYTES, Access, StreamProofs
+from peer.net.stream_limits import ByteBudget, Offenders, OpenStreams, StreamLimits
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "gossip-peer/1"
 CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 300.0  # generous: a 1 GB model over a slow link still arrives
 LINGER_TIMEOUT = 30.0  # how long a reply's stream stays open for the requester to read it
 
 
 class P2PTransport(Transport):
-    def __init__(self, p2p: P2P, limits: Limits, reachable: Callable[[], list[PeerId]] | None = None):
+    def __init__(
+        self,
+        p2p: P2P,
+        limits: Limits,
+        reachable: Callable[[], list[PeerId]] | None = None,
+        stream_limits: StreamLimits | None = None,
+        access: Access = PUBLIC,
+    ):
         self.p2p = p2p
         self.peer_id = p2p.peer_id.to_base58()
+        self.access = access
+        self.proofs = StreamProofs(access, self.peer_id)
         self.limits = limits
+        self.stream_limits = stream_limits or StreamLimits()
         self.counters = TrafficCounters()
+        self.open_streams = OpenStreams(self.stream_limits)
+        self.buffered = ByteBudget(self.stream_limits.buffered_payloads * limits.max_payload_bytes)
+        self.offenders = Offenders(self.stream_limits)
         self._handlers: dict[str, Handler] = {}
-        self._reachable = reachable or (lambda: [])
+        self._reachable = reachable or list
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self._on_stream)
@@ -53,6 +71,7 @@ class P2PTransport(Transport):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
         except Exception as error:  # the daemon reports a refused or failed dial as a generic error
             raise PeerUnreachable(f"cannot open a stream to {peer}: {error!r}") from error
+        writer.write(self.access.stream_proof(self.peer_id, peer))  # sent with the message that follows
         return reader, writer
 
     async def _write(self, writer: asyncio.StreamWriter, message: Message) -> None:
@@ -61,7 +80,7 @@ class P2PTransport(Transport):
         self.counters.messages_sent += 1
 
     async def send(self, peer: PeerId, message: Message) -> None:
-        reader, writer = await self._open(peer)
+        _, writer = await self._open(peer)
         try:
             await self._write(writer, message)
         except (ConnectionError, OSError) as error:
@@ -98,23 +117,96 @@ class P2PTransport(Transport):
                 while await reader.read(1 << 16):
                     pass
 
-    def _refuse(self, writer: asyncio.StreamWriter, remote: PeerId, reason: str, detail: str) -> None:
+    def _refuse(self, writer: asyncio.StreamWriter, remote: PeerId, reason: str, detail: str, strike: bool = True) -> None:
+        """Close a stream we will not serve. A refusal the peer is to blame for is a warning and counts
+        towards ignoring it, so that a peer's warnings stop after a few; others are only noted."""
         self.counters.reject(reason)
-        log.warning("rejected a message from %s (%s): %s", remote, reason, detail)
+        log.log(logging.WARNING if strike else logging.INFO, "rejected a message from %s (%s): %s", remote, reason, detail)
         writer.close()
+        if strike and self.offenders.strike(remote):
+            limits = self.stream_limits
+            log.warning(
+                "ignoring %s for %g s: %d refused streams within %g s",
+                remote, limits.ignore_for, limits.strikes, limits.strike_window,
+            )
 
     async def _on_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         remote = info.peer_id.to_base58()
+        # Each stream is its own task, but they all share this event loop with the daemon's accept
+        # path: a flood from an ignored peer is closed here without reading or logging.
+        if self.offenders.ignored(remote):
+            self.counters.reject("ignored")
+            writer.close()
+            return
+        if not self.access.admits_peer(remote):
+            self._refuse(writer, remote, "not-member", "it is not in the list of allowed peers")
+            return
+        if self.open_streams.full_for(remote):
+            detail = f"{self.open_streams.of(remote)} streams from this peer are open already"
+            self._refuse(writer, remote, "over-capacity", detail)
+            return
+        if self.open_streams.full():
+            # Not the peer's fault, so no strike: the streams filling the cap may be others'.
+            detail = f"{self.open_streams.total} incoming streams are open already"
+            self._refuse(writer, remote, "over-capacity", detail, strike=False)
+            return
+        self.open_streams.open(remote)
         try:
+            # Admitted: the peer is not ignored, its stream is within the caps, and nothing has
+            # been read from it yet.
+            if await self._proves_membership(remote, reader, writer):
+                await self._serve_stream(remote, reader, writer)
+        finally:
+            self.open_streams.close(remote)
+
+    async def _proves_membership(self, remote: PeerId, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """In a private swarm, whether the stream opens with a valid proof of the swarm key; the
+        stream is refused otherwise. A public swarm asks for none."""
+        if not self.access.private:
+            return True
+        try:
+            async with asyncio.timeout(self.stream_limits.header_timeout):
+                proof = await reader.readexactly(STREAM_PROOF_BYTES)
+        except TimeoutError:
+            self._refuse(writer, remote, "too-slow", "its proof of the swarm key did not arrive in time")
+            return False
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as error:
+            self._refuse(writer, remote, "not-member", f"the stream ended before a proof of the swarm key: {error!r}")
+            return False
+        reason = self.proofs.check(remote, proof)
+        if reason is not None:
+            self._refuse(writer, remote, reason, "no valid proof of the swarm key", strike=reason != "over-capacity")
+            return False
+        return True
+
+    async def _read(self, remote: PeerId, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Message | None:
+        """The stream's message, or None once the stream has been refused or has broken."""
+        limits = self.stream_limits
+        # What a deadline that passes means, and whether the sender is to blame for it (not when
+        # the budget is spent by others).
+        late, senders_fault = "its header did not arrive in time", True
+        try:
+            async with asyncio.timeout(limits.header_timeout):
+                header = await read_header(reader, self.limits)
+            size = header.payload_size
+            late, senders_fault = f"no room for its {size}-byte payload in the budget of buffered bytes", False
             # A sender that stops halfway must not hold this task and its buffer for ever.
-            async with asyncio.timeout(READ_TIMEOUT):
-                message = await read_message(reader, self.limits)
+            async with asyncio.timeout(limits.payload_timeout(size)):
+                async with self.buffered.reserve(size):
+                    late, senders_fault = f"its {size}-byte payload did not arrive in time", True
+                    return await read_payload(reader, header)
         except WireError as reason:
             self._refuse(writer, remote, "malformed", str(reason))
-            return
-        except (ConnectionError, OSError, asyncio.IncompleteReadError, TimeoutError) as error:
+        except TimeoutError:
+            self._refuse(writer, remote, "too-slow" if senders_fault else "over-capacity", late, strike=senders_fault)
+        except (ConnectionError, OSError) as error:
             log.info("stream from %s broke: %r", remote, error)
             writer.close()
+        return None
+
+    async def _serve_stream(self, remote: PeerId, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        message = await self._read(remote, reader, writer)
+        if message is None:
             return
         if message.sender != remote:
             self._refuse(writer, remote, "wrong-sender", f"sender field {message.sender!r} is not the stream's peer")

@@ -4,6 +4,8 @@ Each directed link sends one message at a time: a message starts when the link i
 takes ``size / bandwidth`` to transmit and ``latency`` to arrive. A lost message is never
 delivered; the receiver notices through its own timeout, as it would on a real network.
 Loss is drawn from a generator per link seeded by the run's seed, so runs replay exactly.
+A partition cuts some peers from the rest: messages between the two sides, sent or in flight,
+are lost as well.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gossip.message import Message, PeerId
@@ -44,6 +46,7 @@ class SimNetwork:
         self._loss_rng: dict[tuple[PeerId, PeerId], random.Random] = {}
         self._endpoints: dict[PeerId, SimTransport] = {}
         self._down: set[PeerId] = set()
+        self._cut_off: frozenset[PeerId] = frozenset()  # one side of a partition; the rest is the other
         self._bytes_sent = 0  # a running total: every record of a run reads it
 
     def attach(self, peer_id: PeerId) -> SimTransport:
@@ -59,6 +62,17 @@ class SimNetwork:
     def crash(self, peer_id: PeerId) -> None:
         """From now on the peer neither sends nor receives anything."""
         self._down.add(peer_id)
+
+    def cut(self, side: Iterable[PeerId]) -> None:
+        """Partition the network: from now on messages between ``side`` and the other peers
+        (newcomers included) are lost, until ``heal``; within a side they flow."""
+        self._cut_off = frozenset(side)
+
+    def heal(self) -> None:
+        self._cut_off = frozenset()
+
+    def _severed(self, src: PeerId, dst: PeerId) -> bool:
+        return (src in self._cut_off) != (dst in self._cut_off)
 
     def is_up(self, peer_id: PeerId) -> bool:
         return peer_id in self._endpoints and peer_id not in self._down
@@ -88,11 +102,13 @@ class SimNetwork:
         self._free_at[(src, dst)] = start + size / link.bandwidth
         if link.loss and self._rng(src, dst).random() < link.loss:
             return
+        if self._severed(src, dst):
+            return
         arrival = start + size / link.bandwidth + link.latency
-        loop.call_at(arrival, self._arrive, dst, size, on_arrival)
+        loop.call_at(arrival, self._arrive, src, dst, size, on_arrival)
 
-    def _arrive(self, dst: PeerId, size: int, on_arrival: Callable[[SimTransport], None]) -> None:
-        if dst in self._down:
+    def _arrive(self, src: PeerId, dst: PeerId, size: int, on_arrival: Callable[[SimTransport], None]) -> None:
+        if dst in self._down or self._severed(src, dst):
             return
         counters = self._endpoints[dst].counters
         counters.bytes_received += size

@@ -1,0 +1,161 @@
+"""What incoming streams may cost this peer, whoever opens them.
+
+Anyone who can reach our p2p daemon can open streams to us, so the transport admits a stream
+only within caps on open streams (per peer and in all), gives its header a short deadline and
+its payload one that follows the payload's size, makes a payload reserve its bytes from a
+budget before they are buffered, and ignores for a while a peer whose streams keep being
+refused. Every table here is bounded, so made-up identities cannot grow one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+
+from gossip.message import PeerId
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Caps on incoming streams. The defaults leave honest gossip untouched: a neighbour sends
+    one model per gossip step and now and then a request, a handful of streams at a time."""
+
+    max_streams: int = 256  # open incoming streams, all peers together
+    max_streams_per_peer: int = 8
+    # Payload bytes buffered across all incoming streams, in payloads of the largest size that
+    # Limits allows; a payload past the budget waits (within its deadline) for others to finish.
+    buffered_payloads: int = 16
+    header_timeout: float = 5.0  # seconds from admission until the header has arrived
+    # The payload's deadline, counted from its header: a grace plus its size at this rate
+    # (125 kB/s = 1 Mbit/s, well below any link a peer trains over).
+    payload_grace: float = 10.0
+    min_payload_rate: float = 125_000.0  # bytes per second
+    # A peer with this many refused streams within strike_window seconds is ignored for
+    # ignore_for seconds; at most max_offenders peers are remembered, the least recent forgotten.
+    strikes: int = 8
+    strike_window: float = 60.0
+    ignore_for: float = 60.0
+    max_offenders: int = 4096
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"StreamLimits.{field.name} must be > 0, got {getattr(self, field.name)}")
+        if self.max_streams_per_peer > self.max_streams:
+            raise ValueError(
+                f"StreamLimits.max_streams_per_peer ({self.max_streams_per_peer}) exceeds max_streams ({self.max_streams})"
+            )
+
+    def payload_timeout(self, size: int) -> float:
+        return self.payload_grace + size / self.min_payload_rate
+
+
+class OpenStreams:
+    """How many incoming streams each peer has open; entries go when their count drops to zero."""
+
+    def __init__(self, limits: StreamLimits):
+        self._limits = limits
+        self._per_peer: Counter[PeerId] = Counter()
+        self.total = 0
+
+    def of(self, peer: PeerId) -> int:
+        return self._per_peer[peer]
+
+    def full_for(self, peer: PeerId) -> bool:
+        return self._per_peer[peer] >= self._limits.max_streams_per_peer
+
+    def full(self) -> bool:
+        return self.total >= self._limits.max_streams
+
+    def open(self, peer: PeerId) -> None:
+        self._per_peer[peer] += 1
+        self.total += 1
+
+    def close(self, peer: PeerId) -> None:
+        self.total -= 1
+        self._per_peer[peer] -= 1
+        if not self._per_peer[peer]:
+            del self._per_peer[peer]
+
+
+class ByteBudget:
+    """Payload bytes that incoming streams hold at once. A payload reserves its announced size
+    before its buffer exists, waiting while the budget is spent, and returns it when read."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self.peak = 0  # the most ever reserved at once
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @asynccontextmanager
+    async def reserve(self, size: int) -> AsyncIterator[None]:
+        if size > self.capacity:
+            raise ValueError(f"a payload of {size} bytes can never fit a budget of {self.capacity}")
+        while self.used + size > self.capacity:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        self.used += size
+        self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            self.used -= size
+            for waiter in self._waiters:  # each checks again whether it fits now
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
+@dataclass
+class _Record:
+    window_start: float
+    strikes: int = 0
+    ignored_until: float = 0.0
+
+
+class Offenders:
+    """Peers whose streams were refused, and those ignored for a while for it.
+
+    A peer with ``strikes`` refusals within ``strike_window`` seconds is ignored for
+    ``ignore_for`` seconds; nothing it does meanwhile prolongs that, so an honest peer that
+    went wrong for a moment is heard again. The table keeps the ``max_offenders`` peers that
+    offended last.
+    """
+
+    def __init__(self, limits: StreamLimits, clock: Callable[[], float] = time.monotonic):
+        self._limits = limits
+        self._clock = clock
+        self._records: OrderedDict[PeerId, _Record] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def ignored(self, peer: PeerId) -> bool:
+        record = self._records.get(peer)
+        return record is not None and self._clock() < record.ignored_until
+
+    def strike(self, peer: PeerId) -> bool:
+        """Count one refusal; True when it makes the peer ignored."""
+        if self.ignored(peer):  # a stream it opened before it was ignored
+            return False
+        now = self._clock()
+        record = self._records.pop(peer, None)
+        if record is None or now - record.window_start > self._limits.strike_window:
+            record = _Record(window_start=now)
+        self._records[peer] = record  # the most recent offender goes last, the first to go is the oldest
+        if len(self._records) > self._limits.max_offenders:
+            self._records.popitem(last=False)
+        record.strikes += 1
+        if record.strikes < self._limits.strikes:
+            return False
+        record.ignored_until = now + self._limits.ignore_for
+        record.strikes = 0
+        return True

@@ -51,12 +51,15 @@ def norm(state: State) -> float:
 
 
 def distance(a: State, b: State) -> float:
-    """||b - a|| over the floating-point tensors of ``a``; inf when it overflows float64."""
+    """||b - a|| over the floating-point tensors of ``a``; inf when the difference overflows the
+    models' dtype (which makes the model an outlier whatever the bound). The difference is taken
+    in that dtype and only its norm in float64: this runs for every model received, so one
+    temporary per tensor, not three."""
     total = 0.0
     for name, tensor in a.items():
         if tensor.is_floating_point():
-            difference = b[name].to(device=tensor.device, dtype=torch.float64) - tensor.to(torch.float64)
-            total += float(torch.linalg.vector_norm(difference)) ** 2
+            difference = b[name].to(tensor) - tensor
+            total += float(torch.linalg.vector_norm(difference, dtype=torch.float64)) ** 2
     return math.sqrt(total)
 
 

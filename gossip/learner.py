@@ -28,6 +28,10 @@ class Learner(ABC):
     def load_state(self, state: State) -> None:
         """Replace the shareable state (e.g. with the result of mixing)."""
 
+    def reset_optimizer(self) -> None:
+        """Forget the optimiser's history (momentum): the model now comes from elsewhere, so the
+        directions it built no longer apply (a token's model, which walks from peer to peer)."""
+
     def set_progress(self, steps: int) -> None:
         """Where the swarm is in its run, in local steps: a learner whose learning rate follows a
         schedule takes its place from this (a peer that trains only when sampled, or that joined late)."""

@@ -11,6 +11,9 @@ from topology import Topology, TopologyError, parse_topology
 
 log = logging.getLogger(__name__)
 
+# The walk's chance of staying put on a live peers' graph that came out periodic.
+PERIODIC_STAY = 0.1
+
 
 class Neighbourhood(ABC):
     @abstractmethod
@@ -30,6 +33,11 @@ class Neighbourhood(ABC):
         Per-link state (public copies for compressed gossip) is kept for these peers only.
         """
         return set(self.in_weights(step)) | set(self.out_neighbours(step))
+
+    def walk_row(self, stay: float = 0.0) -> dict[PeerId, float]:
+        """Where a random walk goes from this peer: the base chain's probabilities (``topology.walk``),
+        this peer included; TopologyError when the graph has no walk."""
+        raise TopologyError(f"{type(self).__name__} has no graph for a random walk")
 
     def admits(self, peer: PeerId) -> bool:
         """Whether a model from ``peer`` may be mixed at all (False: known to train something else)."""
@@ -74,6 +82,11 @@ class GraphNeighbourhood(Neighbourhood):
     def self_weight(self, step: int) -> float:
         return self._topology.self_weight(self._index, step)
 
+    def walk_row(self, stay: float = 0.0) -> dict[PeerId, float]:
+        row = self._topology.walk_row(self._index, stay)
+        me = self._ids[self._index]
+        return {self._ids[j]: p for j, p in row.items() if self._ids[j] == me or self._ids[j] not in self._absent}
+
     def linked(self, step: int) -> set[PeerId]:
         # A time-varying graph cycles through its period: a link unused this step comes back.
         if self._linked is None:
@@ -113,6 +126,7 @@ class OverlayNeighbourhood(Neighbourhood):
         self._seed = seed
         self._ids: tuple[PeerId, ...] = ()
         self._graph: GraphNeighbourhood | None = None
+        self._warned_periodic: tuple[PeerId, ...] = ()
 
     def _current(self) -> GraphNeighbourhood | None:
         ids = tuple(sorted(set(self._view()) | {self.me}))
@@ -145,3 +159,21 @@ class OverlayNeighbourhood(Neighbourhood):
     def linked(self, step: int) -> set[PeerId]:
         graph = self._current()
         return graph.linked(step) if graph else set()
+
+    def walk_row(self, stay: float = 0.0) -> dict[PeerId, float]:
+        graph = self._current()
+        if graph is None:
+            return {self.me: 1.0}
+        try:
+            return graph.walk_row(stay)
+        except TopologyError as reason:
+            # The live peers' graph came out periodic (an even ring): a walk that sometimes stays
+            # put still settles, and the swarm cannot wait for its size to change.
+            if stay >= PERIODIC_STAY:
+                raise
+            if self._warned_periodic != self._ids:
+                self._warned_periodic = self._ids
+                log.warning(
+                    "%s; the token stays put with probability %g meanwhile", reason, PERIODIC_STAY
+                )
+            return graph.walk_row(PERIODIC_STAY)

@@ -40,6 +40,7 @@ REJECTION_REASONS = (
     "not-member",  # from a peer outside a private swarm or its peer list, or a pull by a stranger
     "stale-proof",  # a stream's proof of the swarm key is too old (or from a clock far off ours)
     "replayed",  # a stream's proof of the swarm key was used before
+    "stale-token",  # a walking token older than one this peer has seen (a hop counter that went backwards)
 )
 
 

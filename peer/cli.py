@@ -132,7 +132,10 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=summary["label"], show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    if summary["spectral_gap"] is not None:
+    if summary["algorithm"] == "srrw":
+        tokens = summary["tokens"]
+        layout = f"{summary['topology']}, {tokens} token{'s' if tokens != 1 else ''} walking, alpha {summary['alpha']:g}"
+    elif summary["spectral_gap"] is not None:
         layout = f"{summary['topology']} (spectral gap {summary['spectral_gap']:.4f})"
     else:
         layout = f"{summary['topology']}, {summary['sample_size']} peers a round"
@@ -141,7 +144,8 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     rows = [
         ("task / partition", f"{summary['task']} / {summary['partition']}"),
         ("peers / topology", f"{summary['peers']} / {layout}"),
-        ("rounds x local steps", f"{summary['rounds']} x {summary['local_steps']}"),
+        ("hops x local steps" if summary["algorithm"] == "srrw" else "rounds x local steps",
+         f"{summary['rounds']} x {summary['local_steps']}"),
         ("codec / error feedback", f"{summary['codec']} / {summary['error_feedback']}"),
     ]
     if summary["faults"] != "none":
@@ -154,9 +158,15 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         rows.append(("test accuracy", "no model was evaluated"))
     elif summary["algorithm"] in ("modest", "fedavg"):
         rows.append(("test accuracy: last round's model", f"{summary['mean_accuracy']:.4f}"))
+    elif summary["algorithm"] == "srrw":
+        rows.append(("test accuracy: the tokens' last models", f"{summary['mean_accuracy']:.4f}"))
     else:
         rows.append(("test accuracy: mean", f"{summary['mean_accuracy']:.4f}"))
         rows.append(("test accuracy: min / max", f"{summary['min_accuracy']:.4f} / {summary['max_accuracy']:.4f}"))
+    if summary["squared_error"] is not None:
+        rows.append(("squared error to the optimum", f"{summary['squared_error']:.4g}"))
+    if summary["algorithm"] == "srrw":
+        rows.append(("tokens re-issued / copies at the end", f"{summary['tokens_reissued']} / {summary['token_copies']}"))
     if summary["consensus_distance"] is not None:
         rows.append(("consensus distance", f"{summary['consensus_distance']:.4g}"))
     rows += [
@@ -194,8 +204,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     config = config_from_args(args, SimulationConfig)
     console = Console(stderr=True)
-    # A round of D-PSGD is one record per honest peer; a round of MoDeST or FedAvg ends in one model.
-    per_peer = config.algorithm not in ("modest", "fedavg")
+    # A round of D-PSGD is one record per honest peer; a round of MoDeST or FedAvg ends in one
+    # model, and a hop of SRRW is one token's visit.
+    per_peer = config.algorithm not in ("modest", "fedavg", "srrw")
     attack = parse_byzantine(config.byzantine)
     honest = config.peers - (attack.count(config.peers) if attack else 0)
     with _progress(console) as progress:

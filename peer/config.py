@@ -12,9 +12,11 @@ from gossip.choco import ERROR_FEEDBACK_SPECS, default_consensus_step, parse_err
 from gossip.codecs import CodecError, parse_codec
 from gossip.mixing import MixingRule, WeightedAverage
 from gossip.protocols.modest import ModestSettings
+from gossip.protocols.srrw import WalkSettings
 from gossip.robust import ROBUST_SPECS, parse_robust
 from gossip.settings import GossipSettings
 from gossip.variance import TARGETS, VarianceCorrected
+from peer.lr_schedule import CosineDecay, HopDecay, Schedule
 from peer.sim.byzantine import check_byzantine, parse_byzantine
 from peer.sim.faults import parse_faults
 
@@ -61,9 +63,9 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     topology: str = Field("ring", description="communication graph")
-    algorithm: Literal["dpsgd", "dfedsam", "modest", "fedavg"] = Field("dpsgd", description="training protocol")
-    task: str = Field("mnist1d", description="mnist1d, fashion-mnist or module:function")
-    partition: str = Field("dirichlet:0.5", description="iid, dirichlet:ALPHA or shards:K")
+    algorithm: Literal["dpsgd", "dfedsam", "modest", "fedavg", "srrw"] = Field("dpsgd", description="training protocol")
+    task: str = Field("mnist1d", description="mnist1d, fashion-mnist, logistic or module:function")
+    partition: str = Field("dirichlet:0.5", description="iid, dirichlet:ALPHA, shards:K or natural (the task's own split)")
     rounds: int = Field(100, ge=1)
     local_steps: int = Field(10, ge=1, description="local optimisation steps per round")
     batch_size: int = Field(32, ge=1)
@@ -73,7 +75,7 @@ class TrainingConfig(BaseModel):
         description="constant, or cosine:START: constant for the first START of the run, then a cosine to 0 at the end",
     )
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float | None = Field(None, ge=0, description="L2 regularisation; the task's own when not given")
     weights: Literal["metropolis", "uniform"] = Field("metropolis", description="gossip mixing weights")
     seed: int = 0
     init: Literal["same", "independent"] = Field(
@@ -121,6 +123,18 @@ class TrainingConfig(BaseModel):
         120.0, gt=0, description="modest: seconds without word that a round was done before it is handed to others or restarted"
     )
 
+    alpha: float = Field(5.0, ge=0, description="srrw: how strongly the token avoids peers it visited often; 0 is a plain walk")
+    srrw_a: float = Field(
+        0.8, gt=0.5, le=1, description="srrw: the visit counts' step size is (n+1)^-A at hop n (A in (0.5, 1])"
+    )
+    srrw_b: float = Field(
+        0.9, gt=0.5, le=1, description="srrw: the model's step size is lr (n+1)^-B at hop n (B in (0.5, 1]; B > A)"
+    )
+    tokens: int = Field(1, ge=1, description="srrw: tokens walking at once; their models average where two meet")
+    srrw_stay: float = Field(
+        0.0, ge=0, lt=1, description="srrw: probability that the token stays where it is (a lazy walk: needed on an even ring)"
+    )
+
     @field_validator("codec")
     @classmethod
     def _known_codec(cls, spec: str) -> str:
@@ -138,11 +152,32 @@ class TrainingConfig(BaseModel):
     @model_validator(mode="after")
     def _compatible_gossip(self) -> TrainingConfig:
         self.gossip_settings()  # raises ValueError for settings that do not go together
+        if self.algorithm == "srrw":
+            self._check_walk()
         if self.algorithm == "modest":
             if self.error_feedback not in (None, "none"):
                 raise ValueError("modest: the peers a model goes to change every round, so there is no error feedback; use --error-feedback none")
             self.modest_settings()
         return self
+
+    def _check_walk(self) -> None:
+        """What a walking token has no use for is refused, with the reason."""
+        if not parse_codec(self.codec).lossless:
+            raise ValueError(
+                "srrw: a token's model would lose precision at every hop with nothing to correct it; use --codec none"
+            )
+        if self.mixing != "plain":
+            raise ValueError("srrw: tokens that meet average their models plainly; --mixing applies to gossip, use plain")
+        if self.gossip_steps != 1:
+            raise ValueError("srrw: a token is handed on once per visit; --gossip-steps applies to gossip")
+        if "lr_schedule" in self.model_fields_set:
+            raise ValueError("srrw: the step size is lr (n+1)^-B at hop n (see --srrw-b), not --lr-schedule")
+
+    def walk_settings(self) -> WalkSettings:
+        return WalkSettings(
+            alpha=self.alpha, gamma_exponent=self.srrw_a, beta_exponent=self.srrw_b, tokens=self.tokens,
+            stay=self.srrw_stay, patience=self.exchange_timeout,
+        )
 
     def modest_settings(self) -> ModestSettings:
         return ModestSettings(
@@ -161,11 +196,13 @@ class TrainingConfig(BaseModel):
         parse_lr_schedule(spec)
         return spec
 
-    def lr_decay_steps(self) -> tuple[int, int] | None:
-        """The local steps where the learning rate starts to decay and reaches 0; None for a constant rate."""
+    def learning_rate_schedule(self) -> Schedule | None:
+        """How the rate changes over the local steps; None for a constant rate."""
+        if self.algorithm == "srrw":
+            return HopDecay(self.local_steps, self.srrw_b)
         start = parse_lr_schedule(self.lr_schedule)
         total = self.rounds * self.local_steps
-        return None if start is None else (round(start * total), total)
+        return None if start is None else CosineDecay(round(start * total), total)
 
     @field_validator("error_feedback")
     @classmethod
@@ -177,7 +214,7 @@ class TrainingConfig(BaseModel):
     def gossip_settings(self) -> GossipSettings:
         codec = parse_codec(self.codec)
         # Error feedback keeps a copy per link; MoDeST's links change every round.
-        default_feedback = "none" if codec.lossless or self.algorithm == "modest" else "choco"
+        default_feedback = "none" if codec.lossless or self.algorithm in ("modest", "srrw") else "choco"
         return GossipSettings(
             timeout=self.exchange_timeout,
             codec=codec.spec,
@@ -187,9 +224,11 @@ class TrainingConfig(BaseModel):
         )
 
 
-def check_sample_size(sample_size: int | None, peers: int) -> None:
-    if sample_size is not None and sample_size > peers:
-        raise ValueError(f"--sample-size {sample_size} is larger than the swarm of --peers {peers}")
+def check_swarm_size(config: TrainingConfig, peers: int) -> None:
+    if config.sample_size is not None and config.sample_size > peers:
+        raise ValueError(f"--sample-size {config.sample_size} is larger than the swarm of --peers {peers}")
+    if config.algorithm == "srrw" and config.tokens > peers:
+        raise ValueError(f"--tokens {config.tokens} is more than the {peers} peers they would walk between")
 
 
 class SimulationConfig(TrainingConfig):
@@ -231,8 +270,8 @@ class SimulationConfig(TrainingConfig):
             raise ValueError("--plot writes OUT/run.png: give --out DIR too")
         if self.stop_at_target and self.target_accuracy is None:
             raise ValueError("--stop-at-target needs --target-accuracy")
-        check_sample_size(self.sample_size, self.peers)
-        parse_faults(self.faults, rounds=self.rounds)
+        check_swarm_size(self, self.peers)
+        parse_faults(self.faults, rounds=self.rounds, algorithm=self.algorithm)
         return self
 
 
@@ -281,7 +320,7 @@ class SwarmConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
-        check_sample_size(self.sample_size, self.peers)
+        check_swarm_size(self, self.peers)
         if self.metrics_port is not None and self.metrics_port + self.peers - 1 > 65535:
             raise ValueError(f"--metrics-port {self.metrics_port} leaves no port for the last of {self.peers} peers")
         if self.algorithm == "fedavg":

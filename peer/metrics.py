@@ -35,6 +35,8 @@ class RoundRecord:
     wall_time: float | None = None  # Unix time of the record on a real peer; None in simulation
     # Bytes sent by every peer of the swarm so far: known to a simulator, not to a real peer.
     swarm_bytes_sent: int | None = None
+    # ||theta - theta*||^2 on evaluated rounds, for a task with an exact optimum (a convex one).
+    squared_error: float | None = None
 
 
 class MetricsLog:

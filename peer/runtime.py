@@ -48,9 +48,10 @@ class PeerNode:
 
     async def round_finished(self, report: RoundReport) -> None:
         last = report.round == self.rounds - 1
-        accuracy = loss = None
+        accuracy = loss = squared_error = None
         if last or (report.round + 1) % self.eval_every == 0:
             accuracy, loss = await self.clock.compute(self.trainer.evaluate, steps=0)
+            squared_error = self.trainer.squared_error()
         counters = self.transport.counters
         record = RoundRecord(
             round=report.round,
@@ -68,6 +69,7 @@ class PeerNode:
             exchange_seconds=report.exchange_seconds,
             wall_time=time.time() if self.wall_time else None,
             swarm_bytes_sent=self.swarm_bytes() if self.swarm_bytes else None,
+            squared_error=squared_error,
         )
         self.metrics.write(record)
         if self.on_record:

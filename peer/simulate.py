@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from gossip.neighbourhood import GraphNeighbourhood
-from gossip.protocols import GOSSIP_PROTOCOLS, FedAvgClient, FedAvgServer, MoDeST, ProtocolContext
+from gossip.protocols import GOSSIP_PROTOCOLS, SRRW, FedAvgClient, FedAvgServer, MoDeST, ProtocolContext
 from peer.config import SimulationConfig
 from peer.curve import time_to_target
 from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
@@ -30,9 +30,10 @@ LABELS = {
     "dfedsam": "DFedSAM (sharpness-aware local steps, decentralised gossip)",
     "modest": "MoDeST (decentralised sampling)",
     "fedavg": "FedAvg (centralised reference, simulation only)",
+    "srrw": "SRRW (self-repellent random-walk token)",
 }
-# Protocols whose round ends in one model (the aggregate), which is what their records report.
-ROUND_MODEL_PROTOCOLS = ("modest", "fedavg")
+# Protocols whose round ends in one model (the aggregate, or a token's), which is what their records report.
+ROUND_MODEL_PROTOCOLS = ("modest", "fedavg", "srrw")
 
 
 @dataclass
@@ -48,9 +49,16 @@ def peer_ids(n: int) -> list[str]:
 
 
 def build_trainers(config: SimulationConfig, task: Task, device: torch.device, peers: int | None = None) -> list[Trainer]:
-    """A trainer for each of ``peers`` (default: the run's), on its share of the training set."""
-    shards = partition(task.train_y, peers or config.peers, config.partition, config.seed)
-    return [peer_trainer(config, task, shard, index, device) for index, shard in enumerate(shards)]
+    """A trainer for each of ``peers`` (default: the run's), on its share of the training set.
+
+    A task with an exact optimum (a convex one) gets it computed once for this split, and every
+    trainer reports its distance to it."""
+    shards = partition(task.train_y, peers or config.peers, config.partition, config.seed, owners=task.owners)
+    optimum = None
+    if task.optimum is not None:
+        weight_decay = task.weight_decay if config.weight_decay is None else config.weight_decay
+        optimum = task.optimum([(task.train_x[shard], task.train_y[shard]) for shard in shards], weight_decay)
+    return [peer_trainer(config, task, shard, index, device, optimum) for index, shard in enumerate(shards)]
 
 
 def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
@@ -77,7 +85,7 @@ class World:
     def __init__(self, config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None):
         self.config = config
         self.on_record = on_record
-        self.faults = parse_faults(config.faults, rounds=config.rounds)
+        self.faults = parse_faults(config.faults, rounds=config.rounds, algorithm=config.algorithm)
         joining = sum(int(fault.amount) for fault in self.faults if fault.kind == "join")
         self.device = resolve_device(config.device)
         self.ids = peer_ids(config.peers + joining)
@@ -85,9 +93,12 @@ class World:
         attack = parse_byzantine(config.byzantine)
         self.attackers = choose_attackers(attack, self.initial, config.seed) if attack else frozenset()
         self.gossiping = config.algorithm in GOSSIP_PROTOCOLS
+        self.walking = config.algorithm == "srrw"
         # Newcomers have their place on the graph and their share of the data from the start.
         self.topology = parse_topology(config.topology, len(self.ids), weights=config.weights, seed=config.seed)
-        self.task = load_task(config.task, config.data_dir)
+        if self.walking:
+            self.topology.walk_row(0, config.srrw_stay)  # a graph the token cannot walk is refused now
+        self.task = load_task(config.task, config.data_dir, peers=len(self.ids))
         self.trainers = dict(zip(self.ids, build_trainers(config, self.task, self.device, len(self.ids))))
         self.metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
         self.consensus = ConsensusByRound(None if self.faults else config.peers - len(self.attackers))
@@ -105,6 +116,7 @@ class World:
         self.stopped_at_target = False
         self._fired = 0  # faults applied so far, in round order
         self._background: set[asyncio.Task] = set()
+        self.walkers: list[SRRW] = []  # every token-walk protocol started, restarted peers' included
         # A round cannot take longer than its training plus this, so it bounds a FedAvg round.
         self.round_timeout = config.exchange_timeout + config.local_steps * config.step_time
         self.adversary = Adversary(
@@ -120,12 +132,17 @@ class World:
         )
         context = ProtocolContext(transport, self.clock, trainer, None, node.round_finished, self.gossip)
         if self.gossiping:
-            context.neighbourhood = GraphNeighbourhood(self.topology, self.ids, peer_id)
-            for newcomer in self.newcomers:
-                context.neighbourhood.departed(newcomer)
+            context.neighbourhood = self._neighbourhood(peer_id)
             node.protocol = GOSSIP_PROTOCOLS[config.algorithm](
                 context, local_steps=config.local_steps, gossip_steps=config.gossip_steps, joining=joining
             )
+        elif self.walking:
+            context.neighbourhood = self._neighbourhood(peer_id)
+            node.protocol = SRRW(
+                context, local_steps=config.local_steps, settings=config.walk_settings(), peers=self.initial,
+                seed=config.seed, joining=joining,
+            )
+            self.walkers.append(node.protocol)
         elif config.algorithm == "modest":
             settings = config.modest_settings()
             if config.sample_size is None:
@@ -137,6 +154,13 @@ class World:
             node.protocol = FedAvgClient(context, server=SERVER_ID, local_steps=config.local_steps, joining=joining)
         return node
 
+    def _neighbourhood(self, peer_id: str) -> GraphNeighbourhood:
+        """Its place on the graph; the newcomers that have not joined yet are not there."""
+        neighbourhood = GraphNeighbourhood(self.topology, self.ids, peer_id)
+        for newcomer in self.newcomers:
+            neighbourhood.departed(newcomer)
+        return neighbourhood
+
     def _attacker(self, peer_id: str, transport) -> PeerNode:
         config = self.config
         trainer = self.trainers[peer_id]  # never trained: it gives the layout of the models to craft
@@ -147,7 +171,8 @@ class World:
         return node
 
     def _start(self, peer_id: str, *, joining: bool) -> None:
-        transport = self.network.attach(peer_id)
+        transport = self.network.restart(peer_id) if peer_id in self.gone else self.network.attach(peer_id)
+        self.gone.discard(peer_id)
         if peer_id in self.attackers:
             node = self._attacker(peer_id, transport)
         else:
@@ -179,7 +204,7 @@ class World:
             self.consensus.add(record.round, self.trainers[record.peer].state())
         self.last_round = max(self.last_round, record.round)
         self.last_record_at = self.clock.now()
-        self._fire_faults(completed=record.round + 1)
+        self._fire_faults(completed=record.round + 1, recorder=record.peer)
         if self.on_record:
             self.on_record(record)
         if self.config.stop_at_target and record.accuracy is not None and self._reached_target(record.round):
@@ -193,8 +218,9 @@ class World:
         complete = not self.gossiping or point.peers >= len(self._honest_up())
         return complete and point.mean_accuracy >= self.config.target_accuracy
 
-    def _fire_faults(self, completed: int) -> None:
-        """Apply every fault due once ``completed`` rounds are done (at round R: when round R - 1 is)."""
+    def _fire_faults(self, completed: int, recorder: str | None = None) -> None:
+        """Apply every fault due once ``completed`` rounds are done (at round R: when round R - 1 is);
+        ``recorder`` is the peer whose record completed them (with a token walk, the token's holder)."""
         while self._fired < len(self.faults) and self.faults[self._fired].round <= completed:
             fault, index = self.faults[self._fired], self._fired
             self._fired += 1
@@ -204,6 +230,12 @@ class World:
                 continue
             if fault.kind == "heal":
                 self.network.heal()
+                continue
+            if fault.kind == "crash-holder":
+                if recorder is not None and recorder not in self.gone:
+                    self.gone.add(recorder)
+                    self._crash(recorder)
+                    self._later(fault.amount, lambda peer=recorder: self._start(peer, joining=True))
                 continue
             up = [peer for peer in self.nodes if peer not in self.gone]
             if fault.kind == "partition":
@@ -217,6 +249,15 @@ class World:
                     task = asyncio.get_running_loop().create_task(self._leave(peer))
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
+
+    def _later(self, seconds: float, action: Callable[[], None]) -> None:
+        async def wait_then_act() -> None:
+            await asyncio.sleep(seconds)
+            action()
+
+        task = asyncio.get_running_loop().create_task(wait_then_act())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _crash(self, peer: str) -> None:
         self.network.crash(peer)
@@ -270,7 +311,9 @@ class World:
             "algorithm": config.algorithm,
             "label": LABELS[config.algorithm],
             "task": config.task,
-            "topology": config.topology if self.gossiping else ("sampled" if config.algorithm == "modest" else "server"),
+            "topology": config.topology if self.gossiping or self.walking else (
+                "sampled" if config.algorithm == "modest" else "server"
+            ),
             "spectral_gap": self.topology.spectral_gap() if self.gossiping else None,
             "partition": config.partition,
             "peers": config.peers,
@@ -301,6 +344,7 @@ class World:
             "min_accuracy": min(accuracies, default=None),
             "max_accuracy": max(accuracies, default=None),
             "mean_loss": _mean([record.loss for record in final if record.loss is not None]),
+            "squared_error": _mean([record.squared_error for record in final if record.squared_error is not None]),
             "consensus_distance": (
                 consensus_distance([self.trainers[peer].state() for peer in live]) if self.gossiping and live else None
             ),
@@ -313,7 +357,28 @@ class World:
             **time_to_target(points, config.target_accuracy, wall_clock=False),
             "consensus_by_round": [[round_, distance] for round_, distance in self.consensus.distances()],
         }
+        if self.walking:
+            summary.update(self._walk_summary())
         return summary, final
+
+    def _walk_summary(self) -> dict[str, Any]:
+        config = self.config
+        copies = [0] * config.tokens
+        for peer, node in self.nodes.items():
+            if peer not in self.gone:
+                for token in node.protocol.held():
+                    copies[token] += 1
+        return {
+            "alpha": config.alpha,
+            "srrw_a": config.srrw_a,
+            "srrw_b": config.srrw_b,
+            "srrw_stay": config.srrw_stay,
+            "tokens": config.tokens,
+            # Live copies of each token at the end: one each, unless a token was lost or duplicated.
+            "token_copies": copies,
+            "tokens_reissued": sum(walker.reissued for walker in self.walkers),
+            "stale_tokens_dropped": sum(walker.stale_dropped for walker in self.walkers),
+        }
 
     def _sample_size(self) -> int | None:
         if self.config.algorithm == "modest":

@@ -7,7 +7,6 @@ training and every load (the models are small), and a step that breaks the model
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from gossip.learner import Learner, State, is_finite
 from peer.config import ConfigError, TrainingConfig
+from peer.lr_schedule import Schedule
 from peer.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,9 @@ class Trainer(Learner):
         batch_size: int,
         seed: int,
         device: torch.device,
-        schedule: tuple[int, int] | None = None,
+        schedule: Schedule | None = None,
         sam_rho: float = 0.0,
+        optimum: State | None = None,
     ):
         self.device = device
         self.model = model.to(device)
@@ -63,9 +64,9 @@ class Trainer(Learner):
         self.test_x, self.test_y = (t.to(device) for t in test)
         self.batch_size = min(batch_size, len(self.train_y))
         self.lr = lr
-        # (first, last): the rate is constant until step `first`, then follows a cosine to 0 at
-        # step `last`; None: constant throughout.
-        self.schedule = schedule
+        self.schedule = schedule  # None: a constant rate
+        # The exact minimiser of the task's objective on this run's split, where the task has one.
+        self.optimum = {name: t.to(device, torch.float64) for name, t in optimum.items()} if optimum else None
         self.sam_rho = sam_rho  # > 0: sharpness-aware steps (SAM) with this radius
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self._generator = torch.Generator().manual_seed(seed)
@@ -76,6 +77,8 @@ class Trainer(Learner):
         self._last_finite = self.state()
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch_size == len(self.train_y):  # full-batch steps: the order does not matter
+            return self.train_x, self.train_y
         # Epochs of sampling without replacement; a new permutation when the current one runs out.
         if self._position + self.batch_size > len(self._order):
             self._order = torch.randperm(len(self.train_y), generator=self._generator).to(self.device)
@@ -89,7 +92,7 @@ class Trainer(Learner):
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
             if self.schedule:
-                self._set_lr(self._scheduled_lr())
+                self._set_lr(self.lr * self.schedule.factor(self.steps_taken))
             x, y = self._next_batch()
             loss = F.cross_entropy(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -133,10 +136,8 @@ class Trainer(Learner):
     def set_progress(self, steps: int) -> None:
         self.steps_taken = steps
 
-    def _scheduled_lr(self) -> float:
-        first, last = self.schedule
-        progress = min(max(self.steps_taken - first, 0) / max(last - first, 1), 1.0)
-        return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    def reset_optimizer(self) -> None:
+        self.optimizer.state.clear()
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -155,6 +156,14 @@ class Trainer(Learner):
             correct += (logits.argmax(dim=1) == y).sum()
         n = len(self.test_y)
         return float(correct) / n, float(loss) / n
+
+    @torch.no_grad()
+    def squared_error(self) -> float | None:
+        """||theta - theta*||^2 against the task's exact optimum; None for a task without one."""
+        if self.optimum is None:
+            return None
+        own = self.model.state_dict()
+        return float(sum(((own[name].double() - best) ** 2).sum() for name, best in self.optimum.items()))
 
     def state(self) -> State:
         return {name: t.detach().clone() for name, t in self.model.state_dict().items() if t.is_floating_point()}
@@ -179,7 +188,9 @@ class Trainer(Learner):
             own[name].copy_(tensor)
 
 
-def peer_trainer(config: TrainingConfig, task: Task, shard: np.ndarray, index: int, device: torch.device) -> Trainer:
+def peer_trainer(
+    config: TrainingConfig, task: Task, shard: np.ndarray, index: int, device: torch.device, optimum: State | None = None
+) -> Trainer:
     """Peer ``index``'s trainer: its part of the training set and the run's settings.
 
     With --init same the model is drawn from --seed, so every peer of a run (simulated or real)
@@ -194,10 +205,11 @@ def peer_trainer(config: TrainingConfig, task: Task, shard: np.ndarray, index: i
         (task.test_x, task.test_y),
         lr=config.lr or task.learning_rate,
         momentum=config.momentum,
-        weight_decay=config.weight_decay,
+        weight_decay=task.weight_decay if config.weight_decay is None else config.weight_decay,
         batch_size=config.batch_size,
         seed=config.seed * 100_003 + index,
         device=device,
-        schedule=config.lr_decay_steps(),
+        schedule=config.learning_rate_schedule(),
         sam_rho=config.sam_rho if config.algorithm == "dfedsam" else 0.0,
+        optimum=optimum,
     )

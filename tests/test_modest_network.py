@@ -12,6 +12,7 @@ from peer.curve import CurveBuilder
 from peer.metrics import RoundRecord
 from peer.net.node import fingerprint
 from peer.net.swarm import LocalSwarm, swarm_accuracy
+from tests.test_network import wait_for_exits
 
 STATE = {"layer.weight": torch.zeros(3, 4), "layer.bias": torch.zeros(3)}
 
@@ -82,10 +83,7 @@ def test_modest_survivors_go_on_after_most_peers_crash(tmp_path):
             swarm.kill(index)
         killed_at = max(swarm.last_round(i) for i in swarm.processes)
         assert killed_at < rounds - 2, "the run was almost over before the peers crashed"
-        deadline = time.monotonic() + 90
-        while any(swarm.processes[i].poll() is None for i in survivors):
-            assert time.monotonic() < deadline, "the survivors did not finish"
-            time.sleep(0.2)
+        wait_for_exits([swarm.processes[i] for i in survivors], 90, "the survivors")
     finally:
         swarm.stop()
     logs = "\n".join((swarm.folder(i) / "log.txt").read_text() for i in survivors)

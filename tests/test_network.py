@@ -113,6 +113,14 @@ def wait_for_line(path, pattern, process, timeout):
     raise AssertionError(f"{pattern!r} did not appear in {path} within {timeout} s")
 
 
+def wait_for_exits(processes, timeout, what="the peers"):
+    """Wait until every process has exited (they finish their run on their own)."""
+    deadline = time.monotonic() + timeout
+    while any(process.poll() is None for process in processes):
+        assert time.monotonic() < deadline, f"{what} did not finish within {timeout} s"
+        time.sleep(0.2)
+
+
 def test_peers_join_a_swarm_whose_only_bootstrap_node_is_a_plain_hivemind_dht(tmp_path):
     processes = []
     try:

@@ -97,7 +97,7 @@ def write_fashion_files(folder: Path, train: int = 20, test: int = 10) -> dict[s
 
 
 def test_task_names_are_the_builtins() -> None:
-    assert TASK_NAMES == ("mnist1d", "fashion-mnist")
+    assert TASK_NAMES == ("mnist1d", "fashion-mnist", "logistic")
 
 
 def test_mnist1d_loads_caches_and_leaves_global_rngs_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -237,7 +237,8 @@ def test_download_rejects_a_wrong_checksum(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_unknown_task_lists_the_choices() -> None:
-    with pytest.raises(TaskError, match="unknown task 'cifar': use one of mnist1d, fashion-mnist, mnist1d:SAMPLES, or"):
+    message = "unknown task 'cifar': use one of mnist1d, fashion-mnist, logistic, mnist1d:SAMPLES, or"
+    with pytest.raises(TaskError, match=message):
         load_task("cifar", None)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from peer.config import ConfigError
+from peer.lr_schedule import CosineDecay
 from peer.trainer import Trainer, resolve_device
 
 torch.set_num_threads(1)  # the models here are tiny: more threads only contend on a shared machine
@@ -28,7 +29,7 @@ def make_trainer(seed=0, schedule=None, lr=0.1):
 
 @pytest.mark.parametrize(
     "schedule, after_50, after_100",
-    [(None, 0.1, 0.1), ((0, 100), 0.05, 0.0), ((0, 200), 0.0853553, 0.05), ((50, 150), 0.1, 0.05)],
+    [(None, 0.1, 0.1), (CosineDecay(0, 100), 0.05, 0.0), (CosineDecay(0, 200), 0.0853553, 0.05), (CosineDecay(50, 150), 0.1, 0.05)],
 )
 def test_the_learning_rate_follows_the_schedule(schedule, after_50, after_100):
     trainer = make_trainer(schedule=schedule)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import networkx as nx
 import numpy as np
 
 from topology.graphs import ONE_PEER_EXPONENTIAL, TopologyError, build_graph, split_spec
+from topology.walk import base_chain
 from topology.weights import metropolis_hastings, spectral_gap, uniform
 
 WEIGHT_SCHEMES = ("metropolis", "uniform")
@@ -40,17 +42,25 @@ class Topology:
     """Mixing weights per round for n peers; static graphs have period 1.
 
     Round r uses W(r mod period); each distinct W and its per-peer views are built once.
+    ``graph`` is the fixed graph of a static topology, None when the graph changes every round.
     """
 
     def __init__(
-        self, spec: str, n: int, period: int, matrix_for_phase: Callable[[int], np.ndarray]
+        self,
+        spec: str,
+        n: int,
+        period: int,
+        matrix_for_phase: Callable[[int], np.ndarray],
+        graph: nx.Graph | None = None,
     ) -> None:
         self.spec = spec
         self.n = n
         self.period = period
+        self.graph = graph
         self._matrix_for_phase = matrix_for_phase
         self._rounds: dict[int, _Round] = {}
         self._spectral_gap: float | None = None
+        self._walk_chains: dict[float, np.ndarray] = {}
 
     @property
     def time_varying(self) -> bool:
@@ -96,6 +106,22 @@ class Topology:
             self._spectral_gap = spectral_gap(product)
         return self._spectral_gap
 
+    def walk_row(self, peer: int, stay: float = 0.0) -> dict[int, float]:
+        """The base chain's row from peer: peer itself (even at probability 0) and every peer
+        the token moves to from there with positive probability.
+        """
+        self._check_peer(peer)
+        if self.graph is None:
+            raise TopologyError(
+                f"the token walks a fixed graph; {self.spec} changes every round: "
+                "use ring, regular:D, erdos:P or another static undirected topology"
+            )
+        chain = self._walk_chains.get(stay)
+        if chain is None:
+            chain = self._walk_chains[stay] = base_chain(self.graph, stay=stay)
+        row = chain[peer].tolist()
+        return {j: p for j, p in enumerate(row) if j == peer or p > 0}
+
     def __repr__(self) -> str:
         return f"Topology({self.spec!r}, n={self.n}, period={self.period})"
 
@@ -119,7 +145,7 @@ def parse_topology(spec: str, n: int, *, weights: str = "metropolis", seed: int 
     graph = build_graph(spec, n, seed)
     scheme = metropolis_hastings if weights == "metropolis" and not graph.is_directed() else uniform
     matrix = scheme(graph)
-    return Topology(spec, n, 1, lambda _phase: matrix)
+    return Topology(spec, n, 1, lambda _phase: matrix, graph)
 
 
 def one_peer_exponential_period(n: int) -> int:

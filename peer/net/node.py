@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from gossip.catchup import SnapshotServer, catch_up
 from gossip.learner import State, is_finite
 from gossip.neighbourhood import OverlayNeighbourhood
-from gossip.protocols import GOSSIP_PROTOCOLS, MoDeST, Protocol, ProtocolContext, RoundReport
+from gossip.protocols import GOSSIP_PROTOCOLS, SRRW, MoDeST, Protocol, ProtocolContext, RoundReport
 from gossip.settings import GossipSettings
 from gossip.transport import Clock
 from gossip.view import Entry
@@ -51,7 +51,7 @@ GOODBYE_TIMEOUT = 5.0
 
 def protocol_family(algorithm: str) -> str:
     """Peers of one family speak the same messages: D-PSGD and DFedSAM peers gossip together."""
-    return "modest" if algorithm == "modest" else "gossip"
+    return algorithm if algorithm in ("modest", "srrw") else "gossip"
 
 
 def fingerprint(task_name: str, state: State, gossip: GossipSettings, algorithm: str) -> str:
@@ -121,9 +121,14 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
 
 async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None, live: LiveMetrics | None) -> dict:
     torch.set_num_threads(config.threads)
-    task = load_task(config.task, config.data_dir)
-    shard = partition(task.train_y, config.shards, config.partition, config.seed)[config.shard]
-    trainer = peer_trainer(config, task, shard, config.shard, resolve_device(config.device))
+    task = load_task(config.task, config.data_dir, peers=config.shards)
+    shards = partition(task.train_y, config.shards, config.partition, config.seed, owners=task.owners)
+    optimum = None
+    if task.optimum is not None:  # every peer holds the whole task, so each can work out the optimum
+        weight_decay = task.weight_decay if config.weight_decay is None else config.weight_decay
+        optimum = task.optimum([(task.train_x[shard], task.train_y[shard]) for shard in shards], weight_decay)
+    shard = shards[config.shard]
+    trainer = peer_trainer(config, task, shard, config.shard, resolve_device(config.device), optimum)
     state = trainer.state()
     gossip = config.gossip_settings()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
@@ -161,8 +166,11 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
         clock = WallClock()
         modest = config.algorithm == "modest"
-        # MoDeST does not catch up (a newcomer JOINs and waits to be sampled), so it serves no snapshots.
-        snapshots = None if modest else SnapshotServer(transport, state, admits=membership.is_member)
+        # MoDeST does not catch up (a newcomer JOINs and waits to be sampled), nor does a token walk
+        # (a newcomer waits for a token), so they serve no snapshots.
+        snapshots = (
+            None if modest or config.algorithm == "srrw" else SnapshotServer(transport, state, admits=membership.is_member)
+        )
         neighbourhood: OverlayNeighbourhood | None = None
         aggregated: set[int] = set()  # rounds this peer recorded (with MoDeST: the rounds it averaged)
 
@@ -184,7 +192,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
 
         node = PeerNode(
             transport, clock, trainer, metrics, rounds=config.rounds, eval_every=config.eval_every,
-            on_record=round_done, pace=0.0 if modest else config.pace, wall_time=True,
+            on_record=round_done, pace=0.0 if modest or config.algorithm == "srrw" else config.pace, wall_time=True,
         )
         protocol: Protocol
         if modest:
@@ -192,6 +200,19 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             context = ProtocolContext(transport, clock, trainer, None, paced(node.round_finished, clock, config.pace), gossip)
             # Built (and serving) before anyone can learn of us; its view is filled once the peers are known.
             protocol = MoDeST(context, local_steps=config.local_steps, settings=config.modest_settings(), peers=[])
+        elif config.algorithm == "srrw":
+            neighbourhood = OverlayNeighbourhood(
+                config.topology, me, membership.view, weights=config.weights, seed=config.seed,
+                admits=membership.compatible, unreachable=membership.suspect,
+            )
+            # A peer holds a token now and then, so --pace holds back each visit, not this peer's rounds.
+            context = ProtocolContext(
+                transport, clock, trainer, neighbourhood, paced(node.round_finished, clock, config.pace), gossip
+            )
+            # Its peers (where the tokens start, and their first visit counts) are known once the swarm is.
+            protocol = SRRW(
+                context, local_steps=config.local_steps, settings=config.walk_settings(), peers=[], seed=config.seed
+            )
         else:
             neighbourhood = OverlayNeighbourhood(
                 config.topology, me, membership.view, weights=config.weights, seed=config.seed,
@@ -208,6 +229,10 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         if isinstance(protocol, MoDeST):
             first_round = 0
             _enter_swarm(protocol, membership)
+        elif isinstance(protocol, SRRW):
+            first_round = 0
+            protocol.peers = sorted(set(membership.view()) | {me})
+            protocol.joining = any(r.round > 0 for r in membership.live.values() if r.peer_id != me)
         else:
             first_round = await _catch_up(transport, membership, trainer, config)
 
@@ -216,6 +241,8 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             if isinstance(protocol, MoDeST):
                 # Only aggregators record rounds; the view's estimate is the round the swarm is at.
                 return min(max(protocol.view.estimate(), recorded), config.rounds)
+            if isinstance(protocol, SRRW) and protocol.finished():
+                return config.rounds  # every token made its last hop: the run is complete here too
             return recorded
 
         keep_alive = asyncio.create_task(membership.keep_alive(current_round))
@@ -236,8 +263,10 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             metrics.close()
         last = metrics.latest.get(me)
         accuracy, loss = (last.accuracy, last.loss) if last else (None, None)
-        if holds_final_model and not (last and last.round == config.rounds - 1):
-            # Only aggregators record rounds; every peer was sent the last round's model.
+        walked = isinstance(protocol, SRRW)
+        if (holds_final_model or walked) and not (last and last.round == config.rounds - 1):
+            # Only aggregators record rounds, and every peer was sent the last round's model; with a
+            # token walk, only holders do, and each peer keeps the last token model it trained.
             accuracy, loss = await clock.compute(trainer.evaluate, steps=0)
             membership.evaluated(accuracy)  # shown by `peer status` once we have left
         summary = {
@@ -274,6 +303,11 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             summary.update(
                 sample_size=protocol.settings.sample_size, aggregators=protocol.settings.aggregators,
                 final_model=holds_final_model, rounds_aggregated=len(aggregated),
+            )
+        if walked:
+            summary.update(
+                alpha=config.alpha, tokens=config.tokens, hops_visited=len(aggregated), tokens_held=protocol.held(),
+                tokens_reissued=protocol.reissued, squared_error=trainer.squared_error(),
             )
         if config.out:
             save_checkpoint(config.out / "checkpoint.safetensors", trainer.state(), current_round())
@@ -352,8 +386,10 @@ async def _catch_up(transport: P2PTransport, membership: Membership, trainer: Tr
 
 
 def paced(round_finished: Callable[[RoundReport], Awaitable[None]], clock: Clock, pace: float):
-    """MoDeST's --pace: an aggregator hands a round's average on no sooner than ``pace`` seconds
-    after the round's first model reached it, so each round takes at least that long."""
+    """--pace where a peer records only some rounds: a MoDeST aggregator hands a round's average on
+    no sooner than ``pace`` seconds after the round's first model reached it, and the holder of a
+    walking token hands it on no sooner than ``pace`` seconds after its local steps, so each round
+    (each hop) takes at least that long."""
     if not pace:
         return round_finished
 

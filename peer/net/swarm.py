@@ -40,9 +40,11 @@ class LocalSwarm:
 
     def _training_arguments(self) -> list[str]:
         args = []
+        # Only the settings given: a peer has the same defaults, and some settings are refused when
+        # given at all (--lr-schedule with srrw, whose step size follows the token's hop).
         for name in TrainingConfig.model_fields:
             value = getattr(self.config, name)
-            if value is not None and name != "out":
+            if value is not None and name != "out" and name in self.config.model_fields_set:
                 args += [f"--{name.replace('_', '-')}", str(value)]
         if self.config.algorithm == "modest" and self.config.sample_size is None:
             # As in simulation: no larger a sample than the swarm, or every round would wait out its timeout.
@@ -110,10 +112,10 @@ class LocalSwarm:
     def rounds_done(self) -> int:
         """Peer-rounds done so far, out of peers x rounds.
 
-        With MoDeST only a round's aggregators record it, so the swarm's progress is its highest
-        round recorded by anyone, counted once for every peer.
+        With MoDeST only a round's aggregators record it, and with a token walk only its holder,
+        so the swarm's progress is its highest round recorded by anyone, counted once for every peer.
         """
-        if self.config.algorithm == "modest":
+        if self.config.algorithm in ("modest", "srrw"):
             return len(self.processes) * (max((self.last_round(i) for i in self.processes), default=-1) + 1)
         return sum(self.last_round(index) + 1 for index in self.processes)
 
@@ -236,6 +238,15 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
             aggregators=config.aggregators,
             last_round=points[-1].round if points else None,  # the highest evaluated round recorded
             peers_with_final_model=sum(bool(s.get("final_model")) for s in summaries),
+        )
+    if config.algorithm == "srrw":
+        copies = [0] * config.tokens
+        for peer_summary in summaries:
+            for token in peer_summary["tokens_held"]:
+                copies[int(token)] += 1
+        summary.update(
+            alpha=config.alpha, tokens=config.tokens, token_copies=copies,
+            tokens_reissued=sum(s["tokens_reissued"] for s in summaries),
         )
     write_json_atomic(out / "summary.json", summary)
     return summary

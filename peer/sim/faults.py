@@ -8,6 +8,8 @@ for a partition:
     join:16@40             16 new peers start at round 40 and join through their protocol
     partition:0.5@20-50    a random half of the peers up at round 20 is cut from the rest until
                            round 50: messages between the two sides are lost, within a side they flow
+    crash-holder:60@1000   (a token walk) the peer that holds a token as it makes hop 1000 crashes,
+                           and starts again 60 simulated seconds later, its memory of the walk gone
 
 Which peers crash, leave or are cut off is drawn from the run's seed, so a run replays exactly.
 Partitions may follow one another but not overlap: there is one cut at a time.
@@ -20,8 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-FAULT_KINDS = ("crash", "leave", "join", "partition")
-_EVENT = re.compile(r"^(crash|leave|join|partition):([0-9.]+)@([0-9]+)(?:-([0-9]+))?$")
+FAULT_KINDS = ("crash", "leave", "join", "partition", "crash-holder")
+_EVENT = re.compile(r"^(crash-holder|crash|leave|join|partition):([0-9.]+)@([0-9]+)(?:-([0-9]+))?$")
 
 
 class FaultError(ValueError):
@@ -31,8 +33,10 @@ class FaultError(ValueError):
 @dataclass(frozen=True)
 class Fault:
     # heal: the end of a partition, which the partition's spec gives (it is not written on its own)
-    kind: Literal["crash", "leave", "join", "partition", "heal"]
-    amount: float  # crash, leave, partition: a fraction of the peers up; join: a number of peers
+    kind: Literal["crash", "leave", "join", "partition", "heal", "crash-holder"]
+    # crash, leave, partition: a fraction of the peers up; join: a number of peers; crash-holder:
+    # the seconds until the peer starts again
+    amount: float
     round: int
 
     def victims(self, up: list[str], seed: int, index: int) -> list[str]:
@@ -41,7 +45,7 @@ class Fault:
         return sorted(random.Random(f"{seed}:fault:{index}").sample(sorted(up), count))
 
 
-def parse_faults(spec: str, *, rounds: int) -> tuple[Fault, ...]:
+def parse_faults(spec: str, *, rounds: int, algorithm: str = "dpsgd") -> tuple[Fault, ...]:
     """The events of a spec in round order (a partition is two: its cut and its heal);
     FaultError naming the bad event and the valid forms."""
     if spec.strip() in ("", "none"):
@@ -53,7 +57,8 @@ def parse_faults(spec: str, *, rounds: int) -> tuple[Fault, ...]:
         if match is None:
             raise FaultError(
                 f"fault {item[:60]!r} does not parse; write KIND:AMOUNT@ROUND with KIND one of "
-                f"{', '.join(FAULT_KINDS[:-1])}, or partition:FRACTION@START-END, e.g. crash:0.8@30,join:16@40"
+                f"crash, leave or join, partition:FRACTION@START-END, or crash-holder:SECONDS@ROUND, "
+                "e.g. crash:0.8@30,join:16@40"
             )
         kind, amount_text, round_text, end_text = match.groups()
         round_ = int(round_text)
@@ -83,6 +88,11 @@ def parse_faults(spec: str, *, rounds: int) -> tuple[Fault, ...]:
                     raise FaultError(f"faults {other!r} and {item!r} overlap; there is one partition at a time")
             cuts.append((round_, end, item))
             faults.append(Fault("heal", amount, end))
+        elif kind == "crash-holder":
+            if algorithm != "srrw":
+                raise FaultError(f"fault {item!r}: only a token walk (--algorithm srrw) has holders; use crash:F@R")
+            if round_ < 1 or not amount > 0:
+                raise FaultError(f"fault {item!r}: crash-holder takes seconds > 0 and a round >= 1, e.g. crash-holder:60@1000")
         elif not 0 < amount <= 1:
             raise FaultError(f"fault {item!r}: {kind} takes a fraction of the peers in (0, 1]")
         faults.append(Fault(kind, amount, round_))  # type: ignore[arg-type]

@@ -60,8 +60,19 @@ class SimNetwork:
         self._links[(src, dst)] = link
 
     def crash(self, peer_id: PeerId) -> None:
-        """From now on the peer neither sends nor receives anything."""
+        """From now on the peer neither sends nor receives anything, and what it was doing stops."""
         self._down.add(peer_id)
+        self._endpoints[peer_id].stop()
+
+    def restart(self, peer_id: PeerId) -> SimTransport:
+        """A crashed peer comes back as a fresh process: a new endpoint, nothing it served before."""
+        if peer_id not in self._down:
+            raise ValueError(f"peer {peer_id!r} is not down")
+        self._down.discard(peer_id)
+        transport = SimTransport(self, peer_id)
+        transport.counters = self._endpoints[peer_id].counters  # the network's tally of the peer goes on
+        self._endpoints[peer_id] = transport
+        return transport
 
     def cut(self, side: Iterable[PeerId]) -> None:
         """Partition the network: from now on messages between ``side`` and the other peers
@@ -132,6 +143,11 @@ class SimTransport(Transport):
 
     def serve(self, kind: str, handler: Handler) -> None:
         self._handlers[kind] = handler
+
+    def stop(self) -> None:
+        """Cancel the handlers still running: a crashed peer finishes nothing."""
+        for task in list(self._tasks):
+            task.cancel()
 
     def reachable(self) -> list[PeerId]:
         return [p for p in self.network.peers() if p != self.peer_id]

@@ -10,6 +10,7 @@ from typing import Callable
 
 from peer.tasks.base import Task, TaskError
 from peer.tasks.fashion_mnist import load_fashion_mnist
+from peer.tasks.logistic import load_logistic
 from peer.tasks.mnist1d import load_mnist1d
 from peer.tasks.partition import PARTITION_SPECS, PartitionError, partition
 
@@ -19,15 +20,23 @@ _BUILTIN_LOADERS: dict[str, Callable[[Path | None], Task]] = {
     "mnist1d": load_mnist1d,
     "fashion-mnist": load_fashion_mnist,
 }
-TASK_NAMES = tuple(_BUILTIN_LOADERS)
+# Generated with one part per peer, so it is loaded for a number of peers rather than from data_dir.
+_PER_PEER_LOADERS: dict[str, Callable[[int], Task]] = {"logistic": load_logistic}
+TASK_NAMES = (*_BUILTIN_LOADERS, *_PER_PEER_LOADERS)
 MIN_MNIST1D_SAMPLES, MAX_MNIST1D_SAMPLES = 100, 1_000_000
 _USER_TASK_CONTRACT = "def FUNCTION(data_dir: Path | None) -> peer.tasks.Task"
 
 
-def load_task(spec: str, data_dir: Path | None = None) -> Task:
-    """Load and validate a built-in task by name, or a user's task given as module:function."""
+def load_task(spec: str, data_dir: Path | None = None, peers: int | None = None) -> Task:
+    """Load and validate a built-in task by name, or a user's task given as module:function.
+
+    peers is the number of peers, which a task generated with one part per peer needs."""
     name, _, samples = spec.partition(":")
-    if spec in _BUILTIN_LOADERS:
+    if spec in _PER_PEER_LOADERS:
+        if peers is None:
+            raise TaskError(f"task {spec!r} generates one part per peer: load it with the number of peers")
+        task = _PER_PEER_LOADERS[spec](peers)
+    elif spec in _BUILTIN_LOADERS:
         task = _BUILTIN_LOADERS[spec](data_dir)
     elif name == "mnist1d":
         if not samples.isdigit() or not MIN_MNIST1D_SAMPLES <= int(samples) <= MAX_MNIST1D_SAMPLES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,23 @@ class Task:
     make_model: Callable[[], torch.nn.Module]
     # A step size that trains this model well with SGD and momentum 0.9; used when --lr is not given.
     learning_rate: float = 0.05
+    # The peer (0..P-1) each training sample was generated for, when the task comes split: the natural partition.
+    owners: torch.Tensor | None = None
+    # L2 regularisation lambda; used when --weight-decay is not given.
+    weight_decay: float = 0.0
+    # Given the peers' training shards [(x_i, y_i)] and lambda, the exact minimiser of the mean over
+    # shards of each shard's mean loss plus lambda / 2 ||theta||^2, as float64 tensors named like
+    # make_model().state_dict(); runs report their squared distance to it.
+    optimum: Callable[[list[tuple[torch.Tensor, torch.Tensor]], float], dict[str, torch.Tensor]] | None = None
 
     def validate(self) -> None:
         """Raise TaskError unless the data and the model fit together."""
         if not self.learning_rate > 0:
             raise TaskError(f"task {self.name!r}: learning_rate must be > 0, got {self.learning_rate!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            raise TaskError(f"task {self.name!r}: weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.optimum is not None and not callable(self.optimum):
+            raise TaskError(f"task {self.name!r}: optimum must be callable or None, got {type(self.optimum).__name__}")
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise TaskError(f"task {self.name!r}: num_classes must be an int >= 2, got {self.num_classes!r}")
         for split in ("train", "test"):
@@ -46,7 +59,27 @@ class Task:
                 f"task {self.name!r}: train and test samples differ in shape "
                 f"({tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])})"
             )
+        self._validate_owners()
         self._validate_model()
+
+    def _validate_owners(self) -> None:
+        if self.owners is None:
+            return
+        where = f"task {self.name!r}: owners"
+        if not isinstance(self.owners, torch.Tensor) or self.owners.dtype != torch.int64:
+            raise TaskError(f"{where} must be an int64 torch.Tensor of peer indices")
+        if tuple(self.owners.shape) != (len(self.train_y),):
+            raise TaskError(
+                f"{where} must name one peer per training sample, shape ({len(self.train_y)},), "
+                f"got {tuple(self.owners.shape)}"
+            )
+        if int(self.owners.min()) < 0:
+            raise TaskError(f"{where} must be peer indices >= 0, got {int(self.owners.min())}")
+        peers = torch.unique(self.owners)  # sorted
+        gaps = torch.nonzero(peers != torch.arange(len(peers)))
+        if len(gaps):
+            missing, last = int(gaps[0]), int(peers[-1])
+            raise TaskError(f"{where} must name every peer from 0 to {last}, but peer {missing} has no samples")
 
     def _validate_split(self, split: str, x: torch.Tensor, y: torch.Tensor) -> None:
         where = f"task {self.name!r}: {split}"

@@ -1,4 +1,4 @@
-"""Splitting a dataset's samples across peers: IID, Dirichlet label skew, or label shards."""
+"""Splitting a dataset's samples across peers: IID, Dirichlet label skew, label shards, or the task's own split."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-PARTITION_SPECS = ("iid", "dirichlet:ALPHA", "shards:K")
+PARTITION_SPECS = ("iid", "dirichlet:ALPHA", "shards:K", "natural")
 # Dirichlet draws are repeated until each peer holds this many samples (fewer when the data is small).
 DIRICHLET_MIN_SAMPLES = 10
 DIRICHLET_MAX_DRAWS = 1000
@@ -17,8 +17,16 @@ class PartitionError(ValueError):
     """A partition spec is invalid or cannot be met; the message says what to change."""
 
 
-def partition(labels: np.ndarray | torch.Tensor, n_peers: int, spec: str, seed: int) -> list[np.ndarray]:
-    """Disjoint, non-empty index arrays into labels, one per peer, the same for the same seed."""
+def partition(
+    labels: np.ndarray | torch.Tensor,
+    n_peers: int,
+    spec: str,
+    seed: int,
+    owners: np.ndarray | torch.Tensor | None = None,
+) -> list[np.ndarray]:
+    """Disjoint, non-empty index arrays into labels, one per peer, the same for the same seed.
+
+    owners: the peer each sample was generated for (a task's own split), which `natural` follows."""
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if labels.ndim != 1:
         raise PartitionError(f"labels must be 1-D, got shape {labels.shape}")
@@ -34,6 +42,8 @@ def partition(labels: np.ndarray | torch.Tensor, n_peers: int, spec: str, seed: 
         parts = _dirichlet(labels, n_peers, _parse_alpha(arg), rng)
     elif kind == "shards":
         parts = _shards(labels, n_peers, _parse_shard_count(arg), rng)
+    elif spec == "natural":
+        parts = _natural(len(labels), n_peers, owners)
     else:
         choices = ", ".join(PARTITION_SPECS)
         raise PartitionError(f"unknown partition {spec!r}: use one of {choices} (e.g. dirichlet:0.5, shards:2)")
@@ -94,3 +104,23 @@ def _shards(labels: np.ndarray, n_peers: int, per_peer: int, rng: np.random.Gene
     shards = np.array_split(by_label, n_shards)
     owners = rng.permutation(n_shards).reshape(n_peers, per_peer)
     return [np.concatenate([shards[s] for s in peer_shards]) for peer_shards in owners]
+
+
+def _natural(n_samples: int, n_peers: int, owners: np.ndarray | torch.Tensor | None) -> list[np.ndarray]:
+    """Sample s to peer owners[s]: the split the task generated its data with."""
+    if owners is None:
+        raise PartitionError("the task has no natural split; use iid, dirichlet:ALPHA or shards:K")
+    owners = owners.cpu().numpy() if isinstance(owners, torch.Tensor) else np.asarray(owners)
+    if owners.shape != (n_samples,) or not np.issubdtype(owners.dtype, np.integer):
+        raise PartitionError(
+            f"the task's natural split must name an integer peer for each of {n_samples} samples, "
+            f"got {owners.dtype} of shape {owners.shape}"
+        )
+    peers = np.unique(owners)
+    if not np.array_equal(peers, np.arange(n_peers)):
+        raise PartitionError(
+            f"the task's natural split has peers {peers.min()}..{peers.max()} ({len(peers)} distinct), "
+            f"not 0..{n_peers - 1}: load the task for {n_peers} peers, or use iid, dirichlet:ALPHA or shards:K"
+        )
+    order = np.argsort(owners, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(owners, minlength=n_peers))[:-1])

@@ -16,7 +16,7 @@ the token at the end.
 With ``--plot FILE`` the mean error against the hop is drawn, one curve per alpha, one panel
 per graph.
 
-    python scripts/bench_srrw.py [--seeds 20] [--hops 20000] [--jobs 2] [--crash-every 1000] [--plot FILE]
+    python scripts/bench_srrw.py [--seeds 20] [--hops 20000] [--jobs 2] [--crash-every 1000 [--crash-seeds N]] [--plot FILE]
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS))
     parser.add_argument("--alphas", nargs="+", type=float, default=ALPHAS)
     parser.add_argument("--crash-every", type=int, help="also runs whose holder crashes every H hops")
+    parser.add_argument("--crash-seeds", type=int, help="seeds of the runs with crashes (default: --seeds)")
     parser.add_argument("--plot", type=Path, help="draw the mean error against the hop into FILE")
     args = parser.parse_args()
     cases = [(graph, alpha, "none") for graph in args.graphs for alpha in [*args.alphas, None]]
@@ -96,16 +97,27 @@ def main() -> None:
         cases.append((CRASH_GRAPH, CRASH_ALPHA, crash_spec(args.hops, args.crash_every)))
         if (CRASH_GRAPH, CRASH_ALPHA, "none") not in cases:
             cases.append((CRASH_GRAPH, CRASH_ALPHA, "none"))
-    configs = [settings(graph, alpha, seed, args.hops, faults) for graph, alpha, faults in cases for seed in range(args.seeds)]
-    for config in configs[:: args.seeds]:  # every setting checked before the first run starts
+    crash_seeds = min(args.crash_seeds or args.seeds, args.seeds)
+    seeds = {case: crash_seeds if case[2] != "none" else args.seeds for case in cases}
+    configs = [
+        settings(graph, alpha, seed, args.hops, faults) for graph, alpha, faults in cases for seed in range(seeds[graph, alpha, faults])
+    ]
+    for config in configs:  # every setting checked before the first run starts
         try:
             build_config(SimulationConfig, {}, config)
         except ConfigError as error:
             parser.error(str(error))
     started = time.perf_counter()
+    results = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(run, configs, chunksize=1))
-    by_case = {case: results[i * args.seeds : (i + 1) * args.seeds] for i, case in enumerate(cases)}
+        for config, result in zip(configs, pool.map(run, configs, chunksize=1)):
+            results.append(result)
+            # One line per finished run on stderr, so that a long benchmark shows its progress.
+            progress = {key: config[key] for key in ("topology", "alpha", "srrw_stay", "seed", "faults") if key in config}
+            print(json.dumps({**progress, "squared_error": result["squared_error"]}), file=sys.stderr, flush=True)
+    by_case, start = {}, 0
+    for case in cases:
+        by_case[case], start = results[start : start + seeds[case]], start + seeds[case]
 
     report: dict = {"hops": args.hops, "seeds": args.seeds, "a": 0.8, "b": 0.9, "graphs": {}, "ratios": {}}
     for graph in args.graphs:
@@ -121,11 +133,12 @@ def main() -> None:
                 "alpha5_over_iid": round(rows["5"]["mse"] / rows["iid"]["mse"], 3),
             }
     if args.crash_every:
-        clean = [r["squared_error"] for r in by_case[(CRASH_GRAPH, CRASH_ALPHA, "none")]]
+        clean = [r["squared_error"] for r in by_case[(CRASH_GRAPH, CRASH_ALPHA, "none")][:crash_seeds]]
         crashed_runs = by_case[(CRASH_GRAPH, CRASH_ALPHA, crash_spec(args.hops, args.crash_every))]
         crashed = [r["squared_error"] for r in crashed_runs]
         report["holder_crashes"] = {
             "graph": CRASH_GRAPH, "alpha": CRASH_ALPHA, "every_hops": args.crash_every, "down_seconds": DOWN_SECONDS,
+            "seeds": crash_seeds,
             "fault_free": mean_and_error(clean), "crashing": mean_and_error(crashed),
             "ratio": round(statistics.fmean(crashed) / statistics.fmean(clean), 3),
             "reissued_per_run": statistics.fmean(r["tokens_reissued"] for r in crashed_runs),

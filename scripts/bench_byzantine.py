@@ -26,9 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweep import run_all
+from sweep import check_settings, run_all
 
-from peer.config import ConfigError, SimulationConfig, build_config
 from peer.simulate import peer_ids
 from topology import parse_topology
 
@@ -73,11 +72,7 @@ def main() -> None:
         {**common, "mixing": rule, "byzantine": NO_ATTACK if attack == NO_ATTACK else f"{args.fraction:g}:{attack}"}
         for rule, attack in cases
     ]
-    for config in configs:  # every setting checked before the first run starts
-        try:
-            build_config(SimulationConfig, {}, config)
-        except ConfigError as error:
-            parser.error(str(error))
+    check_settings(parser, configs)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         outs = [Path(scratch) / str(index) for index in range(len(configs))]

@@ -31,8 +31,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from sweep import check_settings
 
-from peer.config import ConfigError, SimulationConfig, build_config
+from peer.config import SimulationConfig
 from peer.simulate import simulate
 
 GRAPHS = {"ring:33": ("ring", 33), "regular:4:64": ("regular:4", 64)}
@@ -102,11 +103,7 @@ def main() -> None:
     configs = [
         settings(graph, alpha, seed, args.hops, faults) for graph, alpha, faults in cases for seed in range(seeds[graph, alpha, faults])
     ]
-    for config in configs:  # every setting checked before the first run starts
-        try:
-            build_config(SimulationConfig, {}, config)
-        except ConfigError as error:
-            parser.error(str(error))
+    check_settings(parser, configs)
     started = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from peer.config import SimulationConfig
+from peer.config import ConfigError, SimulationConfig, build_config
 from peer.curve import CurvePoint
 from peer.runs import load_run
 from peer.simulate import simulate
+
+
+def check_settings(parser: argparse.ArgumentParser, settings: list[dict]) -> None:
+    """Every run's settings checked before the first run starts: a bad one is an error now, not an hour in."""
+    for each in settings:
+        try:
+            build_config(SimulationConfig, {}, each)
+        except ConfigError as error:
+            parser.error(str(error))
 
 
 def run(settings: dict, out: Path | None = None) -> dict:

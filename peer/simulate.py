@@ -21,7 +21,7 @@ from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeL
 from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers, parse_byzantine
 from peer.sim.faults import parse_faults
 from peer.tasks import Task, load_task, partition
-from peer.trainer import Trainer, peer_trainer, resolve_device
+from peer.trainer import Trainer, peer_trainer, resolve_device, split_optimum
 from topology import parse_topology
 
 SERVER_ID = "server"
@@ -54,10 +54,7 @@ def build_trainers(config: SimulationConfig, task: Task, device: torch.device, p
     A task with an exact optimum (a convex one) gets it computed once for this split, and every
     trainer reports its distance to it."""
     shards = partition(task.train_y, peers or config.peers, config.partition, config.seed, owners=task.owners)
-    optimum = None
-    if task.optimum is not None:
-        weight_decay = task.weight_decay if config.weight_decay is None else config.weight_decay
-        optimum = task.optimum([(task.train_x[shard], task.train_y[shard]) for shard in shards], weight_decay)
+    optimum = split_optimum(config, task, shards)
     return [peer_trainer(config, task, shard, index, device, optimum) for index, shard in enumerate(shards)]
 
 

@@ -188,6 +188,19 @@ class Trainer(Learner):
             own[name].copy_(tensor)
 
 
+def weight_decay(config: TrainingConfig, task: Task) -> float:
+    """--weight-decay, or the task's own when it is not given."""
+    return task.weight_decay if config.weight_decay is None else config.weight_decay
+
+
+def split_optimum(config: TrainingConfig, task: Task, shards: list[np.ndarray]) -> State | None:
+    """The exact minimiser of the task's objective on this split of its data, for a task that has
+    one (a convex one); None otherwise."""
+    if task.optimum is None:
+        return None
+    return task.optimum([(task.train_x[shard], task.train_y[shard]) for shard in shards], weight_decay(config, task))
+
+
 def peer_trainer(
     config: TrainingConfig, task: Task, shard: np.ndarray, index: int, device: torch.device, optimum: State | None = None
 ) -> Trainer:
@@ -205,7 +218,7 @@ def peer_trainer(
         (task.test_x, task.test_y),
         lr=config.lr or task.learning_rate,
         momentum=config.momentum,
-        weight_decay=task.weight_decay if config.weight_decay is None else config.weight_decay,
+        weight_decay=weight_decay(config, task),
         batch_size=config.batch_size,
         seed=config.seed * 100_003 + index,
         device=device,

@@ -39,7 +39,7 @@ from peer.net.membership import Membership, PeerRecord, children_ignore_ctrl_c
 from peer.net.transport import P2PTransport
 from peer.runtime import PeerNode
 from peer.tasks import load_task, partition
-from peer.trainer import Trainer, peer_trainer, resolve_device
+from peer.trainer import Trainer, peer_trainer, resolve_device, split_optimum
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,9 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
     torch.set_num_threads(config.threads)
     task = load_task(config.task, config.data_dir, peers=config.shards)
     shards = partition(task.train_y, config.shards, config.partition, config.seed, owners=task.owners)
-    optimum = None
-    if task.optimum is not None:  # every peer holds the whole task, so each can work out the optimum
-        weight_decay = task.weight_decay if config.weight_decay is None else config.weight_decay
-        optimum = task.optimum([(task.train_x[shard], task.train_y[shard]) for shard in shards], weight_decay)
-    shard = shards[config.shard]
-    trainer = peer_trainer(config, task, shard, config.shard, resolve_device(config.device), optimum)
+    # Every peer holds the whole task, so each can work out the optimum of the split.
+    optimum = split_optimum(config, task, shards)
+    trainer = peer_trainer(config, task, shards[config.shard], config.shard, resolve_device(config.device), optimum)
     state = trainer.state()
     gossip = config.gossip_settings()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())

@@ -45,8 +45,8 @@ from gossip.exchange import (
     admitted,
     claims_past_end,
     message_seed,
+    most_have_reached,
     reject_model,
-    step_most_have_reached,
 )
 from gossip.learner import State
 from gossip.message import Message, PeerId
@@ -199,7 +199,7 @@ class ChocoExchange(Exchange):
         sender = message.sender
         if not admitted(self.transport, self.neighbourhood, message):
             return self._reply(message.round, RESYNC)
-        if claims_past_end(self.transport, self._inbox, message):
+        if claims_past_end(self.transport, self._inbox.end, message):
             return self._reply(message.round, RESYNC)
         try:
             link = self._apply(message)
@@ -244,7 +244,7 @@ class ChocoExchange(Exchange):
         # Not in place: a message in flight may still hold a view of x.
         mixed = self._flat.unflatten(x + self.consensus_step * pull)
         expected = frozenset(weights)
-        newest = step_most_have_reached(step, received, expected)
+        newest = most_have_reached(step, [m.round for m in received.values()], len(expected))
         return StepResult({**state, **mixed}, expected, expected - frozenset(received), newest)
 
 

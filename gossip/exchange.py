@@ -35,20 +35,21 @@ class StepResult:
     state: State
     expected: frozenset[PeerId]  # the in-neighbours of this step
     missing: frozenset[PeerId]  # of those, the ones whose model did not arrive in time
-    newest_step: int  # the step at least half the in-neighbours have reached (see step_most_have_reached)
+    newest_step: int  # the step at least half the in-neighbours have reached (see most_have_reached)
 
     @property
     def heard(self) -> int:
         return len(self.expected) - len(self.missing)
 
 
-def step_most_have_reached(step: int, received: dict[PeerId, Message], expected: frozenset[PeerId]) -> int:
-    """The step that at least half of the in-neighbours have reached, counting those we did not hear
-    from at ``step``: a peer far behind jumps there. A neighbour far ahead on its own (say, one
-    that claims the last round to end our run) moves nobody who has another neighbour at our step,
-    as long as fewer than half of the neighbours lie (what robust mixing assumes too).
+def most_have_reached(step: int, reached: list[int], expected: int) -> int:
+    """The step that at least half of the ``expected`` in-neighbours have reached, given the steps
+    ``reached`` of those we heard from and counting the others as at ``step``: a peer far behind
+    jumps there. A neighbour far ahead on its own (say, one that claims the last round to end our
+    run) moves nobody who has another neighbour at our step, as long as fewer than half of the
+    neighbours lie (what robust mixing assumes too).
     """
-    steps = sorted([m.round for m in received.values()] + [step] * len(expected - frozenset(received)))
+    steps = sorted(reached + [step] * (expected - len(reached)))
     return max(step, steps[len(steps) // 2]) if steps else step
 
 
@@ -139,14 +140,15 @@ def admitted(transport: Transport, neighbourhood: Neighbourhood, message: Messag
     return False
 
 
-def claims_past_end(transport: Transport, inbox: StepInbox, message: Message) -> bool:
-    """Whether a message claims a step past the end of the run; such a claim is counted and logged."""
-    if not inbox.past_end(message.round):
+def claims_past_end(transport: Transport, end: int | None, message: Message) -> bool:
+    """Whether a message claims a step at or past ``end``, the end of the run (None: not known yet);
+    such a claim is counted and logged."""
+    if end is None or message.round < end:
         return False
     transport.counters.reject("malformed")
     log.warning(
         "%s: rejected a model from %s: it claims step %d, past the run's last step %d",
-        transport.peer_id, message.sender, message.round, inbox.end - 1,
+        transport.peer_id, message.sender, message.round, end - 1,
     )
     return True
 
@@ -154,6 +156,19 @@ def claims_past_end(transport: Transport, inbox: StepInbox, message: Message) ->
 def reject_model(transport: Transport, message: Message, reason: InvalidState) -> None:
     transport.counters.reject("invalid-model")
     log.warning("%s: rejected a model from %s at step %d: %s", transport.peer_id, message.sender, message.round, reason)
+
+
+async def send_within(
+    transport: Transport, clock: Clock, neighbourhood: Neighbourhood, peer: PeerId, message: Message, timeout: float
+) -> None:
+    """Send, giving up after ``timeout``: a neighbour that stops reading must not hold us up.
+    A neighbour that could not be sent to is reported to the neighbourhood."""
+    try:
+        async with clock.timeout(timeout):
+            await transport.send(peer, message)
+    except (PeerUnreachable, TimeoutError) as reason:
+        log.info("%s: could not send to %s: %s", transport.peer_id, peer, reason)
+        neighbourhood.unreachable(peer)
 
 
 def message_seed(*parts: object) -> int:
@@ -200,7 +215,7 @@ class NeighbourExchange(Exchange):
     async def _receive(self, message: Message) -> None:
         if not admitted(self.transport, self.neighbourhood, message):
             return
-        if claims_past_end(self.transport, self._inbox, message):
+        if claims_past_end(self.transport, self._inbox.end, message):
             return
         # Only peers we gossip with take a place in the inbox, so that strangers making up
         # identities cannot crowd the neighbours out (a view that lags ours catches up).
@@ -216,18 +231,12 @@ class NeighbourExchange(Exchange):
             # A neighbour far behind learns it is behind from our models, and catches up.
             log.debug("%s: dropped model from %s for step %d: late, or a sender too many", self.transport.peer_id, message.sender, message.round)
 
-    async def _send(self, peer: PeerId, message: Message) -> None:
-        try:
-            # A neighbour that stops reading must not hold up our round.
-            async with self.clock.timeout(self.timeout):
-                await self.transport.send(peer, message)
-        except (PeerUnreachable, TimeoutError) as reason:
-            log.info("%s: could not send to %s: %s", self.transport.peer_id, peer, reason)
-            self.neighbourhood.unreachable(peer)
-
     async def step(self, step: int, state: State, absent: frozenset[PeerId] = frozenset()) -> StepResult:
         message = self._encode(step, state)
-        await asyncio.gather(*(self._send(peer, message) for peer in self.neighbourhood.out_neighbours(step)))
+        await asyncio.gather(*(
+            send_within(self.transport, self.clock, self.neighbourhood, peer, message, self.timeout)
+            for peer in self.neighbourhood.out_neighbours(step)
+        ))
         weights = self.neighbourhood.in_weights(step)
         received = await self._inbox.collect(step, set(weights), self.clock, self.timeout, absent)
         mixed = mix_screened(
@@ -235,5 +244,5 @@ class NeighbourExchange(Exchange):
             {peer: (weights[peer], received[peer].tensors) for peer in sorted(received)}, step,
         )
         expected = frozenset(weights)
-        newest = step_most_have_reached(step, received, expected)
+        newest = most_have_reached(step, [m.round for m in received.values()], len(expected))
         return StepResult({**state, **mixed}, expected, expected - frozenset(received), newest)

@@ -1,4 +1,4 @@
-"""How a protocol gossips (timeout, codec, error feedback, mixing rule), and the exchange that does it."""
+"""How a protocol gossips (timeout, codec, error feedback, mixing rule, staleness), and the exchange that does it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from gossip.learner import State
 from gossip.mixing import MixingRule, WeightedAverage
 from gossip.neighbourhood import Neighbourhood
 from gossip.transport import Clock, Transport
+from gossip.wait_free import Staleness, WaitFreeExchange
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class GossipSettings:
     error_feedback: str = "none"  # none | choco | econtrol:ETA
     consensus_step: float = 1.0  # CHOCO's g; unused without error feedback
     mixing: MixingRule = field(default_factory=WeightedAverage)
+    staleness: Staleness = field(default_factory=Staleness)  # gossip without rounds only
 
     def __post_init__(self) -> None:
         # Error feedback sends compressed differences and moves towards its copies of the
@@ -41,4 +43,17 @@ class GossipSettings:
         return ChocoExchange(
             transport, clock, neighbourhood, reference,
             timeout=self.timeout, codec=codec, consensus_step=self.consensus_step, eta=eta,
+        )
+
+    def wait_free_exchange(
+        self, transport: Transport, clock: Clock, neighbourhood: Neighbourhood, reference: State
+    ) -> WaitFreeExchange:
+        if self.error_feedback != "none":
+            raise ValueError(
+                "gossip without rounds has no error feedback: it keeps per-link copies that both ends update "
+                "at the same exchange; use --error-feedback none"
+            )
+        return WaitFreeExchange(
+            transport, clock, neighbourhood, reference, timeout=self.timeout, staleness=self.staleness,
+            mixing=self.mixing, codec=parse_codec(self.codec),
         )

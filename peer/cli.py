@@ -24,6 +24,8 @@ from peer.tasks import PartitionError, TaskError
 from topology import TOPOLOGY_NAMES, TopologyError
 
 USER_ERRORS = (ConfigError, TaskError, PartitionError, TopologyError, RunError)
+# Flags that take a spec besides their field's type: the settings parse it (--local-steps adaptive:H).
+FLAG_TYPES = {"local_steps": str}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -50,7 +52,10 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
         "topology": "one of " + ", ".join(TOPOLOGY_NAMES),
     }
     for name, field in model.model_fields.items():
+        if field.exclude:  # set through another flag
+            continue
         kind, choices, nargs = _flag_type(field.annotation)
+        kind = FLAG_TYPES.get(name, kind)
         described = extra_help.get(name) or field.description or ""
         if kind is bool:
             parser.add_argument(
@@ -144,7 +149,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     rows = [
         ("task / partition", f"{summary['task']} / {summary['partition']}"),
         ("peers / topology", f"{summary['peers']} / {layout}"),
-        ("hops x local steps" if summary["algorithm"] == "srrw" else "rounds x local steps",
+        ({"srrw": "hops", "async-gossip": "iterations"}.get(summary["algorithm"], "rounds") + " x local steps",
          f"{summary['rounds']} x {summary['local_steps']}"),
         ("codec / error feedback", f"{summary['codec']} / {summary['error_feedback']}"),
     ]
@@ -163,6 +168,12 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     else:
         rows.append(("test accuracy: mean", f"{summary['mean_accuracy']:.4f}"))
         rows.append(("test accuracy: min / max", f"{summary['min_accuracy']:.4f} / {summary['max_accuracy']:.4f}"))
+    if summary["slow_peers"]:
+        slow, fast = summary["mean_accuracy_slow"], summary["mean_accuracy_fast"]
+        rows.append((
+            f"speeds: {summary['speeds']}",
+            f"{len(summary['slow_peers'])} slow peers at {_accuracy(slow)}, the others at {_accuracy(fast)}",
+        ))
     if summary["squared_error"] is not None:
         rows.append(("squared error to the optimum", f"{summary['squared_error']:.4g}"))
     if summary["algorithm"] == "srrw":
@@ -180,6 +191,10 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _accuracy(value: float | None) -> str:
+    return "(none evaluated)" if value is None else f"{value:.4f}"
 
 
 def _to_target(summary: dict[str, Any]) -> str:

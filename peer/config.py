@@ -16,9 +16,11 @@ from gossip.protocols.srrw import WalkSettings
 from gossip.robust import ROBUST_SPECS, parse_robust
 from gossip.settings import GossipSettings
 from gossip.variance import TARGETS, VarianceCorrected
+from gossip.wait_free import STALENESS_HELP, Staleness, parse_staleness
 from peer.lr_schedule import CosineDecay, HopDecay, Schedule
 from peer.sim.byzantine import check_byzantine, parse_byzantine
 from peer.sim.faults import parse_faults
+from peer.sim.speeds import SPEEDS_HELP, Speeds, parse_speeds
 
 C = TypeVar("C", bound="TrainingConfig")
 
@@ -63,11 +65,19 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     topology: str = Field("ring", description="communication graph")
-    algorithm: Literal["dpsgd", "dfedsam", "modest", "fedavg", "srrw"] = Field("dpsgd", description="training protocol")
+    algorithm: Literal["dpsgd", "dfedsam", "modest", "fedavg", "srrw", "async-gossip"] = Field(
+        "dpsgd", description="training protocol"
+    )
     task: str = Field("mnist1d", description="mnist1d, fashion-mnist, logistic or module:function")
     partition: str = Field("dirichlet:0.5", description="iid, dirichlet:ALPHA, shards:K or natural (the task's own split)")
     rounds: int = Field(100, ge=1)
-    local_steps: int = Field(10, ge=1, description="local optimisation steps per round")
+    local_steps: int = Field(
+        10, ge=1,
+        description="local optimisation steps per round; async-gossip also takes adaptive:H, H for the fastest peer "
+        "and fewer in proportion to speed for the others",
+    )
+    # Set by --local-steps adaptive:H; not a flag of its own.
+    adaptive_steps: bool = Field(False, exclude=True)
     batch_size: int = Field(32, ge=1)
     lr: float | None = Field(None, gt=0, description="local SGD learning rate; the task's own when not given")
     lr_schedule: str = Field(
@@ -88,7 +98,11 @@ class TrainingConfig(BaseModel):
             "clipped[:TAU] (self-centred clipping; TAU adapts when not given), trimmed-mean:B or median (per coordinate)"
         ),
     )
-    sam_rho: float = Field(0.05, gt=0, description="dfedsam: radius of the sharpness-aware perturbation")
+    sam_rho: float = Field(
+        0.05, gt=0,
+        description="dfedsam: radius of the sharpness-aware perturbation; async-gossip: sharpness-aware local steps "
+        "with this radius when given",
+    )
     gossip_steps: int = Field(
         1, ge=1, le=64, description="gossip steps per round, each a real exchange (dfedsam: 1 is DFedSAM, more is DFedSAM-MGS)"
     )
@@ -135,6 +149,37 @@ class TrainingConfig(BaseModel):
         0.0, ge=0, lt=1, description="srrw: probability that the token stays where it is (a lazy walk: needed on an even ring)"
     )
 
+    staleness: str = Field(
+        "poly:0.5", description=f"async-gossip: how a neighbour's model is discounted by its staleness: {STALENESS_HELP}"
+    )
+    max_staleness: int = Field(
+        32, ge=0, description="async-gossip: a neighbour's model more than this many iterations behind ours is not mixed"
+    )
+    duration: float | None = Field(
+        None, gt=0,
+        description="seconds (simulated, or wall seconds for real peers) after which a peer starts no new round; "
+        "gossip protocols only",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adaptive_local_steps(cls, data: Any) -> Any:
+        """--local-steps adaptive:H is H local steps for the fastest peer, and adaptive steps."""
+        if isinstance(data, dict) and isinstance(data.get("local_steps"), str) and data["local_steps"].startswith("adaptive"):
+            _, colon, most = data["local_steps"].partition(":")
+            if not (colon and most.isdigit() and int(most) >= 1):
+                raise ValueError(
+                    f"--local-steps {data['local_steps'][:40]!r}: write adaptive:H, H a whole number >= 1 (the fastest peer's steps)"
+                )
+            data = {**data, "local_steps": int(most), "adaptive_steps": True}
+        return data
+
+    @field_validator("staleness")
+    @classmethod
+    def _known_staleness(cls, spec: str) -> str:
+        parse_staleness(spec)
+        return spec
+
     @field_validator("codec")
     @classmethod
     def _known_codec(cls, spec: str) -> str:
@@ -154,11 +199,33 @@ class TrainingConfig(BaseModel):
         self.gossip_settings()  # raises ValueError for settings that do not go together
         if self.algorithm == "srrw":
             self._check_walk()
+        self._check_asynchrony()
         if self.algorithm == "modest":
             if self.error_feedback not in (None, "none"):
                 raise ValueError("modest: the peers a model goes to change every round, so there is no error feedback; use --error-feedback none")
             self.modest_settings()
         return self
+
+    def _check_asynchrony(self) -> None:
+        """What only gossip without rounds uses is refused elsewhere, and what it cannot use is refused there."""
+        if self.algorithm != "async-gossip":
+            given = [f"--{name.replace('_', '-')}" for name in ("staleness", "max_staleness") if name in self.model_fields_set]
+            if self.adaptive_steps:
+                given.append("--local-steps adaptive:H")
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for --algorithm async-gossip, whose peers do not share rounds")
+            if self.duration is not None and self.algorithm not in ("dpsgd", "dfedsam"):
+                raise ValueError(
+                    f"--duration: {self.algorithm}'s rounds are the whole swarm's and end together; give --rounds instead"
+                )
+            return
+        if self.error_feedback not in (None, "none"):
+            raise ValueError(
+                "async-gossip: error feedback keeps per-link copies that both ends update at the same exchange, "
+                "which peers without rounds never share; use --error-feedback none"
+            )
+        if self.gossip_steps != 1:
+            raise ValueError("async-gossip: a peer mixes once per iteration with what it holds; --gossip-steps is for rounds")
 
     def _check_walk(self) -> None:
         """What a walking token has no use for is refused, with the reason."""
@@ -172,6 +239,12 @@ class TrainingConfig(BaseModel):
             raise ValueError("srrw: a token is handed on once per visit; --gossip-steps applies to gossip")
         if "lr_schedule" in self.model_fields_set:
             raise ValueError("srrw: the step size is lr (n+1)^-B at hop n (see --srrw-b), not --lr-schedule")
+
+    def sharpness_radius(self) -> float:
+        """SAM's radius for the local steps: DFedSAM's always, asynchronous gossip's when asked for; 0 is plain SGD."""
+        if self.algorithm == "dfedsam" or (self.algorithm == "async-gossip" and "sam_rho" in self.model_fields_set):
+            return self.sam_rho
+        return 0.0
 
     def walk_settings(self) -> WalkSettings:
         return WalkSettings(
@@ -213,14 +286,16 @@ class TrainingConfig(BaseModel):
 
     def gossip_settings(self) -> GossipSettings:
         codec = parse_codec(self.codec)
-        # Error feedback keeps a copy per link; MoDeST's links change every round.
-        default_feedback = "none" if codec.lossless or self.algorithm in ("modest", "srrw") else "choco"
+        # Error feedback keeps a copy per link, updated by both ends at each exchange; MoDeST's links
+        # change every round, a token has no links, and peers without rounds share no exchanges.
+        default_feedback = "none" if codec.lossless or self.algorithm in ("modest", "srrw", "async-gossip") else "choco"
         return GossipSettings(
             timeout=self.exchange_timeout,
             codec=codec.spec,
             error_feedback=self.error_feedback or default_feedback,
             consensus_step=self.consensus_step or default_consensus_step(codec),
             mixing=parse_mixing(self.mixing),
+            staleness=Staleness(parse_staleness(self.staleness), self.max_staleness),
         )
 
 
@@ -234,6 +309,7 @@ def check_swarm_size(config: TrainingConfig, peers: int) -> None:
 class SimulationConfig(TrainingConfig):
     peers: int = Field(16, ge=2, description="number of simulated peers")
     step_time: float = Field(0.01, gt=0, description="simulated seconds per local step")
+    speeds: str = Field("same", description=f"how fast each peer computes: {SPEEDS_HELP}")
     link_latency: float = Field(0.01, ge=0, description="simulated one-way latency, seconds")
     link_bandwidth: float = Field(100.0, gt=0, description="simulated link bandwidth, Mbit/s")
     link_loss: float = Field(0.0, ge=0, le=1, description="probability that a message is lost")
@@ -272,7 +348,14 @@ class SimulationConfig(TrainingConfig):
             raise ValueError("--stop-at-target needs --target-accuracy")
         check_swarm_size(self, self.peers)
         parse_faults(self.faults, rounds=self.rounds, algorithm=self.algorithm)
+        self.peer_speeds()
         return self
+
+    def peer_speeds(self) -> Speeds:
+        """Each peer's seconds per local step, the newcomers' that --faults brings included."""
+        faults = parse_faults(self.faults, rounds=self.rounds, algorithm=self.algorithm)
+        newcomers = sum(int(fault.amount) for fault in faults if fault.kind == "join")
+        return parse_speeds(self.speeds, self.peers + newcomers, self.step_time, self.seed)
 
 
 class RunConfig(TrainingConfig):
@@ -289,6 +372,9 @@ class RunConfig(TrainingConfig):
     join_timeout: float = Field(60.0, gt=0, description="seconds to wait for --min-peers and for the bootstrap peers")
     record_ttl: float = Field(20.0, ge=2, description="seconds a peer's DHT record lives unless refreshed")
     pace: float = Field(0.0, ge=0, description="minimum seconds per round: a faster peer waits, sparing a shared machine")
+    slowdown: float = Field(
+        1.0, ge=1, description="make this peer X times slower: after each piece of local work it sleeps X - 1 times as long"
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics"
     )
@@ -317,15 +403,30 @@ class SwarmConfig(TrainingConfig):
         None, ge=1, le=65535, description="peer I serves Prometheus metrics on 127.0.0.1 at port METRICS_PORT + I"
     )
     swarm_key: Path | None = Field(None, description="run a private swarm: every peer holds this key (made by `peer keygen`)")
+    speeds: str = Field(
+        "same",
+        description="how fast each peer computes, as for peer simulate (no jitter): peer I gets --slowdown its step "
+        "time over the fastest's",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
         check_swarm_size(self, self.peers)
+        self.slowdowns()
         if self.metrics_port is not None and self.metrics_port + self.peers - 1 > 65535:
             raise ValueError(f"--metrics-port {self.metrics_port} leaves no port for the last of {self.peers} peers")
         if self.algorithm == "fedavg":
             raise ValueError("fedavg needs a central server and is offered by `peer simulate` only; use --algorithm dpsgd")
         return self
+
+
+    def slowdowns(self) -> list[float]:
+        """Each peer process's --slowdown, from --speeds."""
+        speeds = parse_speeds(self.speeds, self.peers, 1.0, self.seed)
+        if speeds.jitter:
+            raise ValueError(f"--speeds {self.speeds!r}: real peers vary on their own; leave out +jitter")
+        fastest = min(speeds.step_times)
+        return [seconds / fastest for seconds in speeds.step_times]
 
 
 def load_toml(path: Path) -> dict[str, Any]:

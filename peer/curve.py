@@ -1,16 +1,19 @@
 """A run's learning curve, and how long it took to reach a target accuracy.
 
-A curve has one point per evaluated round: the test accuracy of the peers that evaluated
+A run in rounds has one point per evaluated round: the test accuracy of the peers that evaluated
 their model at that round (mean, min, max), the bytes all of them had sent by then, and the
 time. Records may arrive in any order (simulated peers finish a round at different moments;
 real peers write their own files), so the curve is built from per-round sums, in memory that
 grows with the rounds, not with peers x rounds.
+
+A run without rounds (asynchronous gossip, where each peer is at its own iteration) has one
+point per evaluation instead: the peers' latest accuracies at that moment (see ``LatestAccuracies``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,6 +22,8 @@ if TYPE_CHECKING:
 
 # What a curve can be drawn against: rounds completed, bytes sent by all peers, time.
 X_AXES = ("round", "bytes", "time")
+# Protocols whose peers are each at their own iteration: their curve is LatestAccuracies.
+UNROUNDED = ("async-gossip",)
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,60 @@ class CurveBuilder:
             bytes_sent=entry.bytes_sent if entry.swarm_bytes_sent is None else entry.swarm_bytes_sent,
             seconds=entry.latest - (self._origin if self.wall_clock else 0.0),
         )
+
+
+class LatestAccuracies:
+    """The curve of a run without rounds: at each evaluation, the mean, min and max over the
+    peers of each one's latest accuracy, from the moment every peer has been evaluated once.
+
+    Records must come in time order (a simulation writes them so; ``peer.runs`` sorts a real
+    swarm's). A point's round is the iteration every peer has reached, and its bytes those sent
+    until then; points at the same moment are one.
+    """
+
+    def __init__(self, peers: int) -> None:
+        self.peers = peers  # the peers to wait for before the first point
+        self.wall_clock = False
+        self._origin = math.inf
+        self._accuracy: dict[str, float] = {}
+        self._iteration: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
+        self._points: list[tuple[CurvePoint, bool]] = []  # (point with its raw time, whether that time is Unix)
+
+    def add(self, record: RoundRecord) -> None:
+        if record.wall_time is not None:
+            self.wall_clock = True
+            self._origin = min(self._origin, record.wall_time - record.virtual_time)
+        self._bytes[record.peer] = record.bytes_sent
+        if record.accuracy is None:
+            return
+        self._accuracy[record.peer] = record.accuracy
+        self._iteration[record.peer] = record.round
+        if len(self._accuracy) < self.peers:
+            return
+        accuracies = list(self._accuracy.values())
+        at = record.wall_time if record.wall_time is not None else record.virtual_time
+        point = CurvePoint(
+            round=min(self._iteration.values()),
+            peers=len(accuracies),
+            mean_accuracy=sum(accuracies) / len(accuracies),
+            min_accuracy=min(accuracies),
+            max_accuracy=max(accuracies),
+            bytes_sent=record.swarm_bytes_sent if record.swarm_bytes_sent is not None else sum(self._bytes.values()),
+            seconds=at,
+        )
+        if self._points and self._points[-1][0].seconds == at:
+            self._points.pop()
+        self._points.append((point, record.wall_time is not None))
+
+    def points(self) -> list[CurvePoint]:
+        return [replace(point, seconds=point.seconds - self._origin) if unix else point for point, unix in self._points]
+
+    def latest(self) -> CurvePoint | None:
+        if not self._points:
+            return None
+        point, unix = self._points[-1]
+        return replace(point, seconds=point.seconds - self._origin) if unix else point
 
 
 def time_to_target(points: list[CurvePoint], target: float | None, *, wall_clock: bool) -> dict[str, float | int | None]:

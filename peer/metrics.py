@@ -14,7 +14,7 @@ import torch
 from gossip.learner import State
 from gossip.mixing import average
 from peer.config import ConfigError
-from peer.curve import CurveBuilder
+from peer.curve import CurveBuilder, LatestAccuracies
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,17 @@ class RoundRecord:
 class MetricsLog:
     """Appends one JSON line per record; keeps the latest record of each peer and the run's curve."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, curve: CurveBuilder | LatestAccuracies | None = None):
         self._file: TextIO | None = open(path, "w") if path else None
         self.latest: dict[str, RoundRecord] = {}
         self.missed_exchanges = 0  # neighbour models that did not arrive in time, over the run
-        self.curve = CurveBuilder()
+        self.local_steps = 0  # by every peer, over the run
+        self.curve = curve or CurveBuilder()
 
     def write(self, record: RoundRecord) -> None:
         self.latest[record.peer] = record
         self.missed_exchanges += record.neighbours_expected - record.neighbours_heard
+        self.local_steps += record.local_steps
         self.curve.add(record)
         if self._file:
             self._file.write(json.dumps(asdict(record)) + "\n")

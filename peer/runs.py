@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from peer.curve import CurveBuilder, CurvePoint
+from peer.curve import UNROUNDED, CurveBuilder, CurvePoint, LatestAccuracies
 from peer.metrics import RoundRecord
 
 
@@ -92,17 +92,28 @@ def load_run(folder: Path) -> Run:
         raise RunError(f"{summary_path} cannot be read ({error}); rerun, or remove that folder from the list") from None
     if not isinstance(summary, dict):
         raise RunError(f"{summary_path} is not a JSON object; rerun, or remove that folder from the list")
-    curve = read_curve(metrics_files(folder))
+    curve = read_curve(metrics_files(folder), unrounded=summary.get("algorithm") in UNROUNDED)
     return Run(folder, summary, curve.points(), curve.wall_clock, _consensus(summary, summary_path))
 
 
-def read_curve(paths: list[Path]) -> CurveBuilder:
-    """The curve of every record in these metrics files; RunError when one cannot be read."""
-    curve = CurveBuilder()
-    for path in paths:
-        for record in read_records(path):
-            curve.add(record)
-    return curve
+def read_curve(paths: list[Path], *, unrounded: bool = False) -> CurveBuilder | LatestAccuracies:
+    """The curve of every record in these metrics files (``unrounded``: of a run without rounds);
+    RunError when one cannot be read."""
+    if not unrounded:
+        curve = CurveBuilder()
+        for path in paths:
+            for record in read_records(path):
+                curve.add(record)
+        return curve
+    # Each peer's file is in its own time order; the curve needs the swarm's.
+    records = sorted(
+        (record for path in paths for record in read_records(path)),
+        key=lambda r: r.wall_time if r.wall_time is not None else r.virtual_time,
+    )
+    unrounded_curve = LatestAccuracies(len({record.peer for record in records}))
+    for record in records:
+        unrounded_curve.add(record)
+    return unrounded_curve
 
 
 def _consensus(summary: dict[str, Any], path: Path) -> list[tuple[int, float]]:

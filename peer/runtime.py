@@ -47,9 +47,11 @@ class PeerNode:
         return self.transport.peer_id
 
     async def round_finished(self, report: RoundReport) -> None:
-        last = report.round == self.rounds - 1
+        last = report.last or report.round == self.rounds - 1
+        # Every eval_every-th round, or the first after it when the peer jumped past it.
+        due = (report.round + 1) // self.eval_every > (report.round + 1 - report.span) // self.eval_every
         accuracy = loss = squared_error = None
-        if last or (report.round + 1) % self.eval_every == 0:
+        if last or due:
             accuracy, loss = await self.clock.compute(self.trainer.evaluate, steps=0)
             squared_error = self.trainer.squared_error()
         counters = self.transport.counters

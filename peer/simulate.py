@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from gossip.neighbourhood import GraphNeighbourhood
-from gossip.protocols import GOSSIP_PROTOCOLS, SRRW, FedAvgClient, FedAvgServer, MoDeST, ProtocolContext
+from gossip.protocols import GOSSIP_PROTOCOLS, SRRW, AsyncGossip, FedAvgClient, FedAvgServer, MoDeST, ProtocolContext
 from peer.config import SimulationConfig
-from peer.curve import time_to_target
+from peer.curve import LatestAccuracies, time_to_target
 from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
@@ -31,6 +31,7 @@ LABELS = {
     "modest": "MoDeST (decentralised sampling)",
     "fedavg": "FedAvg (centralised reference, simulation only)",
     "srrw": "SRRW (self-repellent random-walk token)",
+    "async-gossip": "Asynchronous gossip (no rounds, staleness-weighted mixing)",
 }
 # Protocols whose round ends in one model (the aggregate, or a token's), which is what their records report.
 ROUND_MODEL_PROTOCOLS = ("modest", "fedavg", "srrw")
@@ -73,7 +74,7 @@ def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] 
     summary, final = world.summary(virtual_seconds, time.perf_counter() - started)
     if config.out:
         write_json_atomic(config.out / "summary.json", summary)
-    return SimulationResult(summary, final, world.clock.compute_wall_seconds)
+    return SimulationResult(summary, final, sum(clock.compute_wall_seconds for clock in world.clocks.values()))
 
 
 class World:
@@ -91,18 +92,30 @@ class World:
         self.attackers = choose_attackers(attack, self.initial, config.seed) if attack else frozenset()
         self.gossiping = config.algorithm in GOSSIP_PROTOCOLS
         self.walking = config.algorithm == "srrw"
+        self.asynchronous = config.algorithm == "async-gossip"
         # Newcomers have their place on the graph and their share of the data from the start.
         self.topology = parse_topology(config.topology, len(self.ids), weights=config.weights, seed=config.seed)
         if self.walking:
             self.topology.walk_row(0, config.srrw_stay)  # a graph the token cannot walk is refused now
         self.task = load_task(config.task, config.data_dir, peers=len(self.ids))
         self.trainers = dict(zip(self.ids, build_trainers(config, self.task, self.device, len(self.ids))))
-        self.metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
-        self.consensus = ConsensusByRound(None if self.faults else config.peers - len(self.attackers))
+        honest = config.peers - len(self.attackers)
+        self.metrics = MetricsLog(
+            config.out / "metrics.jsonl" if config.out else None,
+            curve=LatestAccuracies(honest) if self.asynchronous else None,
+        )
+        self.consensus = ConsensusByRound(None if self.faults else honest)
         self.network = SimNetwork(
             LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
         )
+        self.speeds = config.peer_speeds()
+        self.slow = frozenset(self.ids[i] for i in self.speeds.slow())
+        # Each peer computes at its own speed; the server (FedAvg) at --step-time.
         self.clock = SimClock(SpeedProfile(config.step_time))
+        self.clocks = {SERVER_ID: self.clock} | {
+            peer: SimClock(SpeedProfile(seconds, self.speeds.jitter), seed=f"{config.seed}:{peer}")
+            for peer, seconds in zip(self.ids, self.speeds.step_times)
+        }
         self.gossip = config.gossip_settings()
         self.nodes: dict[str, PeerNode] = {}
         self.tasks: dict[str, asyncio.Task] = {}
@@ -115,7 +128,7 @@ class World:
         self._background: set[asyncio.Task] = set()
         self.walkers: list[SRRW] = []  # every token-walk protocol started, restarted peers' included
         # A round cannot take longer than its training plus this, so it bounds a FedAvg round.
-        self.round_timeout = config.exchange_timeout + config.local_steps * config.step_time
+        self.round_timeout = config.exchange_timeout + config.local_steps * max(self.speeds.step_times)
         self.adversary = Adversary(
             attack, self.attackers, self.topology, self.ids, HonestModels(self.trainers[self.ids[0]].state()),
             live=lambda peer: peer in self.nodes and peer not in self.gone, seed=config.seed,
@@ -123,12 +136,20 @@ class World:
 
     def _node(self, peer_id: str, trainer: Trainer, transport, *, joining: bool) -> PeerNode:
         config = self.config
+        clock = self.clocks[peer_id]
         node = PeerNode(
-            transport, self.clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every,
+            transport, clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every,
             on_record=self._recorded, swarm_bytes=self.network.bytes_sent,
         )
-        context = ProtocolContext(transport, self.clock, trainer, None, node.round_finished, self.gossip)
-        if self.gossiping:
+        context = ProtocolContext(
+            transport, clock, trainer, None, node.round_finished, self.gossip, deadline=config.duration
+        )
+        if self.asynchronous:
+            context.neighbourhood = self._neighbourhood(peer_id)
+            node.protocol = AsyncGossip(
+                context, local_steps=config.local_steps, adaptive=config.adaptive_steps, joining=joining
+            )
+        elif self.gossiping:
             context.neighbourhood = self._neighbourhood(peer_id)
             node.protocol = GOSSIP_PROTOCOLS[config.algorithm](
                 context, local_steps=config.local_steps, gossip_steps=config.gossip_steps, joining=joining
@@ -161,9 +182,10 @@ class World:
     def _attacker(self, peer_id: str, transport) -> PeerNode:
         config = self.config
         trainer = self.trainers[peer_id]  # never trained: it gives the layout of the models to craft
-        node = PeerNode(transport, self.clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every)
+        clock = self.clocks[peer_id]
+        node = PeerNode(transport, clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every)
         neighbourhood = GraphNeighbourhood(self.topology, self.ids, peer_id)
-        context = ProtocolContext(transport, self.clock, trainer, neighbourhood, node.round_finished, self.gossip)
+        context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished, self.gossip)
         node.protocol = Attacker(context, self.adversary, gossip_steps=config.gossip_steps)
         return node
 
@@ -210,6 +232,9 @@ class World:
                 task.cancel()
 
     def _reached_target(self, round_: int) -> bool:
+        if self.asynchronous:
+            latest = self.metrics.curve.latest()
+            return latest is not None and latest.mean_accuracy >= self.config.target_accuracy
         point = self.metrics.curve.point(round_)
         # A gossip round counts once every live peer has evaluated it; an aggregate counts at once.
         complete = not self.gossiping or point.peers >= len(self._honest_up())
@@ -308,25 +333,29 @@ class World:
             "algorithm": config.algorithm,
             "label": LABELS[config.algorithm],
             "task": config.task,
-            "topology": config.topology if self.gossiping or self.walking else (
+            "topology": config.topology if self.gossiping or self.walking or self.asynchronous else (
                 "sampled" if config.algorithm == "modest" else "server"
             ),
-            "spectral_gap": self.topology.spectral_gap() if self.gossiping else None,
+            "spectral_gap": self.topology.spectral_gap() if self.gossiping or self.asynchronous else None,
             "partition": config.partition,
             "peers": config.peers,
             "rounds": config.rounds,
             "rounds_completed": self.last_round + 1,
-            "local_steps": config.local_steps,
+            "local_steps": f"adaptive:{config.local_steps}" if config.adaptive_steps else config.local_steps,
+            "local_steps_total": self.metrics.local_steps,
             "batch_size": config.batch_size,
             "lr": self.trainers[self.ids[0]].lr,
             "seed": config.seed,
             "init": config.init,
             "mixing": config.mixing,
             "gossip_steps": config.gossip_steps if self.gossiping else None,
-            "sam_rho": config.sam_rho if config.algorithm == "dfedsam" else None,
+            "sam_rho": config.sharpness_radius() or None,
             "sample_size": self._sample_size(),
             "aggregators": config.aggregators if config.algorithm == "modest" else None,
             "success_fraction": config.success_fraction if config.algorithm == "modest" else None,
+            "speeds": config.speeds,
+            "slow_peers": sorted(self.slow),
+            "duration": config.duration,
             "faults": config.faults,
             "byzantine": config.byzantine,
             "attackers": sorted(self.attackers),
@@ -337,13 +366,16 @@ class World:
             "error_feedback": gossip.error_feedback,
             "consensus_step": gossip.consensus_step,
             "device": str(self.device),
-            "mean_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+            "mean_accuracy": _mean(accuracies),
+            "mean_accuracy_slow": _mean([r.accuracy for r in final if r.peer in self.slow and r.accuracy is not None]),
+            "mean_accuracy_fast": _mean([r.accuracy for r in final if r.peer not in self.slow and r.accuracy is not None]),
             "min_accuracy": min(accuracies, default=None),
             "max_accuracy": max(accuracies, default=None),
             "mean_loss": _mean([record.loss for record in final if record.loss is not None]),
             "squared_error": _mean([record.squared_error for record in final if record.squared_error is not None]),
             "consensus_distance": (
-                consensus_distance([self.trainers[peer].state() for peer in live]) if self.gossiping and live else None
+                consensus_distance([self.trainers[peer].state() for peer in live])
+                if (self.gossiping or self.asynchronous) and live else None
             ),
             "bytes_sent_total": self.network.bytes_sent(),
             "missed_exchanges_total": self.metrics.missed_exchanges,
@@ -356,6 +388,8 @@ class World:
         }
         if self.walking:
             summary.update(self._walk_summary())
+        if self.asynchronous:
+            summary.update(staleness=config.staleness, max_staleness=config.max_staleness)
         return summary, final
 
     def _walk_summary(self) -> dict[str, Any]:

@@ -223,6 +223,6 @@ def peer_trainer(
         seed=config.seed * 100_003 + index,
         device=device,
         schedule=config.learning_rate_schedule(),
-        sam_rho=config.sam_rho if config.algorithm == "dfedsam" else 0.0,
+        sam_rho=config.sharpness_radius(),
         optimum=optimum,
     )

@@ -72,6 +72,12 @@ BAD_INPUTS = {
     "target accuracy above one": (["--target-accuracy", "1.5"], "--target-accuracy: Input should be less than or equal to 1"),
     "plot without out": (["--plot"], "--plot writes OUT/run.png: give --out DIR too"),
     "out under a file": (["--out", "/dev/null/run"], "--out /dev/null/run cannot be written"),
+    "unknown speeds": (["--speeds", "turbo"], "unknown --speeds 'turbo'"),
+    "straggler factor zero": (["--speeds", "stragglers:0.5:0"], "slowdown must be > 0"),
+    "speeds file missing": (["--speeds", "file:/no/such/speeds.txt"], "cannot be read"),
+    "negative staleness exponent": (["--algorithm", "async-gossip", "--staleness", "poly:-1"], "must be a number >= 0"),
+    "adaptive steps with rounds": (["--local-steps", "adaptive:4"], "only for --algorithm async-gossip"),
+    "local steps not a number": (["--local-steps", "many"], "--local-steps"),
 }
 
 
@@ -147,6 +153,8 @@ def test_console_script_reports_errors_without_a_traceback():
         (["swarm", "--out", "/dev/null/swarm"], "--out /dev/null/swarm cannot be written"),
         (["run", "--out", "/dev/null/peer"], "--out /dev/null/peer cannot be written"),
         (["run", "--metrics-port", "70000"], "--metrics-port"),
+        (["run", "--slowdown", "0.5"], "--slowdown"),
+        (["swarm", "--speeds", "stragglers:0.5:4+jitter:0.1"], "leave out +jitter"),
         (["status", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--watch", "0"], "--watch 0: give a number of seconds"),
     ],
 )

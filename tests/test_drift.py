@@ -196,16 +196,11 @@ def test_real_peers_meet_again_after_one_was_paused_far_behind(tmp_path):
 
 
 def test_a_peer_jumps_to_the_round_that_half_its_neighbours_reached_and_no_lone_neighbour_moves_it():
-    from gossip.exchange import step_most_have_reached
-    from gossip.message import Message
+    from gossip.exchange import most_have_reached
 
-    def at(**steps):
-        return {peer: Message("model", peer, step) for peer, step in steps.items()}
-
-    everyone = frozenset("abcd")
-    assert step_most_have_reached(5, at(a=43, b=43), frozenset("ab")) == 43  # back from a pause
-    assert step_most_have_reached(5, at(a=5, b=40), frozenset("ab")) == 40  # on the edge of a healed cut
-    assert step_most_have_reached(5, at(a=5, b=5, c=5, d=99), everyone) == 5  # one liar among four
-    assert step_most_have_reached(5, at(a=5, d=99), everyone) == 5  # the silent ones count as at our step
-    assert step_most_have_reached(5, at(c=60, d=99), everyone) == 60
-    assert step_most_have_reached(7, {}, everyone) == 7
+    assert most_have_reached(5, [43, 43], 2) == 43  # back from a pause
+    assert most_have_reached(5, [5, 40], 2) == 40  # on the edge of a healed cut
+    assert most_have_reached(5, [5, 5, 5, 99], 4) == 5  # one liar among four
+    assert most_have_reached(5, [5, 99], 4) == 5  # the silent ones count as at our step
+    assert most_have_reached(5, [60, 99], 4) == 60
+    assert most_have_reached(7, [], 4) == 7

@@ -1,5 +1,6 @@
 """Training protocols: each one file, each a small subclass of ``Protocol``."""
 
+from gossip.protocols.async_gossip import AsyncGossip
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 from gossip.protocols.dfedsam import DFedSAM
 from gossip.protocols.dpsgd import DPSGD
@@ -11,6 +12,6 @@ from gossip.protocols.srrw import SRRW, WalkSettings
 GOSSIP_PROTOCOLS: dict[str, type[DPSGD]] = {"dpsgd": DPSGD, "dfedsam": DFedSAM}
 
 __all__ = [
-    "DPSGD", "GOSSIP_PROTOCOLS", "SRRW", "DFedSAM", "FedAvgClient", "FedAvgServer", "MoDeST", "ModestSettings",
+    "DPSGD", "GOSSIP_PROTOCOLS", "SRRW", "AsyncGossip", "DFedSAM", "FedAvgClient", "FedAvgServer", "MoDeST", "ModestSettings",
     "Protocol", "ProtocolContext", "RoundReport", "WalkSettings",
 ]

@@ -11,6 +11,7 @@ from gossip.learner import Learner
 from gossip.neighbourhood import Neighbourhood
 from gossip.settings import GossipSettings
 from gossip.transport import Clock, Transport
+from gossip.wait_free import WaitFreeExchange
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class RoundReport:
     neighbours_heard: int = 0
     exchange_seconds: float = 0.0  # time spent exchanging models this round (clock seconds)
     local_steps: int = 0  # optimisation steps taken this round
+    span: int = 1  # rounds this report completes: more than one when the peer jumped ahead to its neighbours'
+    last: bool = False  # the peer's last round (the run's end, or its --duration ran out)
 
 
 @dataclass
@@ -34,12 +37,22 @@ class ProtocolContext:
     # Awaited after every round, once the round's model is final (the runtime evaluates and records it).
     round_finished: Callable[[RoundReport], Awaitable[None]]
     gossip: GossipSettings = field(default_factory=GossipSettings)
+    deadline: float | None = None  # clock seconds after which no round starts (None: rounds only)
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and self.clock.now() >= self.deadline
 
     def exchange(self) -> Exchange:
         """A gossip step with the neighbourhood, as ``gossip`` configures it."""
         if self.neighbourhood is None:
             raise ValueError("gossip needs a neighbourhood")
         return self.gossip.exchange(self.transport, self.clock, self.neighbourhood, self.learner.state())
+
+    def wait_free_exchange(self) -> WaitFreeExchange:
+        """Gossip without rounds, as ``gossip`` configures it (``gossip.wait_free``)."""
+        if self.neighbourhood is None:
+            raise ValueError("gossip needs a neighbourhood")
+        return self.gossip.wait_free_exchange(self.transport, self.clock, self.neighbourhood, self.learner.state())
 
 
 class Protocol(ABC):

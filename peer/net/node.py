@@ -24,13 +24,13 @@ from safetensors.torch import save_file
 from gossip.catchup import SnapshotServer, catch_up
 from gossip.learner import State, is_finite
 from gossip.neighbourhood import OverlayNeighbourhood
-from gossip.protocols import GOSSIP_PROTOCOLS, SRRW, MoDeST, Protocol, ProtocolContext, RoundReport
+from gossip.protocols import GOSSIP_PROTOCOLS, SRRW, AsyncGossip, MoDeST, Protocol, ProtocolContext, RoundReport
 from gossip.settings import GossipSettings
 from gossip.transport import Clock
 from gossip.view import Entry
 from gossip.wire import Limits
 from peer.config import ConfigError, RunConfig
-from peer.curve import time_to_target
+from peer.curve import LatestAccuracies, time_to_target
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
 from peer.net.access import access_from, load_identity, peer_id_of
 from peer.net.clock import WallClock
@@ -51,7 +51,7 @@ GOODBYE_TIMEOUT = 5.0
 
 def protocol_family(algorithm: str) -> str:
     """Peers of one family speak the same messages: D-PSGD and DFedSAM peers gossip together."""
-    return algorithm if algorithm in ("modest", "srrw") else "gossip"
+    return algorithm if algorithm in ("modest", "srrw", "async-gossip") else "gossip"
 
 
 def fingerprint(task_name: str, state: State, gossip: GossipSettings, algorithm: str) -> str:
@@ -160,8 +160,11 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         if live:
             live.counters = transport.counters
             live.view_size = lambda: len(membership.live)
-        metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None)
-        clock = WallClock()
+        metrics = MetricsLog(
+            config.out / "metrics.jsonl" if config.out else None,
+            curve=LatestAccuracies(1) if config.algorithm == "async-gossip" else None,
+        )
+        clock = WallClock(config.slowdown)
         modest = config.algorithm == "modest"
         # MoDeST does not catch up (a newcomer JOINs and waits to be sampled), nor does a token walk
         # (a newcomer waits for a token), so they serve no snapshots.
@@ -215,10 +218,15 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
                 config.topology, me, membership.view, weights=config.weights, seed=config.seed,
                 admits=membership.compatible, unreachable=membership.suspect,
             )
-            context = ProtocolContext(transport, clock, trainer, neighbourhood, node.round_finished, gossip)
-            protocol = GOSSIP_PROTOCOLS[config.algorithm](
-                context, local_steps=config.local_steps, gossip_steps=config.gossip_steps
+            context = ProtocolContext(
+                transport, clock, trainer, neighbourhood, node.round_finished, gossip, deadline=config.duration
             )
+            if config.algorithm == "async-gossip":
+                protocol = AsyncGossip(context, local_steps=config.local_steps, adaptive=config.adaptive_steps)
+            else:
+                protocol = GOSSIP_PROTOCOLS[config.algorithm](
+                    context, local_steps=config.local_steps, gossip_steps=config.gossip_steps
+                )
         node.protocol = protocol
         # Handlers are in place before anyone can learn of us, so no early model is refused.
         await transport.start()
@@ -240,6 +248,8 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
                 return min(max(protocol.view.estimate(), recorded), config.rounds)
             if isinstance(protocol, SRRW) and protocol.finished():
                 return config.rounds  # every token made its last hop: the run is complete here too
+            if isinstance(protocol, AsyncGossip):
+                return min(protocol.iteration, config.rounds)  # past the iterations it jumped over
             return recorded
 
         keep_alive = asyncio.create_task(membership.keep_alive(current_round))
@@ -289,6 +299,8 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             "bytes_received": transport.counters.bytes_received,
             "rejected": transport.counters.rejected,
             "missed_exchanges": metrics.missed_exchanges,
+            "local_steps_total": metrics.local_steps,
+            "slowdown": config.slowdown,
             "peers_seen": sorted(membership.seen),
             "private_swarm": access.private,
             "records_ignored": dict(membership.rejected),

@@ -15,10 +15,11 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from peer.config import ConfigError, SwarmConfig, TrainingConfig
-from peer.curve import CurveBuilder, CurvePoint, time_to_target
+from peer.curve import UNROUNDED, CurveBuilder, CurvePoint, time_to_target
 from peer.metrics import consensus_distance, prepare_out, write_json_atomic
 from peer.net.access import load_swarm_key
 from peer.runs import RunError, read_curve
+from peer.sim.speeds import Speeds
 
 ADDRESS_LINE = re.compile(r"others join with --initial-peers (.+)$")
 STOP_GRACE_SECONDS = 30
@@ -32,6 +33,7 @@ class LocalSwarm:
         self.out = out
         self.name = config.swarm or f"local-{time.time_ns()}"
         self.processes: dict[int, subprocess.Popen] = {}
+        self.slowdowns = config.slowdowns()
         self._common = self._training_arguments() + [
             "--swarm", self.name, "--shards", str(config.peers), "--join-timeout", str(config.join_timeout), *extra_args,
         ]
@@ -44,7 +46,9 @@ class LocalSwarm:
         # given at all (--lr-schedule with srrw, whose step size follows the token's hop).
         for name in TrainingConfig.model_fields:
             value = getattr(self.config, name)
-            if value is not None and name != "out" and name in self.config.model_fields_set:
+            if name == "local_steps" and self.config.adaptive_steps:
+                value = f"adaptive:{value}"
+            if value is not None and name not in ("out", "adaptive_steps") and name in self.config.model_fields_set:
                 args += [f"--{name.replace('_', '-')}", str(value)]
         if self.config.algorithm == "modest" and self.config.sample_size is None:
             # As in simulation: no larger a sample than the swarm, or every round would wait out its timeout.
@@ -63,6 +67,8 @@ class LocalSwarm:
         ]
         if self.config.metrics_port is not None:
             command += ["--metrics-port", str(self.config.metrics_port + index)]
+        if index < len(self.slowdowns) and self.slowdowns[index] != 1:
+            command += ["--slowdown", repr(self.slowdowns[index])]
         # Every running peer can welcome a newcomer, not only the first, which may have left.
         initial_peers = [a for i in self.processes if self.processes[i].poll() is None for a in self._address(i)]
         if initial_peers:
@@ -176,6 +182,16 @@ def swarm_accuracy(algorithm: str, summaries: list[dict], points: list[CurvePoin
     return sum(accuracies) / len(accuracies), min(accuracies), max(accuracies)
 
 
+def accuracy_by_speed(swarm: LocalSwarm) -> dict[str, float | None]:
+    """The mean final accuracy of the slow peers (slower than the median one) and of the others."""
+    slow = Speeds(tuple(swarm.slowdowns)).slow()
+    groups: dict[str, list[float]] = {"slow": [], "fast": []}
+    for index, peer_summary in swarm.summaries().items():
+        if peer_summary["accuracy"] is not None:
+            groups["slow" if index in slow else "fast"].append(peer_summary["accuracy"])
+    return {f"mean_accuracy_{group}": sum(values) / len(values) if values else None for group, values in groups.items()}
+
+
 def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = None) -> dict:
     if config.swarm_key:
         load_swarm_key(config.swarm_key)  # a bad key is one error here, not one per peer
@@ -199,7 +215,7 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
     states = [load_file(str(path)) for path in checkpoints if path.exists()]
     files = [swarm.folder(i) / "metrics.jsonl" for i in swarm.processes]
     try:
-        curve = read_curve([path for path in files if path.exists()])
+        curve = read_curve([path for path in files if path.exists()], unrounded=config.algorithm in UNROUNDED)
     except RunError as error:  # a damaged file: the rest of the summary still counts
         print(f"peer swarm: warning: {error}", file=sys.stderr)
         curve = CurveBuilder()
@@ -228,6 +244,10 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         "bytes_sent_total": sum(s["bytes_sent"] for s in summaries),
         "rejected_total": sum(s["rejected"] for s in summaries),
         "missed_exchanges_total": sum(s["missed_exchanges"] for s in summaries),
+        "local_steps_total": sum(s["local_steps_total"] for s in summaries),
+        "speeds": config.speeds,
+        "slowdowns": swarm.slowdowns,
+        **accuracy_by_speed(swarm),
         "interrupted": interrupted,
         "wall_seconds": time.perf_counter() - started,
         **time_to_target(points, config.target_accuracy, wall_clock=True),

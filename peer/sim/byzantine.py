@@ -34,11 +34,11 @@ import torch
 
 from gossip.codecs import Identity
 from gossip.exchange import MODEL, message_seed
+from gossip.greeting import BYE, HELLO
 from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.model_codec import ModelMessages, codec_for
 from gossip.protocols.base import Protocol, ProtocolContext
-from gossip.protocols.dpsgd import BYE, HELLO
 from gossip.transport import Clock, Handler, PeerUnreachable, Transport
 from gossip.validation import InvalidState
 from topology import Topology

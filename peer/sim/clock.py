@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +20,15 @@ class SpeedProfile:
     """How long this peer's hardware takes for one local optimisation step, in simulated seconds."""
 
     seconds_per_step: float = 0.01
+    # Log-spread of each step's duration around seconds_per_step (its mean); 0: every step alike.
+    jitter: float = 0.0
 
 
 class SimClock(Clock):
-    def __init__(self, profile: SpeedProfile | None = None):
+    def __init__(self, profile: SpeedProfile | None = None, *, seed: str = ""):
         self.profile = profile or SpeedProfile()
         self.compute_wall_seconds = 0.0  # real time spent in local work, to tell it apart from simulator overhead
+        self._jitter = random.Random(f"jitter:{seed}")
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -37,5 +42,13 @@ class SimClock(Clock):
         started = time.perf_counter()
         result = work(*args)
         self.compute_wall_seconds += time.perf_counter() - started
-        await asyncio.sleep(steps * self.profile.seconds_per_step)
+        await asyncio.sleep(self.duration(steps))
         return result
+
+    def duration(self, steps: int) -> float:
+        """Simulated seconds for ``steps`` local steps; with jitter, each step's factor has mean 1."""
+        spread = self.profile.jitter
+        if not spread:
+            return steps * self.profile.seconds_per_step
+        factors = sum(math.exp(spread * self._jitter.gauss(0.0, 1.0) - spread * spread / 2) for _ in range(steps))
+        return factors * self.profile.seconds_per_step

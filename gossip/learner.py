@@ -10,6 +10,16 @@ import torch
 State = dict[str, torch.Tensor]
 
 
+def with_update(mixed: State, start: State, trained: State) -> State:
+    """``mixed`` plus what training changed from ``start`` to ``trained``: a peer that mixed the
+    model it started from adds its own update after (tensors that are not mixed, such as
+    counters, are the trained ones)."""
+    return {
+        name: mixed[name] + (tensor - start[name]) if tensor.is_floating_point() else tensor
+        for name, tensor in trained.items()
+    }
+
+
 def is_finite(state: State) -> bool:
     """Whether every floating-point value of a state is finite (no NaN, no infinity)."""
     return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())

@@ -98,6 +98,11 @@ class TrainingConfig(BaseModel):
             "clipped[:TAU] (self-centred clipping; TAU adapts when not given), trimmed-mean:B or median (per coordinate)"
         ),
     )
+    mix_point: Literal["trained", "start"] = Field(
+        "trained",
+        description="dpsgd, dfedsam: the model a peer mixes: trained (x <- W (x + update)) or start, the one it "
+        "started the round from, its own update added after (x <- W x + update)",
+    )
     sam_rho: float = Field(
         0.05, gt=0,
         description="dfedsam: radius of the sharpness-aware perturbation; async-gossip: sharpness-aware local steps "
@@ -208,6 +213,10 @@ class TrainingConfig(BaseModel):
 
     def _check_asynchrony(self) -> None:
         """What only gossip without rounds uses is refused elsewhere, and what it cannot use is refused there."""
+        if "mix_point" in self.model_fields_set and self.algorithm not in ("dpsgd", "dfedsam"):
+            raise ValueError(
+                f"--mix-point: {self.algorithm} has no such choice (async-gossip always mixes the model a peer started from)"
+            )
         if self.algorithm != "async-gossip":
             given = [f"--{name.replace('_', '-')}" for name in ("staleness", "max_staleness") if name in self.model_fields_set]
             if self.adaptive_steps:

@@ -26,7 +26,7 @@ NAMED = ("algorithm", "topology", "codec")
 SETTINGS = (
     "task", "partition", "peers", "rounds", "local_steps", "batch_size", "lr", "lr_schedule", "init", "mixing",
     "gossip_steps", "sam_rho", "error_feedback", "consensus_step", "sample_size", "aggregators", "success_fraction",
-    "speeds", "staleness", "duration", "faults", "byzantine", "seed",
+    "mix_point", "speeds", "staleness", "duration", "faults", "byzantine", "seed",
 )
 DPI = 150
 

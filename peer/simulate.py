@@ -152,7 +152,8 @@ class World:
         elif self.gossiping:
             context.neighbourhood = self._neighbourhood(peer_id)
             node.protocol = GOSSIP_PROTOCOLS[config.algorithm](
-                context, local_steps=config.local_steps, gossip_steps=config.gossip_steps, joining=joining
+                context, local_steps=config.local_steps, gossip_steps=config.gossip_steps, joining=joining,
+                mix_start=config.mix_point == "start",
             )
         elif self.walking:
             context.neighbourhood = self._neighbourhood(peer_id)
@@ -349,6 +350,7 @@ class World:
             "init": config.init,
             "mixing": config.mixing,
             "gossip_steps": config.gossip_steps if self.gossiping else None,
+            "mix_point": config.mix_point if self.gossiping else None,
             "sam_rho": config.sharpness_radius() or None,
             "sample_size": self._sample_size(),
             "aggregators": config.aggregators if config.algorithm == "modest" else None,

@@ -142,6 +142,8 @@ def test_jittered_speeds_replay_for_a_seed_and_newcomers_join(tmp_path):
         ({"algorithm": "async-gossip", "max_staleness": -1}, "--max-staleness"),
         ({"speeds": "stragglers:0.25:-4"}, "slowdown must be > 0"),
         ({"speeds": "warp:9"}, "unknown --speeds"),
+        ({"algorithm": "async-gossip", "mix_point": "start"}, "--mix-point"),
+        ({"algorithm": "modest", "mix_point": "trained"}, "--mix-point"),
     ],
 )
 def test_settings_that_do_not_go_together_are_refused_with_the_reason(settings, words):

@@ -1,6 +1,7 @@
 """D-PSGD and FedAvg on the simulated world, with learners whose result can be predicted exactly."""
 
 import asyncio
+import functools
 
 import numpy as np
 import pytest
@@ -20,6 +21,28 @@ from topology import parse_topology
 
 def build_dpsgd(topology, values, *, timeout=30.0, network=None):
     return build_gossip(topology, values, settings=GossipSettings(timeout=timeout), network=network)
+
+
+@pytest.mark.parametrize("mix_start", [False, True])
+def test_dpsgd_mixes_the_trained_models_or_the_starting_ones_with_the_update_after(mix_start):
+    n, rounds = 6, 4
+    topology = parse_topology("ring", n)
+    x0 = torch.randn(n, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    drift = np.arange(1.0, n + 1)[:, None]  # each peer's training adds its own constant
+    _, _, learners, protocols, _ = build_gossip(
+        topology, list(x0), protocol=functools.partial(DPSGD, mix_start=mix_start)
+    )
+    for learner, d in zip(learners, drift[:, 0]):
+        learner.drift = float(d)
+
+    async def main():
+        await asyncio.gather(*(p.run(rounds) for p in protocols))
+
+    run(main())
+    w, expected = topology.mixing_matrix(0), x0.numpy()
+    for _ in range(rounds):
+        expected = w @ expected + drift if mix_start else w @ (expected + drift)
+    np.testing.assert_allclose(np.stack([learner.value.numpy() for learner in learners]), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("spec", ["ring", "complete", "star", "exponential", "onepeer-exponential"])

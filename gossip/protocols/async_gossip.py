@@ -8,7 +8,7 @@ applies its gradient to the averaged model), and the model is sent to the out-ne
 without waiting. Mixing the starting model, not the trained one, is what keeps a peer's progress:
 its neighbours' newest models are of the previous iteration at best, and mixing them with the
 trained model would take back part of each iteration's steps. With equal speeds this is
-D-PSGD in the form x <- W x + local update.
+D-PSGD with ``mix_start`` (x <- W x + local update).
 
 A slow or dead neighbour never blocks anyone: its last model is mixed, staler every iteration,
 until it is past the staleness bound. With adaptive local steps a peer takes as many steps per
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from gossip.adaptive_steps import AdaptiveSteps
 from gossip.greeting import Greeting
-from gossip.learner import State
+from gossip.learner import with_update
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 
 
@@ -80,11 +80,3 @@ class AsyncGossip(Protocol):
     async def leave(self) -> None:
         await self.greeting.leave()
 
-
-def with_update(mixed: State, start: State, trained: State) -> State:
-    """``mixed`` plus what training changed from ``start`` to ``trained`` (tensors that are not
-    mixed, such as counters, are the trained ones)."""
-    return {
-        name: mixed[name] + (tensor - start[name]) if tensor.is_floating_point() else tensor
-        for name, tensor in trained.items()
-    }

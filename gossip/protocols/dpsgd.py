@@ -5,6 +5,11 @@ is step r * Q + q, so models of different rounds and steps never mix. A neighbou
 one step of a round is not waited for in the round's later steps (its model is mixed if it
 has arrived), so a slow or dead neighbour costs a round one timeout, not Q.
 
+By default a peer mixes the models its neighbours have just trained, x <- W (x + update). With
+``mix_start`` it mixes the models the peers started the round from and adds its own update
+after, x <- W x + update (the form of Lian et al., 2017, and the order that gossip without
+rounds must use: ``async_gossip``).
+
 A peer that joins says hello to its neighbours and starts from the model and round of the first
 that answers; a peer that leaves says goodbye (``gossip.greeting``).
 
@@ -19,6 +24,7 @@ step beyond it are refused.
 from __future__ import annotations
 
 from gossip.greeting import Greeting
+from gossip.learner import with_update
 from gossip.message import PeerId
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 
@@ -26,13 +32,17 @@ from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
 class DPSGD(Protocol):
     name = "dpsgd"
 
-    def __init__(self, context: ProtocolContext, *, local_steps: int, gossip_steps: int = 1, joining: bool = False):
+    def __init__(
+        self, context: ProtocolContext, *, local_steps: int, gossip_steps: int = 1, joining: bool = False,
+        mix_start: bool = False,
+    ):
         super().__init__(context)
         if gossip_steps < 1:
             raise ValueError(f"gossip steps must be at least 1, got {gossip_steps}")
         self.local_steps = local_steps
         self.gossip_steps = gossip_steps
         self.joining = joining
+        self.mix_start = mix_start
         self.exchange = context.exchange()
         self.round = 0
         self.greeting = Greeting(context, lambda: self.round)
@@ -46,8 +56,10 @@ class DPSGD(Protocol):
             learner.set_progress(round_ * self.local_steps)
         while round_ < rounds:
             self.round = round_
+            start = learner.state() if self.mix_start else {}
             loss = await clock.compute(learner.train, self.local_steps, steps=self.local_steps)
-            state = learner.state()
+            trained = learner.state()
+            state = start if self.mix_start else trained
             expected = heard = newest = 0
             absent: frozenset[PeerId] = frozenset()
             exchange_started = clock.now()
@@ -58,7 +70,7 @@ class DPSGD(Protocol):
                 expected += len(result.expected)
                 heard += result.heard
                 newest = max(newest, result.newest_step)
-            learner.load_state(state)
+            learner.load_state(with_update(state, start, trained) if self.mix_start else state)
             out_of_time = self.context.past_deadline()
             await self.context.round_finished(RoundReport(
                 round_, loss, expected, heard, exchange_seconds=clock.now() - exchange_started,

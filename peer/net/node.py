@@ -225,7 +225,8 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
                 protocol = AsyncGossip(context, local_steps=config.local_steps, adaptive=config.adaptive_steps)
             else:
                 protocol = GOSSIP_PROTOCOLS[config.algorithm](
-                    context, local_steps=config.local_steps, gossip_steps=config.gossip_steps
+                    context, local_steps=config.local_steps, gossip_steps=config.gossip_steps,
+                    mix_start=config.mix_point == "start",
                 )
         node.protocol = protocol
         # Handlers are in place before anyone can learn of us, so no early model is refused.

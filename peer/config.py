@@ -360,11 +360,14 @@ class SimulationConfig(TrainingConfig):
         self.peer_speeds()
         return self
 
-    def peer_speeds(self) -> Speeds:
-        """Each peer's seconds per local step, the newcomers' that --faults brings included."""
+    def newcomers(self) -> int:
+        """The peers that --faults brings in during the run."""
         faults = parse_faults(self.faults, rounds=self.rounds, algorithm=self.algorithm)
-        newcomers = sum(int(fault.amount) for fault in faults if fault.kind == "join")
-        return parse_speeds(self.speeds, self.peers + newcomers, self.step_time, self.seed)
+        return sum(int(fault.amount) for fault in faults if fault.kind == "join")
+
+    def peer_speeds(self) -> Speeds:
+        """Each peer's seconds per local step, the newcomers' included."""
+        return parse_speeds(self.speeds, self.peers + self.newcomers(), self.step_time, self.seed)
 
 
 class RunConfig(TrainingConfig):
@@ -427,7 +430,6 @@ class SwarmConfig(TrainingConfig):
         if self.algorithm == "fedavg":
             raise ValueError("fedavg needs a central server and is offered by `peer simulate` only; use --algorithm dpsgd")
         return self
-
 
     def slowdowns(self) -> list[float]:
         """Each peer process's --slowdown, from --speeds."""

@@ -111,7 +111,7 @@ class LatestAccuracies:
         self._accuracy: dict[str, float] = {}
         self._iteration: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
-        self._points: list[tuple[CurvePoint, bool]] = []  # (point with its raw time, whether that time is Unix)
+        self._points: list[CurvePoint] = []  # their seconds are the records' own: Unix time for real peers
 
     def add(self, record: RoundRecord) -> None:
         if record.wall_time is not None:
@@ -135,18 +135,18 @@ class LatestAccuracies:
             bytes_sent=record.swarm_bytes_sent if record.swarm_bytes_sent is not None else sum(self._bytes.values()),
             seconds=at,
         )
-        if self._points and self._points[-1][0].seconds == at:
+        if self._points and self._points[-1].seconds == at:
             self._points.pop()
-        self._points.append((point, record.wall_time is not None))
+        self._points.append(point)
 
     def points(self) -> list[CurvePoint]:
-        return [replace(point, seconds=point.seconds - self._origin) if unix else point for point, unix in self._points]
+        return [self._from_start(point) for point in self._points]
 
     def latest(self) -> CurvePoint | None:
-        if not self._points:
-            return None
-        point, unix = self._points[-1]
-        return replace(point, seconds=point.seconds - self._origin) if unix else point
+        return self._from_start(self._points[-1]) if self._points else None
+
+    def _from_start(self, point: CurvePoint) -> CurvePoint:
+        return replace(point, seconds=point.seconds - self._origin) if self.wall_clock else point
 
 
 def time_to_target(points: list[CurvePoint], target: float | None, *, wall_clock: bool) -> dict[str, float | int | None]:

@@ -84,15 +84,15 @@ class World:
         self.config = config
         self.on_record = on_record
         self.faults = parse_faults(config.faults, rounds=config.rounds, algorithm=config.algorithm)
-        joining = sum(int(fault.amount) for fault in self.faults if fault.kind == "join")
         self.device = resolve_device(config.device)
-        self.ids = peer_ids(config.peers + joining)
+        self.ids = peer_ids(config.peers + config.newcomers())
         self.initial, self.newcomers = self.ids[: config.peers], list(self.ids[config.peers :])
         attack = parse_byzantine(config.byzantine)
         self.attackers = choose_attackers(attack, self.initial, config.seed) if attack else frozenset()
         self.gossiping = config.algorithm in GOSSIP_PROTOCOLS
         self.walking = config.algorithm == "srrw"
         self.asynchronous = config.algorithm == "async-gossip"
+        self.mixing_neighbours = self.gossiping or self.asynchronous  # with or without rounds
         # Newcomers have their place on the graph and their share of the data from the start.
         self.topology = parse_topology(config.topology, len(self.ids), weights=config.weights, seed=config.seed)
         if self.walking:
@@ -334,10 +334,10 @@ class World:
             "algorithm": config.algorithm,
             "label": LABELS[config.algorithm],
             "task": config.task,
-            "topology": config.topology if self.gossiping or self.walking or self.asynchronous else (
+            "topology": config.topology if self.mixing_neighbours or self.walking else (
                 "sampled" if config.algorithm == "modest" else "server"
             ),
-            "spectral_gap": self.topology.spectral_gap() if self.gossiping or self.asynchronous else None,
+            "spectral_gap": self.topology.spectral_gap() if self.mixing_neighbours else None,
             "partition": config.partition,
             "peers": config.peers,
             "rounds": config.rounds,
@@ -377,7 +377,7 @@ class World:
             "squared_error": _mean([record.squared_error for record in final if record.squared_error is not None]),
             "consensus_distance": (
                 consensus_distance([self.trainers[peer].state() for peer in live])
-                if (self.gossiping or self.asynchronous) and live else None
+                if self.mixing_neighbours and live else None
             ),
             "bytes_sent_total": self.network.bytes_sent(),
             "missed_exchanges_total": self.metrics.missed_exchanges,

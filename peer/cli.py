@@ -185,6 +185,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         ("missed exchanges", str(summary["missed_exchanges_total"])),
         ("simulated time", f"{summary['virtual_seconds']:.1f} s"),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("training engine", f"{summary['engine']}, {summary['threads']} thread{'s' if summary['threads'] != 1 else ''}"),
     ]
     if summary["target_accuracy"] is not None:
         rows.append((f"to mean accuracy {summary['target_accuracy']:g}", _to_target(summary)))

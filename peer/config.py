@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -308,6 +309,11 @@ class TrainingConfig(BaseModel):
         )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_swarm_size(config: TrainingConfig, peers: int) -> None:
     if config.sample_size is not None and config.sample_size > peers:
         raise ValueError(f"--sample-size {config.sample_size} is larger than the swarm of --peers {peers}")
@@ -317,6 +323,16 @@ def check_swarm_size(config: TrainingConfig, peers: int) -> None:
 
 class SimulationConfig(TrainingConfig):
     peers: int = Field(16, ge=2, description="number of simulated peers")
+    engine: Literal["auto", "batched", "per-peer"] = Field(
+        "auto",
+        description="batched: the peers' local steps run as one vectorised step over their stacked models; per-peer: "
+        "each model trains alone; auto: batched when the model allows it, per peer (saying why) when not",
+    )
+    threads: int | None = Field(
+        None, ge=1,
+        description="threads to compute with: the batched engine splits the peers over them (default: every core "
+        "this process may use); the per-peer engine gives them to torch (default: 1, fastest for small models)",
+    )
     step_time: float = Field(0.01, gt=0, description="simulated seconds per local step")
     speeds: str = Field("same", description=f"how fast each peer computes: {SPEEDS_HELP}")
     link_latency: float = Field(0.01, ge=0, description="simulated one-way latency, seconds")
@@ -359,6 +375,10 @@ class SimulationConfig(TrainingConfig):
         parse_faults(self.faults, rounds=self.rounds, algorithm=self.algorithm)
         self.peer_speeds()
         return self
+
+    def compute_threads(self, batched: bool) -> int:
+        """--threads, or its default for the engine that trains the peers."""
+        return self.threads or (usable_cores() if batched else 1)
 
     def newcomers(self) -> int:
         """The peers that --faults brings in during the run."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,11 +19,14 @@ from peer.curve import LatestAccuracies, time_to_target
 from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
+from peer.sim.batched import CHUNK_PEERS, BatchedTraining, BatchingError, StackedTrainer, batching_refusal
 from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers, parse_byzantine
 from peer.sim.faults import parse_faults
 from peer.tasks import Task, load_task, partition
 from peer.trainer import Trainer, peer_trainer, resolve_device, split_optimum
 from topology import parse_topology
+
+log = logging.getLogger(__name__)
 
 SERVER_ID = "server"
 LABELS = {
@@ -49,32 +53,50 @@ def peer_ids(n: int) -> list[str]:
     return [f"peer-{i:0{width}d}" for i in range(n)]
 
 
-def build_trainers(config: SimulationConfig, task: Task, device: torch.device, peers: int | None = None) -> list[Trainer]:
+def build_trainers(
+    config: SimulationConfig, task: Task, device: torch.device, peers: int | None = None,
+    trainer_class: type[Trainer] = Trainer,
+) -> list[Trainer]:
     """A trainer for each of ``peers`` (default: the run's), on its share of the training set.
 
     A task with an exact optimum (a convex one) gets it computed once for this split, and every
     trainer reports its distance to it."""
     shards = partition(task.train_y, peers or config.peers, config.partition, config.seed, owners=task.owners)
     optimum = split_optimum(config, task, shards)
-    return [peer_trainer(config, task, shard, index, device, optimum) for index, shard in enumerate(shards)]
+    return [
+        peer_trainer(config, task, shard, index, device, optimum, trainer_class) for index, shard in enumerate(shards)
+    ]
+
+
+def training_engine(config: SimulationConfig, task: Task) -> str | None:
+    """Why the run's peers train one by one (--engine per-peer, or a model that cannot be batched),
+    or None when they train as one batched step; --engine batched with such a model is an error."""
+    if config.engine == "per-peer":
+        return "--engine per-peer"
+    refusal = batching_refusal(task.make_model(), task.train_x[:4])
+    if refusal and config.engine == "batched":
+        raise BatchingError(f"--engine batched: {refusal}; use --engine per-peer (or auto) for this model")
+    if refusal:
+        log.warning("each peer trains alone (slower): %s", refusal)
+    return refusal
 
 
 def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
     """Run a whole simulation; raises TaskError, PartitionError, TopologyError or ValueError on bad input."""
     if config.out:
         prepare_out(config.out)
-    torch.set_num_threads(config.threads)
     world = World(config, on_record)
     started = time.perf_counter()
     try:
         with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
             virtual_seconds = runner.run(world.run())
     finally:
-        world.metrics.close()
+        world.close()
     summary, final = world.summary(virtual_seconds, time.perf_counter() - started)
     if config.out:
         write_json_atomic(config.out / "summary.json", summary)
-    return SimulationResult(summary, final, sum(clock.compute_wall_seconds for clock in world.clocks.values()))
+    compute = sum(clock.compute_wall_seconds for clock in world.clocks.values())
+    return SimulationResult(summary, final, compute + (world.engine.wall_seconds if world.engine else 0.0))
 
 
 class World:
@@ -98,7 +120,20 @@ class World:
         if self.walking:
             self.topology.walk_row(0, config.srrw_stay)  # a graph the token cannot walk is refused now
         self.task = load_task(config.task, config.data_dir, peers=len(self.ids))
-        self.trainers = dict(zip(self.ids, build_trainers(config, self.task, self.device, len(self.ids))))
+        self.per_peer_reason = training_engine(config, self.task)
+        batched = self.per_peer_reason is None
+        trainers = build_trainers(
+            config, self.task, self.device, len(self.ids), StackedTrainer if batched else Trainer
+        )
+        # The batched engine splits the stack over the threads, each computing alone; one model trains on all.
+        self.threads = config.compute_threads(batched)
+        torch.set_num_threads(1 if batched else self.threads)
+        # A GPU takes the whole stack at once, from one thread.
+        on_cpu = self.device.type == "cpu"
+        self.engine = BatchedTraining(
+            trainers, workers=self.threads if on_cpu else 1, chunk=CHUNK_PEERS if on_cpu else len(trainers)
+        ) if batched else None
+        self.trainers = dict(zip(self.ids, trainers))
         honest = config.peers - len(self.attackers)
         self.metrics = MetricsLog(
             config.out / "metrics.jsonl" if config.out else None,
@@ -113,7 +148,7 @@ class World:
         # Each peer computes at its own speed; the server (FedAvg) at --step-time.
         self.clock = SimClock(SpeedProfile(config.step_time))
         self.clocks = {SERVER_ID: self.clock} | {
-            peer: SimClock(SpeedProfile(seconds, self.speeds.jitter), seed=f"{config.seed}:{peer}")
+            peer: SimClock(SpeedProfile(seconds, self.speeds.jitter), seed=f"{config.seed}:{peer}", engine=self.engine)
             for peer, seconds in zip(self.ids, self.speeds.step_times)
         }
         self.gossip = config.gossip_settings()
@@ -133,6 +168,11 @@ class World:
             attack, self.attackers, self.topology, self.ids, HonestModels(self.trainers[self.ids[0]].state()),
             live=lambda peer: peer in self.nodes and peer not in self.gone, seed=config.seed,
         ) if attack else None
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.engine:
+            self.engine.close()
 
     def _node(self, peer_id: str, trainer: Trainer, transport, *, joining: bool) -> PeerNode:
         config = self.config
@@ -368,6 +408,9 @@ class World:
             "error_feedback": gossip.error_feedback,
             "consensus_step": gossip.consensus_step,
             "device": str(self.device),
+            "engine": "per-peer" if self.per_peer_reason else "batched",
+            "engine_notice": self.per_peer_reason,
+            "threads": self.threads,
             "mean_accuracy": _mean(accuracies),
             "mean_accuracy_slow": _mean([r.accuracy for r in final if r.peer in self.slow and r.accuracy is not None]),
             "mean_accuracy_fast": _mean([r.accuracy for r in final if r.peer not in self.slow and r.accuracy is not None]),

@@ -7,6 +7,7 @@ training and every load (the models are small), and a step that breaks the model
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,6 +40,20 @@ def sam_perturbation(gradients: list[torch.Tensor], rho: float) -> list[torch.Te
     """rho * g / ||g||, with one L2 norm over all the gradients; zero where the gradient is zero."""
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients]))
     return [g * (rho / (norm + 1e-12)) for g in gradients]
+
+
+@torch.no_grad()
+def test_counts(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many of (x, y) ``model`` classifies right, and its summed loss on them."""
+    correct = torch.zeros((), device=y.device)
+    loss = torch.zeros((), device=y.device)
+    for start in range(0, len(y), EVAL_BATCH):
+        logits = model(x[start : start + EVAL_BATCH])
+        loss += F.cross_entropy(logits, y[start : start + EVAL_BATCH], reduction="sum")
+        correct += (logits.argmax(dim=1) == y[start : start + EVAL_BATCH]).sum()
+    return correct, loss
 
 
 class Trainer(Learner):
@@ -74,18 +89,23 @@ class Trainer(Learner):
         self._position = 0
         self.steps_taken = 0
         self.rollbacks = 0  # times the model was put back to its last finite state
-        self._last_finite = self.state()
+        self._remember_finite()
 
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_rows(self) -> torch.Tensor | None:
+        """The rows of the peer's data that its next step trains on; None: all of them (full-batch steps)."""
         if self.batch_size == len(self.train_y):  # full-batch steps: the order does not matter
-            return self.train_x, self.train_y
+            return None
         # Epochs of sampling without replacement; a new permutation when the current one runs out.
         if self._position + self.batch_size > len(self._order):
             self._order = torch.randperm(len(self.train_y), generator=self._generator).to(self.device)
             self._position = 0
         index = self._order[self._position : self._position + self.batch_size]
         self._position += self.batch_size
-        return self.train_x[index], self.train_y[index]
+        return index
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.next_rows()
+        return (self.train_x, self.train_y) if rows is None else (self.train_x[rows], self.train_y[rows])
 
     def train(self, steps: int) -> float:
         self.model.train()
@@ -111,14 +131,17 @@ class Trainer(Learner):
         if is_finite(trained):
             self._last_finite = trained
             return
+        self.note_rollback()
+        self._copy_in(self._last_finite)
+        # Momentum built from non-finite gradients would bring the NaN straight back.
+        self.optimizer.state.clear()
+
+    def note_rollback(self) -> None:
         self.rollbacks += 1
         log.warning(
             "training made the model NaN or infinite (is --lr too high?); rolled back to its last finite state "
             "(%d rollbacks so far)", self.rollbacks,
         )
-        self._copy_in(self._last_finite)
-        # Momentum built from non-finite gradients would bring the NaN straight back.
-        self.optimizer.state.clear()
 
     def _sharpness_aware_gradient(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Replace the gradient by the one at the worst point within sam_rho (same batch), as SAM does."""
@@ -143,17 +166,10 @@ class Trainer(Learner):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """Accuracy and mean loss on the held-out test set."""
         self.model.eval()
-        correct = torch.zeros((), device=self.device)
-        loss = torch.zeros((), device=self.device)
-        for start in range(0, len(self.test_y), EVAL_BATCH):
-            x, y = self.test_x[start : start + EVAL_BATCH], self.test_y[start : start + EVAL_BATCH]
-            logits = self.model(x)
-            loss += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(dim=1) == y).sum()
+        correct, loss = test_counts(self.model, self.test_x, self.test_y)
         n = len(self.test_y)
         return float(correct) / n, float(loss) / n
 
@@ -179,6 +195,9 @@ class Trainer(Learner):
             )
             return
         self._copy_in(state)
+        self._remember_finite()
+
+    def _remember_finite(self) -> None:
         self._last_finite = self.state()
 
     @torch.no_grad()
@@ -202,7 +221,8 @@ def split_optimum(config: TrainingConfig, task: Task, shards: list[np.ndarray]) 
 
 
 def peer_trainer(
-    config: TrainingConfig, task: Task, shard: np.ndarray, index: int, device: torch.device, optimum: State | None = None
+    config: TrainingConfig, task: Task, shard: np.ndarray, index: int, device: torch.device, optimum: State | None = None,
+    trainer_class: type[Trainer] = Trainer,
 ) -> Trainer:
     """Peer ``index``'s trainer: its part of the training set and the run's settings.
 
@@ -212,7 +232,7 @@ def peer_trainer(
     """
     torch.manual_seed(config.seed if config.init == "same" else config.seed * 100_003 + index + 1)
     rows = torch.as_tensor(shard, dtype=torch.long)
-    return Trainer(
+    return trainer_class(
         task.make_model(),
         (task.train_x[rows], task.train_y[rows]),
         (task.test_x, task.test_y),

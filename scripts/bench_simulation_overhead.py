@@ -25,7 +25,7 @@ from peer.trainer import resolve_device
 
 def training_alone(config: SimulationConfig) -> float:
     """The same peers, steps and evaluations as the simulation, with no communication at all."""
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.compute_threads(batched=False))
     trainers = build_trainers(config, load_task(config.task, config.data_dir), resolve_device(config.device))
     started = time.perf_counter()
     for round_ in range(config.rounds):
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     config = SimulationConfig(
         peers=args.peers, topology=args.topology, algorithm="dpsgd", task="mnist1d",
-        partition="dirichlet:0.5", rounds=args.rounds, local_steps=args.local_steps, seed=0,
+        partition="dirichlet:0.5", rounds=args.rounds, local_steps=args.local_steps, seed=0, engine="per-peer",
     )
     training_alone(config.model_copy(update={"rounds": 5}))  # warm caches and the allocator before timing
     alone, simulated, outside_compute = [], [], []
@@ -60,7 +60,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "simulation_overhead",
         "peers": config.peers, "topology": config.topology, "rounds": config.rounds,
-        "local_steps": config.local_steps, "task": config.task, "threads": config.threads,
+        "local_steps": config.local_steps, "task": config.task, "threads": config.compute_threads(batched=False),
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "training_alone_seconds": alone,
         "simulation_seconds": simulated,

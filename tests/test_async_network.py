@@ -41,8 +41,10 @@ def test_fast_peers_finish_their_iterations_without_waiting_for_a_slowed_down_on
     for fast in ("peer-0", "peer-2"):
         lines = records(tmp_path / "run" / fast)
         iterations = [line["round"] for line in lines]
-        # To the last iteration, in order (it may skip some to keep up with the other fast peer).
-        assert iterations[-1] == rounds - 1 and iterations == sorted(set(iterations))
+        # To the end, in order: it may skip iterations to keep up with the other fast peer, its last one
+        # included when that peer had already reached it; the last is evaluated either way.
+        assert iterations[-1] >= rounds - 3 and iterations == sorted(set(iterations))
+        assert lines[-1]["accuracy"] is not None
         # At its own pace: more iterations of its own than the slow peer did.
         assert len(lines) > len(slow)
         assert "Traceback" not in (tmp_path / "run" / fast / "log.txt").read_text()

@@ -78,6 +78,7 @@ BAD_INPUTS = {
     "negative staleness exponent": (["--algorithm", "async-gossip", "--staleness", "poly:-1"], "must be a number >= 0"),
     "adaptive steps with rounds": (["--local-steps", "adaptive:4"], "only for --algorithm async-gossip"),
     "local steps not a number": (["--local-steps", "many"], "--local-steps"),
+    "no threads": (["--threads", "0"], "--threads"),
 }
 
 
@@ -98,6 +99,7 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, case):
         (["--rounds", "many"], "rounds"),
         (["--device", "tpu"], "device"),
         (["--init", "random"], "--init"),
+        (["--engine", "vectorised"], "--engine"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_code_2(capsys, args, keyword):

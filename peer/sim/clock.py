@@ -8,9 +8,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gossip.transport import Clock
+
+if TYPE_CHECKING:
+    from peer.sim.batched import BatchedTraining
 
 T = TypeVar("T")
 
@@ -25,8 +28,9 @@ class SpeedProfile:
 
 
 class SimClock(Clock):
-    def __init__(self, profile: SpeedProfile | None = None, *, seed: str = ""):
+    def __init__(self, profile: SpeedProfile | None = None, *, seed: str = "", engine: BatchedTraining | None = None):
         self.profile = profile or SpeedProfile()
+        self.engine = engine  # trains the peers' models together; None: each trains alone
         self.compute_wall_seconds = 0.0  # real time spent in local work, to tell it apart from simulator overhead
         self._jitter = random.Random(f"jitter:{seed}")
 
@@ -37,12 +41,16 @@ class SimClock(Clock):
         await asyncio.sleep(seconds)
 
     async def compute(self, work: Callable[..., T], *args: Any, steps: int) -> T:
-        # The work is real and runs now; the other peers do not see time pass until we
-        # charge the profile's duration, which keeps the run independent of the host's speed.
+        # The work is real; the other peers do not see time pass until we charge the profile's
+        # duration, which keeps the run independent of the host's speed.
+        duration = self.duration(steps)
+        if self.engine is not None and (trainer := self.engine.claims(work)) is not None:
+            # Runs with every other peer's training asked for before this one is due to finish.
+            return await self.engine.train(trainer, *args, finish_at=self.now() + duration)
         started = time.perf_counter()
         result = work(*args)
         self.compute_wall_seconds += time.perf_counter() - started
-        await asyncio.sleep(self.duration(steps))
+        await asyncio.sleep(duration)
         return result
 
     def duration(self, steps: int) -> float:

@@ -148,7 +148,6 @@ class BatchedTraining:
             trainer.engine, trainer.row = self, row
             for name, parameter in trainer.model.named_parameters():
                 parameter.data = self.weights[name][row]  # the module now trains its row of the stack
-        self.trainers = trainers
         # Every peer's training data in one tensor, so that one gather takes the whole stack's batch.
         self.offsets = [0]
         for trainer in trainers:
@@ -165,8 +164,7 @@ class BatchedTraining:
         self._pending_rows: set[int] = set()
         self._flush: asyncio.TimerHandle | None = None
         self.wall_seconds = 0.0  # real time spent training, for the simulator's overhead accounting
-        self.passes = 0  # vmapped chunk passes run, and the peer-steps they took
-        self.peer_steps = 0
+        self.peer_steps = 0  # local steps taken, all peers together
 
     def claims(self, work: Callable[..., Any]) -> StackedTrainer | None:
         """The trainer whose ``train`` ``work`` is, when it is one of this engine's."""
@@ -249,14 +247,13 @@ class BatchedTraining:
         bounds = [round(i * len(trainers) / count) for i in range(count + 1)]
         parts = [slice(bounds[i], bounds[i + 1]) for i in range(count)]
 
-        def train_part(part: slice) -> torch.Tensor:
+        def train_part(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
             return self._train_chunk(stack_rows[part], rows[:, part], weights[:, part], rates[:, part])
 
         results = list(self._pool.map(train_part, parts)) if self._pool and len(parts) > 1 else [
             train_part(part) for part in parts
         ]
         loss_sums, finite = torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
-        self.passes += len(parts) * steps
         self.peer_steps += len(trainers) * steps
         for trainer, ok in zip(trainers, finite.tolist()):
             trainer.steps_taken += steps

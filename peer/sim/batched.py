@@ -284,20 +284,18 @@ class BatchedTraining:
                     grad = grads[name]
                     if self.weight_decay:
                         grad = grad + self.weight_decay * params[name]
-                    shape = (-1,) + (1,) * (grad.dim() - 1)
                     momentum[name] = self.momentum_factor * momentum[name] + grad
-                    params[name] = params[name] - rate.view(shape) * momentum[name]
+                    params[name] = params[name] - per_row(rate, grad) * momentum[name]
                 loss_sum += losses
             finite = torch.ones(len(stack_rows), dtype=torch.bool, device=stack_rows.device)
             for tensor in params.values():
                 finite &= torch.isfinite(tensor).flatten(1).all(dim=1)
             for name in self.names:
-                shape = (-1,) + (1,) * (params[name].dim() - 1)
-                kept = torch.where(finite.view(shape), params[name], self.last_finite[name][stack_rows])
+                kept = torch.where(per_row(finite, params[name]), params[name], self.last_finite[name][stack_rows])
                 self.weights[name].index_copy_(0, stack_rows, kept)
                 self.last_finite[name].index_copy_(0, stack_rows, kept)
                 # Momentum built from non-finite gradients would bring the NaN straight back.
-                cleared = torch.where(finite.view(shape), momentum[name], torch.zeros((), device=finite.device))
+                cleared = torch.where(per_row(finite, momentum[name]), momentum[name], torch.zeros((), device=finite.device))
                 self.momentum[name].index_copy_(0, stack_rows, cleared)
             return loss_sum, finite
         finally:
@@ -328,18 +326,14 @@ class BatchedTraining:
         for grad in grads.values():
             norms += grad.flatten(1).pow(2).sum(dim=1)
         scale = self.sam_rho / (norms.sqrt() + 1e-12)
-        perturbed = {
-            name: params[name] + grads[name] * scale.view((-1,) + (1,) * (grads[name].dim() - 1)) for name in self.names
-        }
+        perturbed = {name: params[name] + grads[name] * per_row(scale, grads[name]) for name in self.names}
         return self._gradients(module, perturbed, x, y, w)[1]
 
     def evaluate(self, trainer: StackedTrainer) -> tuple[float, float]:
         """Accuracy and mean loss of one peer's model on the test set, split over the worker threads (the
         engine's models have no buffers and no randomness, so they compute alike in training and evaluation)."""
         params = {name: self.weights[name][trainer.row] for name in self.names}
-        parts = [
-            (x, y) for x, y in zip(trainer.test_x.tensor_split(self.workers), trainer.test_y.tensor_split(self.workers))
-        ]
+        parts = list(zip(trainer.test_x.tensor_split(self.workers), trainer.test_y.tensor_split(self.workers)))
 
         def count(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             module = self._modules.get()
@@ -358,6 +352,11 @@ class BatchedTraining:
         self.settle()
         if self._pool is not None:
             self._pool.shutdown()
+
+
+def per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per row of a stack, shaped to broadcast over ``like``'s other dimensions."""
+    return values.view((-1,) + (1,) * (like.dim() - 1))
 
 
 def _resolve(future: asyncio.Future, loss: float) -> None:

@@ -36,6 +36,7 @@ from peer.net.access import access_from, load_identity, peer_id_of
 from peer.net.clock import WallClock
 from peer.net.live_metrics import LiveMetrics
 from peer.net.membership import Membership, PeerRecord, children_ignore_ctrl_c
+from peer.net.reaper import start_reaper
 from peer.net.transport import P2PTransport
 from peer.runtime import PeerNode
 from peer.tasks import load_task, partition
@@ -107,6 +108,7 @@ def save_checkpoint(path: Path, state: State, round_: int) -> None:
 async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None = None) -> dict:
     if config.out:
         prepare_out(config.out)
+    start_reaper()  # the DHT process and its daemon die with this process, even when it is killed outright
     live = None
     if config.metrics_port is not None:
         live = LiveMetrics({"swarm": config.swarm, "algorithm": config.algorithm, "task": config.task})

@@ -415,11 +415,21 @@ class RunConfig(TrainingConfig):
         None, description="a private swarm: only peers holding this key (made by `peer keygen`) may join, send or pull"
     )
     allow_peers: Path | None = Field(None, description="a file of peer ids, one per line: only these may join, send or pull")
+    checkpoint_every: int = Field(
+        0, ge=0,
+        description="write a checkpoint to --out every N rounds (iterations for async-gossip; 0: only at the end)",
+    )
+    resume: bool = Field(
+        False, description="go on from the checkpoint in --out, as the same peer (after a crash, a kill or a stop)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.shard >= self.shards:
             raise ValueError(f"--shard {self.shard} must be below --shards {self.shards}")
+        if (self.resume or self.checkpoint_every) and self.out is None:
+            flag = "--resume" if self.resume else "--checkpoint-every"
+            raise ValueError(f"{flag} needs --out, the folder that holds the run's checkpoint")
         if self.algorithm == "fedavg":
             raise ValueError("fedavg needs a central server and is offered by `peer simulate` only; use --algorithm dpsgd")
         return self

@@ -48,6 +48,32 @@ class MetricsLog:
         self.missed_exchanges = 0  # neighbour models that did not arrive in time, over the run
         self.local_steps = 0  # by every peer, over the run
         self.curve = curve or CurveBuilder()
+        self.bytes_written = 0  # the length of the file: what a checkpoint keeps of it
+
+    @classmethod
+    def resumed(cls, path: Path, kept_bytes: int, curve: CurveBuilder | LatestAccuracies | None = None) -> MetricsLog:
+        """Go on with the log of a run that stopped: its first ``kept_bytes`` bytes are the rounds
+        its checkpoint includes, and are counted again; what was written after them is dropped."""
+        try:
+            with open(path, "r+b") as f:
+                if f.seek(0, os.SEEK_END) < kept_bytes:
+                    raise ConfigError(
+                        f"--resume: {path} is shorter than the checkpoint says it was; it is not this run's log"
+                    )
+                f.truncate(kept_bytes)
+                f.seek(0)
+                lines = f.read().decode().splitlines()
+            records = [RoundRecord(**json.loads(line)) for line in lines]
+        except FileNotFoundError:
+            raise ConfigError(f"--resume: {path} is missing; the checkpoint beside it belongs to its rounds") from None
+        except (UnicodeDecodeError, ValueError, TypeError) as error:
+            raise ConfigError(f"--resume: {path} is damaged ({str(error)[:200]})") from None
+        log = cls(None, curve)
+        for record in records:
+            log.write(record)
+        log._file = open(path, "a")  # noqa: SIM115 - open for as long as the run goes on
+        log.bytes_written = kept_bytes
+        return log
 
     def write(self, record: RoundRecord) -> None:
         self.latest[record.peer] = record
@@ -55,7 +81,9 @@ class MetricsLog:
         self.local_steps += record.local_steps
         self.curve.add(record)
         if self._file:
-            self._file.write(json.dumps(asdict(record)) + "\n")
+            line = json.dumps(asdict(record)) + "\n"
+            self._file.write(line)
+            self.bytes_written += len(line.encode())
             self._file.flush()  # others follow a running peer's progress through this file
 
     def close(self) -> None:

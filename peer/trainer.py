@@ -159,6 +159,55 @@ class Trainer(Learner):
     def set_progress(self, steps: int) -> None:
         self.steps_taken = steps
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """What training goes on from besides the model: momentum, the batch order and the place in
+        it, the generator of the next orders, the steps taken (the schedule's position) and rollbacks."""
+        parameters = list(self.model.parameters())
+        tensors = {
+            f"momentum.{index}": self.optimizer.state[p]["momentum_buffer"].detach().clone()
+            for index, p in enumerate(parameters)
+            if self.optimizer.state.get(p, {}).get("momentum_buffer") is not None
+        }
+        tensors["batch_order"] = self._order.cpu()
+        tensors["generator"] = self._generator.get_state()
+        tensors["counters"] = torch.tensor([self.steps_taken, self._position, self.rollbacks])
+        return tensors
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Go on from ``training_state()``; ValueError, with nothing changed, when it does not fit this trainer."""
+        parameters = list(self.model.parameters())
+        momentum = {}
+        for name, tensor in tensors.items():
+            kind, _, index = name.partition(".")
+            if kind != "momentum":
+                continue
+            if not index.isdigit() or int(index) >= len(parameters):
+                raise ValueError(f"momentum for a parameter the model does not have ({name!r})")
+            parameter = parameters[int(index)]
+            if tensor.shape != parameter.shape or tensor.dtype != parameter.dtype or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"momentum {name!r} does not fit the model, or is not finite")
+            momentum[parameter] = tensor.to(self.device)
+        order, counters, state = tensors.get("batch_order"), tensors.get("counters"), tensors.get("generator")
+        if counters is None or counters.shape != (3,) or counters.dtype != torch.long or bool((counters < 0).any()):
+            raise ValueError("the step counters are missing or damaged")
+        steps, position, rollbacks = (int(c) for c in counters)
+        rows = len(self.train_y)
+        if (
+            order is None or order.dim() != 1 or order.dtype != torch.long or position > len(order)
+            or (len(order) and not (0 <= int(order.min()) and int(order.max()) < rows))
+        ):
+            raise ValueError("the batch order is missing, or does not fit this peer's data (another --shard?)")
+        generator = torch.Generator()
+        try:
+            generator.set_state(state)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"the batch generator's state is damaged ({error})") from None
+        self.optimizer.state.clear()
+        for parameter, tensor in momentum.items():
+            self.optimizer.state[parameter] = {"momentum_buffer": tensor.clone()}
+        self._generator, self._order, self._position = generator, order.to(self.device), position
+        self.steps_taken, self.rollbacks = steps, rollbacks
+
     def reset_optimizer(self) -> None:
         self.optimizer.state.clear()
 

@@ -1,11 +1,14 @@
-"""Peers crash and a new one joins: real peer processes on loopback, as in a swarm's life.
+"""Peers crash, come back from their checkpoints, and a new one joins: real peer processes on
+loopback, as in a swarm's life.
 
-Starts a swarm, SIGKILLs some peers once the swarm reaches --kill-at, starts a new peer with
---initial-peers once it reaches --join-at (it must catch up: pull a neighbour's model and
-round), and prints JSON: whether the survivors finished every round, their accuracy when the
-peers died and at the end, and how the newcomer ended against them.
+Starts a swarm, SIGKILLs some peers once the swarm reaches --kill-at, and once it reaches
+--join-at restarts the first --resume of them with --resume (they go on from their last
+checkpoint, written every round) and starts a new peer with --initial-peers (it must catch up:
+pull a neighbour's model and round). Prints JSON: whether the survivors finished every round,
+their accuracy when the peers died and at the end, and how the resumed peers and the newcomer
+ended against them.
 
-    python scripts/churn_swarm.py --peers 6 --rounds 60 --kill 2 --kill-at 20 --join-at 30
+    python scripts/churn_swarm.py --peers 6 --rounds 60 --kill 2 --resume 1 --kill-at 20 --join-at 30
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--kill", type=int, default=2)
+    parser.add_argument("--resume", type=int, default=0, help="how many of the killed peers come back with --resume")
     parser.add_argument("--kill-at", type=int, default=20)
     parser.add_argument("--join-at", type=int, default=30)
     parser.add_argument("--exchange-timeout", type=float, default=5.0)
@@ -57,8 +61,12 @@ def main() -> None:
         peers=args.peers, rounds=args.rounds, local_steps=args.local_steps, partition=args.partition,
         exchange_timeout=args.exchange_timeout, seed=0,
     )
-    swarm = LocalSwarm(config, args.out, extra_args=("--record-ttl", str(args.record_ttl), "--pace", str(args.pace)))
+    if not 0 <= args.resume <= args.kill:
+        parser.error(f"--resume {args.resume} must be between 0 and --kill {args.kill}")
+    extra = ("--record-ttl", str(args.record_ttl), "--pace", str(args.pace))
+    swarm = LocalSwarm(config, args.out, extra_args=extra + (("--checkpoint-every", "1") if args.resume else ()))
     victims = list(range(1, 1 + args.kill))
+    returning = victims[: args.resume]
     survivors = [i for i in range(args.peers) if i not in victims]
     newcomer = args.peers
     started = time.monotonic()
@@ -69,9 +77,11 @@ def main() -> None:
             swarm.kill(index)
         killed_at = max(swarm.last_round(i) for i in survivors)
         wait_for_round(swarm, survivors, args.join_at, args.timeout - (time.monotonic() - started))
-        swarm.start(newcomer, shard=victims[0] if victims else 0, min_peers=1)
+        for index in returning:
+            swarm.start(index, shard=index, min_peers=1, resume=True)
+        swarm.start(newcomer, shard=victims[-1] if victims else 0, min_peers=1)
         deadline = started + args.timeout
-        while any(swarm.processes[i].poll() is None for i in survivors + [newcomer]):
+        while any(swarm.processes[i].poll() is None for i in survivors + returning + [newcomer]):
             if time.monotonic() > deadline:
                 raise TimeoutError("the swarm did not finish in time")
             time.sleep(0.5)
@@ -90,6 +100,16 @@ def main() -> None:
         "survivor_accuracy_when_killed": [accuracy_at(swarm, i, killed_at) for i in survivors],
         "survivor_accuracy_final": survivor_final,
         "survivor_missed_exchanges": [summaries[i]["missed_exchanges"] for i in survivors if i in summaries],
+        "resumed": [
+            {
+                "peer": index,
+                "exit_code": swarm.processes[index].returncode,
+                "resumed_from_round": summaries.get(index, {}).get("resumed_from_round"),
+                "rounds_completed": summaries.get(index, {}).get("rounds_completed"),
+                "accuracy_final": summaries.get(index, {}).get("accuracy"),
+            }
+            for index in returning
+        ],
         "newcomer_first_round": json.loads(
             (swarm.folder(newcomer) / "metrics.jsonl").read_text().splitlines()[0]
         )["round"] if (swarm.folder(newcomer) / "metrics.jsonl").exists() else None,

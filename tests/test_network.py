@@ -154,20 +154,24 @@ def test_peers_join_a_swarm_whose_only_bootstrap_node_is_a_plain_hivemind_dht(tm
         assert summary["bytes_received"] > 0 and summary["missed_exchanges"] == 0
 
 
-def test_survivors_go_on_after_crashes_and_a_newcomer_catches_up(tmp_path):
-    # A newcomer takes seconds to start on a loaded 2-core host: the swarm must still be running
-    # when it is ready (50 rounds of at least 0.6 s after it is launched).
+def test_survivors_go_on_after_crashes_a_killed_peer_resumes_and_a_newcomer_catches_up(tmp_path):
+    # Peers take seconds to start on a loaded 2-core host: the swarm must still be running when
+    # the returning peer and the newcomer are ready (50 rounds of at least 0.6 s after they start).
     script = Path(__file__).resolve().parents[1] / "scripts" / "churn_swarm.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--peers", "4", "--rounds", "60", "--local-steps", "10", "--kill", "1",
-         "--kill-at", "6", "--join-at", "10", "--pace", "0.6", "--record-ttl", "4", "--exchange-timeout", "3",
-         "--timeout", "240", "--out", str(tmp_path)],
+        [sys.executable, str(script), "--peers", "4", "--rounds", "60", "--local-steps", "10", "--partition", "iid",
+         "--kill", "2", "--resume", "1", "--kill-at", "6", "--join-at", "10", "--pace", "0.6", "--record-ttl", "4",
+         "--exchange-timeout", "3", "--timeout", "240", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["survivors_finished_every_round"], report
-    assert report["survivor_exit_codes"] == [0, 0, 0]
+    assert report["survivor_exit_codes"] == [0, 0]
+    (back,) = report["resumed"]
+    assert back["exit_code"] == 0 and back["rounds_completed"] == 60
+    assert back["resumed_from_round"] >= report["killed_at_round"] - 1  # from its last checkpoint, not from 0
+    assert abs(back["accuracy_final"] - report["survivor_accuracy_final_mean"]) <= 0.03, report
     assert report["newcomer_exit_code"] == 0
     assert report["newcomer_first_round"] >= 10  # it started from the swarm's round, not from 0
     assert abs(report["newcomer_accuracy_final"] - report["survivor_accuracy_final_mean"]) < 0.15

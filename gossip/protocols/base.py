@@ -5,6 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from gossip.exchange import Exchange
 from gossip.learner import Learner
@@ -70,3 +73,16 @@ class Protocol(ABC):
 
     async def leave(self) -> None:
         """Tell the others this peer is going, before it stops (a protocol with no goodbye just stops)."""
+
+    def save_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What a restarted peer needs of this protocol besides its model and round (tensors, and
+        JSON-able values), for its checkpoint. Nothing by default: what a protocol holds of its
+        neighbours is out of date by the time a killed peer is back, and each protocol already
+        renews it for a peer that joins (error-feedback links resync with a full copy, a token
+        that went quiet is re-issued by its previous holder)."""
+        return {}, {}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Go on from ``save_state()``, before ``run``; ValueError, with nothing changed, when it does not fit."""
+        if tensors or meta:
+            raise ValueError(f"{self.name} keeps no state in a checkpoint, and this one holds some")

@@ -27,6 +27,9 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from gossip.codecs import Identity, parse_codec
 from gossip.exchange import message_seed
@@ -48,6 +51,8 @@ TRAINED = "modest-trained"  # a trained model, to an aggregator; answered with A
 ACK = "modest-ack"
 DONE = "modest-done"  # to contributors: the round was aggregated and handed on
 JOIN, LEAVE = "modest-join", "modest-leave"
+# Rounds in a view read back from our own checkpoint are not bounded by anybody's estimate.
+MAX_CHECKPOINT_ROUND = 1 << 40
 MAX_OPEN_ROUNDS = 8  # rounds an aggregator collects models for at once
 
 
@@ -163,6 +168,18 @@ class MoDeST(Protocol):
             self._stopped = True
             for task in self._tasks:
                 task.cancel()
+
+    def save_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The view: who the swarm's peers are, and when each was last active, joined or left."""
+        return self.view.encode(), {}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        try:
+            entries = decode_view(tensors, max_round=MAX_CHECKPOINT_ROUND, max_entries=self.view.max_entries)
+        except ViewError as error:
+            raise ValueError(f"the saved view is damaged: {error}") from None
+        entries.pop(self.me, None)  # our own entry is announced afresh as we join
+        self.view.merge(entries)
 
     async def leave(self) -> None:
         """Say goodbye: the LEAVE spreads with the views, and nobody samples this peer again."""

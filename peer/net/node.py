@@ -19,16 +19,16 @@ from pathlib import Path
 import hivemind
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
-from safetensors.torch import save_file
 
 from gossip.catchup import SnapshotServer, catch_up
-from gossip.learner import State, is_finite
+from gossip.learner import State
 from gossip.neighbourhood import OverlayNeighbourhood
 from gossip.protocols import GOSSIP_PROTOCOLS, SRRW, AsyncGossip, MoDeST, Protocol, ProtocolContext, RoundReport
 from gossip.settings import GossipSettings
 from gossip.transport import Clock
 from gossip.view import Entry
 from gossip.wire import Limits
+from peer.checkpoint import Checkpoint, CheckpointError, check_fits, read_checkpoint, write_checkpoint
 from peer.config import ConfigError, RunConfig
 from peer.curve import LatestAccuracies, time_to_target
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
@@ -94,17 +94,6 @@ def start_dht(config: RunConfig, identity: Path, signer: RSASignatureValidator) 
         ) from error
 
 
-def save_checkpoint(path: Path, state: State, round_: int) -> None:
-    """Written through a temporary file and renamed, so a crash leaves the previous checkpoint intact.
-    A NaN or infinite model is never written: it would only spread to whoever loads it."""
-    if not is_finite(state):
-        log.error("the model is NaN or infinite; not writing %s (an earlier checkpoint there is kept)", path)
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({name: t.contiguous().cpu() for name, t in state.items()}, str(tmp), metadata={"round": str(round_)})
-    tmp.replace(path)
-
-
 async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None = None) -> dict:
     if config.out:
         prepare_out(config.out)
@@ -122,6 +111,7 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
 
 
 async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None, live: LiveMetrics | None) -> dict:
+    saved = read_checkpoint(config.out) if config.resume else None  # before any work, should there be none
     torch.set_num_threads(config.threads)
     task = load_task(config.task, config.data_dir, peers=config.shards)
     shards = partition(task.train_y, config.shards, config.partition, config.seed, owners=task.owners)
@@ -130,12 +120,15 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
     trainer = peer_trainer(config, task, shards[config.shard], config.shard, resolve_device(config.device), optimum)
     state = trainer.state()
     gossip = config.gossip_settings()
+    digest = fingerprint(task.name, state, gossip, config.algorithm)
+    resumed = resume_from_checkpoint(saved, config, trainer, task.name, digest) if saved else None
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     access = access_from(config.swarm_key, config.allow_peers)
-    identity_lock = lock_identity(config.identity) if config.identity else None
-    # A peer without --identity gets a fresh one: its key must sign its membership record.
-    scratch = None if config.identity else tempfile.TemporaryDirectory(prefix="peer-identity-")
-    identity = config.identity or Path(scratch.name) / "identity.key"
+    # A peer without --identity keeps the key it makes in --out, so that it comes back as itself
+    # (--resume); without --out it gets a fresh one. Its key signs its membership record.
+    scratch = None if config.identity or config.out else tempfile.TemporaryDirectory(prefix="peer-identity-")
+    identity = config.identity or (config.out / "identity.key" if config.out else Path(scratch.name) / "identity.key")
+    identity_lock = None if scratch else lock_identity(identity)
     signer = RSASignatureValidator(load_identity(identity))
     # The DHT process and its daemon must outlive a Ctrl-C until this peer has saved and withdrawn.
     with children_ignore_ctrl_c():
@@ -153,7 +146,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         addresses = [str(a) for a in dht.get_visible_maddrs()]
         print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
         membership = Membership(
-            dht, config.swarm, PeerRecord(me, addresses, fingerprint(task.name, state, gossip, config.algorithm), 0),
+            dht, config.swarm, PeerRecord(me, addresses, digest, 0),
             ttl=config.record_ttl, signer=signer, access=access,
         )
         transport = P2PTransport(
@@ -162,10 +155,11 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         if live:
             live.counters = transport.counters
             live.view_size = lambda: len(membership.live)
-        metrics = MetricsLog(
-            config.out / "metrics.jsonl" if config.out else None,
-            curve=LatestAccuracies(1) if config.algorithm == "async-gossip" else None,
-        )
+        curve = LatestAccuracies(1) if config.algorithm == "async-gossip" else None
+        if resumed:
+            metrics = MetricsLog.resumed(config.out / "metrics.jsonl", resumed.metrics_bytes, curve)
+        else:
+            metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None, curve=curve)
         clock = WallClock(config.slowdown)
         modest = config.algorithm == "modest"
         # MoDeST does not catch up (a newcomer JOINs and waits to be sampled), nor does a token walk
@@ -175,9 +169,21 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         )
         neighbourhood: OverlayNeighbourhood | None = None
         aggregated: set[int] = set()  # rounds this peer recorded (with MoDeST: the rounds it averaged)
+        checkpoint_failures = 0
+
+        def save() -> None:
+            nonlocal checkpoint_failures
+            tensors, meta = protocol.save_state()
+            written = write_checkpoint(config.out, Checkpoint(
+                current_round(), trainer.state(), trainer.training_state(), tensors, meta,
+                fingerprint=digest, task=task.name, algorithm=config.algorithm, metrics_bytes=metrics.bytes_written,
+            ))
+            checkpoint_failures += not written
 
         def round_done(record: RoundRecord) -> None:
             aggregated.add(record.round)
+            if config.checkpoint_every and len(aggregated) % config.checkpoint_every == 0:
+                save()
             if snapshots:
                 snapshots.publish(trainer.state(), record.round + 1)
             if record.accuracy is not None:
@@ -231,6 +237,11 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
                     mix_start=config.mix_point == "start",
                 )
         node.protocol = protocol
+        if resumed:
+            try:
+                protocol.restore_state(resumed.protocol, resumed.protocol_meta)
+            except ValueError as error:
+                raise CheckpointError(f"--resume: the checkpoint's {config.algorithm} state does not fit: {error}") from None
         # Handlers are in place before anyone can learn of us, so no early model is refused.
         await transport.start()
         await _wait_for_peers(membership, config)
@@ -242,7 +253,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             protocol.peers = sorted(set(membership.view()) | {me})
             protocol.joining = any(r.round > 0 for r in membership.live.values() if r.peer_id != me)
         else:
-            first_round = await _catch_up(transport, membership, trainer, config)
+            first_round = await _catch_up(transport, membership, trainer, config, resumed.round if resumed else 0)
 
         def current_round() -> int:
             recorded = metrics.latest[me].round + 1 if me in metrics.latest else first_round
@@ -321,8 +332,11 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
                 alpha=config.alpha, tokens=config.tokens, hops_visited=len(aggregated), tokens_held=protocol.held(),
                 tokens_reissued=protocol.reissued, squared_error=trainer.squared_error(),
             )
+        if resumed:
+            summary["resumed_from_round"] = resumed.round
         if config.out:
-            save_checkpoint(config.out / "checkpoint.safetensors", trainer.state(), current_round())
+            save()
+            summary["checkpoint_failures"] = checkpoint_failures
             write_json_atomic(config.out / "summary.json", summary)
         return summary
     finally:
@@ -351,6 +365,21 @@ async def _leave(membership: Membership | None, transport: P2PTransport | None, 
     dht.shutdown()
 
 
+def resume_from_checkpoint(
+    checkpoint: Checkpoint, config: RunConfig, trainer: Trainer, task_name: str, digest: str
+) -> Checkpoint:
+    """Load ``checkpoint`` into ``trainer``; CheckpointError, with nothing loaded, when it is another
+    run's. The protocol's part is loaded once the protocol exists."""
+    check_fits(checkpoint, fingerprint=digest, task=task_name, algorithm=config.algorithm, model=trainer.state())
+    try:
+        trainer.load_training_state(checkpoint.training)
+    except ValueError as error:
+        raise CheckpointError(f"--resume: the checkpoint's training state does not fit: {error}") from None
+    trainer.load_state(checkpoint.model)
+    print(f"resuming from the checkpoint in {config.out}: round {checkpoint.round}", flush=True)
+    return checkpoint
+
+
 def lock_identity(path: Path):
     """Hold an exclusive lock beside the identity file for as long as this peer runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,7 +388,9 @@ def lock_identity(path: Path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise ConfigError(f"identity {path} is in use by a running peer; give this peer another --identity") from None
+        raise ConfigError(
+            f"identity {path} is in use by a running peer; give this peer another --identity (or another --out)"
+        ) from None
     return lock
 
 
@@ -378,18 +409,21 @@ async def _wait_for_peers(membership: Membership, config: RunConfig) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _catch_up(transport: P2PTransport, membership: Membership, trainer: Trainer, config: RunConfig) -> int:
-    """Start from the most advanced live peer's model and round, if the swarm is under way."""
+async def _catch_up(
+    transport: P2PTransport, membership: Membership, trainer: Trainer, config: RunConfig, own_round: int
+) -> int:
+    """Start from the most advanced live peer's model and round, if the swarm is past ``own_round``
+    (0, or the round of the checkpoint this peer resumed from)."""
     ahead = sorted(
-        (r for r in membership.live.values() if r.peer_id != transport.peer_id and r.round > 0),
+        (r for r in membership.live.values() if r.peer_id != transport.peer_id and r.round > own_round),
         key=lambda r: -r.round,
     )
     if not ahead:
-        return 0
+        return own_round
     pulled = await catch_up(transport, [r.peer_id for r in ahead], trainer.state(), timeout=config.exchange_timeout)
-    if pulled is None:
-        log.warning("no peer answered the catch-up pull; starting from round 0")
-        return 0
+    if pulled is None or pulled[1] <= own_round:
+        log.warning("no peer answered the catch-up pull with a newer model; starting from round %d", own_round)
+        return own_round
     state, round_ = pulled
     trainer.load_state(state)
     trainer.set_progress(min(round_, config.rounds) * config.local_steps)  # join the swarm's learning-rate schedule

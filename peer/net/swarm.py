@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import load_file
-
+from peer.checkpoint import FILE as CHECKPOINT
+from peer.checkpoint import read_model
 from peer.config import ConfigError, SwarmConfig, TrainingConfig
 from peer.curve import UNROUNDED, CurveBuilder, CurvePoint, time_to_target
 from peer.metrics import consensus_distance, prepare_out, write_json_atomic
@@ -58,13 +58,16 @@ class LocalSwarm:
     def folder(self, index: int) -> Path:
         return self.out / f"peer-{index}"
 
-    def start(self, index: int, *, shard: int, min_peers: int) -> None:
+    def start(self, index: int, *, shard: int, min_peers: int, resume: bool = False) -> None:
+        """Start peer ``index``; with ``resume``, from the checkpoint in its folder (its log goes on)."""
         folder = self.folder(index)
         folder.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "peer.cli", "run", *self._common,
             "--shard", str(shard), "--min-peers", str(min_peers), "--out", str(folder),
         ]
+        if resume:
+            command.append("--resume")
         if self.config.metrics_port is not None:
             command += ["--metrics-port", str(self.config.metrics_port + index)]
         if index < len(self.slowdowns) and self.slowdowns[index] != 1:
@@ -73,7 +76,7 @@ class LocalSwarm:
         initial_peers = [a for i in self.processes if self.processes[i].poll() is None for a in self._address(i)]
         if initial_peers:
             command += ["--initial-peers", *initial_peers]
-        with open(folder / "log.txt", "w") as log:
+        with open(folder / "log.txt", "a" if resume else "w") as log:
             # A session of its own, so that the peer's DHT process and p2p daemon can be killed with it.
             self.processes[index] = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
@@ -87,11 +90,12 @@ class LocalSwarm:
             self.start(index, shard=index, min_peers=self.config.peers)
 
     def _address(self, index: int) -> list[str]:
-        """The multiaddrs peer ``index`` printed, or none yet."""
+        """The multiaddrs peer ``index`` printed last (a resumed peer listens anew), or none yet."""
+        found = []
         for line in (self.folder(index) / "log.txt").read_text().splitlines():
             if match := ADDRESS_LINE.search(line):
-                return match.group(1).split()
-        return []
+                found = match.group(1).split()
+        return found
 
     def _wait_for_address(self, index: int) -> list[str]:
         log, process = self.folder(index) / "log.txt", self.processes[index]
@@ -211,8 +215,8 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
     finally:
         swarm.stop()
     summaries = list(swarm.summaries().values())
-    checkpoints = [swarm.folder(i) / "checkpoint.safetensors" for i in swarm.processes]
-    states = [load_file(str(path)) for path in checkpoints if path.exists()]
+    checkpoints = [swarm.folder(i) / CHECKPOINT for i in swarm.processes]
+    states = [read_model(path) for path in checkpoints if path.exists()]
     files = [swarm.folder(i) / "metrics.jsonl" for i in swarm.processes]
     try:
         curve = read_curve([path for path in files if path.exists()], unrounded=config.algorithm in UNROUNDED)

@@ -1,0 +1,196 @@
+"""Checkpoints: written atomically, read back whole or refused with the reason, and training goes on from them exactly."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gossip.neighbourhood import GraphNeighbourhood
+from gossip.protocols import MoDeST, ModestSettings, ProtocolContext
+from gossip.protocols.dpsgd import DPSGD
+from gossip.settings import GossipSettings
+from gossip.view import Entry
+from peer.checkpoint import FILE, Checkpoint, CheckpointError, check_fits, read_checkpoint, read_model, write_checkpoint
+from peer.metrics import MetricsLog, RoundRecord
+from peer.sim import LinkModel, SimClock, SimNetwork
+from tests.test_trainer import make_trainer
+from tests.vector_learner import VectorLearner
+from topology.schedule import parse_topology
+
+torch.set_num_threads(1)
+
+
+def checkpoint(round_=7, model=None, **fields):
+    return Checkpoint(
+        round_, model or {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)},
+        {"counters": torch.tensor([70, 3, 0])}, {"view": torch.arange(4, dtype=torch.uint8)}, {"note": [1, "x"]},
+        fingerprint="abc", task="mnist1d", algorithm="dpsgd", metrics_bytes=123, **fields,
+    )
+
+
+def test_a_checkpoint_reads_back_as_it_was_written(tmp_path):
+    written = checkpoint()
+    assert write_checkpoint(tmp_path, written)
+    read = read_checkpoint(tmp_path)
+    assert (read.round, read.fingerprint, read.task, read.algorithm, read.metrics_bytes, read.protocol_meta) == (
+        7, "abc", "mnist1d", "dpsgd", 123, {"note": [1, "x"]}
+    )
+    for part in ("model", "training", "protocol"):
+        ours, theirs = getattr(written, part), getattr(read, part)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(read_model(tmp_path / FILE)["w"], written.model["w"])
+    assert [p.name for p in tmp_path.iterdir()] == [FILE]  # no temporary file left behind
+
+
+def test_a_non_finite_model_is_never_written_and_the_previous_checkpoint_stays(tmp_path):
+    assert write_checkpoint(tmp_path, checkpoint(3))
+    assert not write_checkpoint(tmp_path, checkpoint(4, {"w": torch.tensor([1.0, float("nan")])}))
+    assert read_checkpoint(tmp_path).round == 3
+
+
+def test_a_write_that_fails_for_lack_of_space_keeps_the_previous_checkpoint(tmp_path):
+    assert write_checkpoint(tmp_path, checkpoint(3))
+    before = (tmp_path / FILE).read_bytes()
+    # A real failed write: the file size limit makes the kernel refuse the bytes past it (EFBIG),
+    # as a full disk refuses them (ENOSPC).
+    script = f"""
+import resource, signal, sys, torch
+from pathlib import Path
+from tests.test_checkpoint import checkpoint
+from peer.checkpoint import write_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+sys.exit(0 if write_checkpoint(Path({str(tmp_path)!r}), checkpoint(4, {{"w": torch.ones(1000)}})) else 3)
+"""
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert "could not write a checkpoint" in result.stderr and "the previous one is kept" in result.stderr
+    assert (tmp_path / FILE).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [FILE]
+
+
+def test_a_missing_truncated_or_foreign_checkpoint_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint in .*without --resume"):
+        read_checkpoint(tmp_path)
+    write_checkpoint(tmp_path, checkpoint())
+    data = (tmp_path / FILE).read_bytes()
+    (tmp_path / FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged or cut short"):
+        read_checkpoint(tmp_path)
+    save_file({"weight": torch.ones(2)}, str(tmp_path / FILE))  # some other program's safetensors file
+    with pytest.raises(CheckpointError, match="not a checkpoint this program can resume from"):
+        read_checkpoint(tmp_path)
+    (tmp_path / FILE).write_bytes(b"\x00" * 5)
+    with pytest.raises(CheckpointError, match="damaged or cut short"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_of_another_task_protocol_or_model_does_not_fit():
+    saved = checkpoint()
+    fits = {"fingerprint": "abc", "task": "mnist1d", "algorithm": "dpsgd", "model": saved.model}
+    check_fits(saved, **fits)
+    with pytest.raises(CheckpointError, match="task 'mnist1d'.*trains 'fashion-mnist'"):
+        check_fits(saved, **{**fits, "task": "fashion-mnist"})
+    with pytest.raises(CheckpointError, match="'dpsgd' peer.*runs 'modest'"):
+        check_fits(saved, **{**fits, "algorithm": "modest"})
+    with pytest.raises(CheckpointError, match="model does not match.*differs at w"):
+        check_fits(saved, **{**fits, "model": {"w": torch.zeros(3, 3), "b": torch.ones(2)}})
+    with pytest.raises(CheckpointError, match="exchanges models another way"):
+        check_fits(saved, **{**fits, "fingerprint": "other"})
+
+
+def test_training_goes_on_from_a_checkpoint_exactly_as_if_it_had_not_stopped():
+    going_on = make_trainer(seed=5)
+    going_on.train(23)  # within an epoch of batches, with momentum built up
+    saved_model, saved_training = going_on.state(), going_on.training_state()
+    going_on.train(40)
+    restarted = make_trainer(seed=99)  # another generator: what it draws must come from the checkpoint
+    restarted.load_training_state(saved_training)
+    restarted.load_state(saved_model)
+    restarted.train(40)
+    assert restarted.steps_taken == going_on.steps_taken == 63
+    assert all(torch.equal(restarted.state()[k], going_on.state()[k]) for k in saved_model)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda t: t.pop("counters"), "counters"),
+        (lambda t: t.update({"momentum.0": torch.ones(7)}), "momentum 'momentum.0' does not fit"),
+        (lambda t: t.update({"momentum.9": torch.ones(3, 2)}), "parameter the model does not have"),
+        (lambda t: t.update({"batch_order": torch.tensor([0, 5000])}), "batch order"),
+        (lambda t: t.update({"generator": torch.zeros(3, dtype=torch.uint8)}), "generator"),
+    ],
+)
+def test_a_training_state_that_does_not_fit_is_refused_and_changes_nothing(damage, reason):
+    source = make_trainer()
+    source.train(5)
+    tensors = source.training_state()
+    damage(tensors)
+    target = make_trainer(seed=3)
+    target.train(2)
+    before = (target.training_state(), target.state())
+    with pytest.raises(ValueError, match=reason):
+        target.load_training_state(tensors)
+    after = (target.training_state(), target.state())
+    for old, new in zip(before, after):
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+
+
+def record(round_, accuracy=None):
+    return RoundRecord(round_, "p", accuracy, None, 1.0, 10 * round_, 0, 0.0, 2, 1, 0, local_steps=5)
+
+
+def test_the_metrics_log_goes_on_from_the_checkpoints_length_and_drops_what_came_after(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    first = MetricsLog(path)
+    for round_ in range(3):
+        first.write(record(round_, 0.5))
+    kept = first.bytes_written
+    first.write(record(3, 0.6))  # written after the checkpoint, before the crash
+    first.close()
+    resumed = MetricsLog.resumed(path, kept)
+    assert resumed.latest["p"].round == 2 and resumed.local_steps == 15 and resumed.missed_exchanges == 3
+    resumed.write(record(3, 0.7))
+    resumed.close()
+    assert [json.loads(line)["accuracy"] for line in path.read_text().splitlines()] == [0.5, 0.5, 0.5, 0.7]
+    with pytest.raises(Exception, match="shorter than the checkpoint"):
+        MetricsLog.resumed(path, 10_000)
+
+
+def protocol_of(algorithm, me="p00"):
+    network = SimNetwork(LinkModel(latency=0.01))
+    learner = VectorLearner(torch.zeros(2))
+
+    async def finished(report):
+        pass
+
+    peers = ["p00", "p01", "p02"]
+    neighbourhood = GraphNeighbourhood(parse_topology("ring", 3), peers, me)
+    context = ProtocolContext(network.attach(me), SimClock(), learner, neighbourhood, finished, GossipSettings())
+    if algorithm == "modest":
+        return MoDeST(context, local_steps=1, settings=ModestSettings(), peers=peers)
+    return DPSGD(context, local_steps=1)
+
+
+def test_modest_keeps_its_view_in_the_checkpoint():
+    saved = protocol_of("modest")
+    saved.view.merge({"p01": Entry(12, 1), "p02": Entry(9, 2, left=True), "p07": Entry(11)})
+    tensors, meta = saved.save_state()
+    restored = protocol_of("modest")
+    restored.restore_state(tensors, meta)
+    assert restored.view.entries["p01"] == Entry(12, 1) and restored.view.entries["p07"] == Entry(11)
+    assert restored.view.left("p02") and restored.view.estimate() == 12
+    with pytest.raises(ValueError, match="saved view is damaged"):
+        protocol_of("modest").restore_state({"view": torch.tensor([1.0])}, {})
+
+
+def test_a_protocol_that_keeps_no_state_refuses_a_checkpoint_that_holds_some():
+    protocol = protocol_of("dpsgd")
+    assert protocol.save_state() == ({}, {})
+    protocol.restore_state({}, {})
+    with pytest.raises(ValueError, match="keeps no state"):
+        protocol.restore_state({"view": torch.ones(1)}, {})

@@ -28,6 +28,7 @@ from gossip.validation import InvalidState
 log = logging.getLogger(__name__)
 
 MODEL = "model"
+PULL = "pull"  # from a peer that accepts no connections: our model for a step, once we have it
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,11 @@ class NeighbourExchange(Exchange):
     With a lossy codec and no error feedback, what the codec drops is lost for good; that is
     the baseline that :class:`gossip.choco.ChocoExchange` improves on. A receiver decodes with
     the codec the message names, so peers need not agree on one.
+
+    A neighbour that accepts no connections (``Neighbourhood.pulls``) is not sent our model: it
+    asks for it (PULL), and is answered once we have one for its step or later, or with nothing
+    when none comes within the timeout. Such a peer pulls from all its in-neighbours (the
+    overlay gives it no neighbour of its own kind) and sends to its out-neighbours as usual.
     """
 
     def __init__(
@@ -202,7 +208,10 @@ class NeighbourExchange(Exchange):
         self.mixing = mixing or WeightedAverage()
         self.models = ModelMessages(reference, codec or Identity())
         self._inbox = StepInbox()
+        self._posted: Message | None = None  # our latest model, for neighbours that pull
+        self._new_post = asyncio.Event()
         transport.serve(MODEL, self._receive)
+        transport.serve(PULL, self._on_pull)
 
     def _encode(self, step: int, state: State) -> Message:
         me = self.transport.peer_id
@@ -231,14 +240,54 @@ class NeighbourExchange(Exchange):
             # A neighbour far behind learns it is behind from our models, and catches up.
             log.debug("%s: dropped model from %s for step %d: late, or a sender too many", self.transport.peer_id, message.sender, message.round)
 
+    async def _on_pull(self, message: Message) -> Message:
+        """Our model for the puller's step or a later one; a message without tensors when there is
+        none in time, or the puller is not a neighbour that must pull."""
+        nothing = Message(PULL, self.transport.peer_id, message.round)
+        puller = message.sender
+        if not self.neighbourhood.pulls(puller) or puller not in self.neighbourhood.linked(message.round):
+            return nothing
+        try:
+            async with self.clock.timeout(self.timeout):
+                while self._posted is None or self._posted.round < message.round:
+                    self._new_post.clear()
+                    await self._new_post.wait()
+        except TimeoutError:
+            return nothing
+        return self._posted
+
+    async def _pull(self, peer: PeerId, step: int) -> None:
+        try:
+            async with self.clock.timeout(self.timeout):
+                reply = await self.transport.request(peer, Message(PULL, self.transport.peer_id, step), self.timeout)
+        except (PeerUnreachable, TimeoutError) as reason:
+            log.info("%s: could not pull from %s: %s", self.transport.peer_id, peer, reason)
+            self.neighbourhood.unreachable(peer)
+            return
+        if reply.kind == MODEL and reply.sender == peer:
+            await self._receive(reply)
+        elif reply.tensors or reply.sender != peer:
+            self.transport.counters.reject("malformed")
+            log.warning("%s: %s answered a pull with a %r from %s", self.transport.peer_id, peer, reply.kind, reply.sender)
+
     async def step(self, step: int, state: State, absent: frozenset[PeerId] = frozenset()) -> StepResult:
         message = self._encode(step, state)
+        self._posted = message
+        self._new_post.set()
         await asyncio.gather(*(
             send_within(self.transport, self.clock, self.neighbourhood, peer, message, self.timeout)
             for peer in self.neighbourhood.out_neighbours(step)
+            if not self.neighbourhood.pulls(peer)
         ))
         weights = self.neighbourhood.in_weights(step)
-        received = await self._inbox.collect(step, set(weights), self.clock, self.timeout, absent)
+        pulls = []
+        if self.neighbourhood.pulls(self.transport.peer_id):
+            pulls = [asyncio.ensure_future(self._pull(peer, step)) for peer in sorted(weights)]
+        try:
+            received = await self._inbox.collect(step, set(weights), self.clock, self.timeout, absent)
+        finally:
+            for pull in pulls:
+                pull.cancel()
         mixed = mix_screened(
             self.mixing, self.transport, exchanged(state), self.neighbourhood.self_weight(step),
             {peer: (weights[peer], received[peer].tensors) for peer in sorted(received)}, step,

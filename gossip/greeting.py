@@ -64,5 +64,6 @@ class Greeting:
     async def leave(self) -> None:
         transport, round_ = self.context.transport, self.progress()
         bye = Message(BYE, transport.peer_id, round_)
-        peers = sorted(self.context.neighbourhood.linked(round_))
+        neighbourhood = self.context.neighbourhood
+        peers = sorted(peer for peer in neighbourhood.linked(round_) if not neighbourhood.pulls(peer))
         await asyncio.gather(*(transport.send(peer, bye) for peer in peers), return_exceptions=True)

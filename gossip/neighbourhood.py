@@ -46,6 +46,11 @@ class Neighbourhood(ABC):
     def unreachable(self, peer: PeerId) -> None:
         """Told when a model could not be sent to ``peer``; a changing neighbourhood may drop it."""
 
+    def pulls(self, peer: PeerId) -> bool:
+        """Whether ``peer`` accepts no connections (a peer in client mode, behind a NAT): it is not
+        sent models, it fetches them."""
+        return False
+
     def departed(self, peer: PeerId) -> None:
         """Told when ``peer`` said goodbye (or has not joined yet): it is neither sent to nor waited for."""
 
@@ -98,12 +103,30 @@ class GraphNeighbourhood(Neighbourhood):
         return self._linked
 
 
+def spread(reachable: Sequence[PeerId], clients: Sequence[PeerId]) -> list[PeerId]:
+    """The layout of the peers on the topology: the reachable peers in order, each followed by an
+    even share of the clients. On a ring no two clients are next to each other while there are
+    no more clients than reachable peers, and every client has a reachable neighbour while there
+    are at most twice as many."""
+    if not reachable:
+        return list(clients)
+    shares: list[list[PeerId]] = [[] for _ in reachable]
+    for index, client in enumerate(clients):
+        shares[index * len(reachable) // len(clients)].append(client)
+    return [peer for first, share in zip(reachable, shares) for peer in (first, *share)]
+
+
 class OverlayNeighbourhood(Neighbourhood):
     """Neighbours drawn from a changing set of live peers.
 
     The live peers, sorted by id, are laid out on the topology, so every peer with the same
     view computes the same graph; the graph is rebuilt whenever the view changes. Alone, a
     peer keeps its own model.
+
+    Peers in client mode (``clients``) accept no connections: two of them cannot exchange
+    anything, so they are spread among the reachable peers (``spread``) and the links the graph
+    still puts between two of them are folded into the self weights; a reachable peer does not
+    send to a client, which fetches its neighbours' models instead (``pulls``).
     """
 
     def __init__(
@@ -116,10 +139,13 @@ class OverlayNeighbourhood(Neighbourhood):
         seed: int = 0,
         admits: Callable[[PeerId], bool] = lambda peer: True,
         unreachable: Callable[[PeerId], None] = lambda peer: None,
+        clients: Callable[[], Iterable[PeerId]] = tuple,
     ):
         self.spec = spec
         self.me = me
         self._view = view
+        self._clients = clients
+        self._pulling: frozenset[PeerId] = frozenset()
         self.admits = admits  # e.g. refuses peers whose membership record shows another model
         self.unreachable = unreachable  # e.g. leaves a crashed peer out of the view
         self._weights = weights
@@ -129,9 +155,12 @@ class OverlayNeighbourhood(Neighbourhood):
         self._warned_periodic: tuple[PeerId, ...] = ()
 
     def _current(self) -> GraphNeighbourhood | None:
-        ids = tuple(sorted(set(self._view()) | {self.me}))
-        if ids != self._ids:
+        peers = set(self._view()) | {self.me}
+        clients = frozenset(self._clients()) & peers
+        ids = tuple(spread(sorted(peers - clients), sorted(clients)))
+        if (ids, clients) != (self._ids, self._pulling):
             self._ids = ids
+            self._pulling = clients
             self._graph = None
             if len(ids) >= 2:
                 try:
@@ -141,8 +170,15 @@ class OverlayNeighbourhood(Neighbourhood):
                     # a ring always does, and keeps the swarm connected until the size suits again.
                     log.warning("%s with %d peers is impossible (%s); using a ring", self.spec, len(ids), reason)
                     topology = parse_topology("ring", len(ids), weights=self._weights)
+                topology = topology.without_links_among({ids.index(peer) for peer in clients})
                 self._graph = GraphNeighbourhood(topology, ids, self.me)
+                if self.me in clients and not self._graph.in_weights(0):
+                    log.warning("this peer accepts no connections and the overlay gives it no reachable neighbour")
         return self._graph
+
+    def pulls(self, peer: PeerId) -> bool:
+        self._current()
+        return peer in self._pulling
 
     def out_neighbours(self, step: int) -> list[PeerId]:
         graph = self._current()

@@ -415,6 +415,15 @@ class RunConfig(TrainingConfig):
         None, description="a private swarm: only peers holding this key (made by `peer keygen`) may join, send or pull"
     )
     allow_peers: Path | None = Field(None, description="a file of peer ids, one per line: only these may join, send or pull")
+    client_mode: bool = Field(
+        False,
+        description="dial out only and accept no connections (behind a NAT or a firewall): the peer fetches its "
+        "neighbours' models, and nobody dials it; needs --initial-peers",
+    )
+    use_relay: bool = Field(True, description="libp2p circuit relays: reach peers through relays, and relay for others")
+    use_auto_relay: bool = Field(
+        False, description="behind a NAT, find relays among the reachable peers and become reachable through them"
+    )
     checkpoint_every: int = Field(
         0, ge=0,
         description="write a checkpoint to --out every N rounds (iterations for async-gossip; 0: only at the end)",
@@ -427,6 +436,17 @@ class RunConfig(TrainingConfig):
     def _check(self) -> RunConfig:
         if self.shard >= self.shards:
             raise ValueError(f"--shard {self.shard} must be below --shards {self.shards}")
+        if self.client_mode:
+            if not self.initial_peers:
+                raise ValueError(
+                    "--client-mode needs --initial-peers: a peer that accepts no connections cannot start a swarm"
+                )
+            if self.algorithm not in ("dpsgd", "dfedsam") or self.gossip_settings().error_feedback != "none":
+                raise ValueError(
+                    "--client-mode works with --algorithm dpsgd or dfedsam and --error-feedback none: the others "
+                    "deliver models by dialling the peer (sampling, token walks, gossip without rounds) or keep "
+                    "per-link copies in step by request and reply"
+                )
         if (self.resume or self.checkpoint_every) and self.out is None:
             flag = "--resume" if self.resume else "--checkpoint-every"
             raise ValueError(f"{flag} needs --out, the folder that holds the run's checkpoint")
@@ -450,10 +470,17 @@ class SwarmConfig(TrainingConfig):
         description="how fast each peer computes, as for peer simulate (no jitter): peer I gets --slowdown its step "
         "time over the fastest's",
     )
+    client_peers: int = Field(
+        0, ge=0, description="the last K peers run in client mode: they accept no connections, as behind a NAT"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
         check_swarm_size(self, self.peers)
+        if self.client_peers >= self.peers:
+            raise ValueError(f"--client-peers {self.client_peers} leaves no peer that others can dial; give fewer")
+        if self.client_peers and (self.algorithm not in ("dpsgd", "dfedsam") or self.gossip_settings().error_feedback != "none"):
+            raise ValueError("--client-peers works with --algorithm dpsgd or dfedsam and --error-feedback none")
         self.slowdowns()
         if self.metrics_port is not None and self.metrics_port + self.peers - 1 > 65535:
             raise ValueError(f"--metrics-port {self.metrics_port} leaves no port for the last of {self.peers} peers")

@@ -35,11 +35,11 @@ def run(args, timeout):
 @pytest.mark.parametrize(
     "codec, error_feedback, algorithm",
     [
-        ("none", "none", ["--algorithm", "dpsgd"]),
+        ("none", "none", ["--algorithm", "dpsgd", "--client-peers", "1"]),
         ("int8", "choco", ["--algorithm", "dpsgd"]),
         ("none", "none", ["--algorithm", "dfedsam", "--gossip-steps", "2", "--mixing", "variance-corrected", "--init", "independent"]),
     ],
-    ids=["dpsgd", "dpsgd-int8-choco", "dfedsam-mgs-variance-corrected"],
+    ids=["dpsgd-one-peer-in-client-mode", "dpsgd-int8-choco", "dfedsam-mgs-variance-corrected"],
 )
 def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback, algorithm):
     base_port = free_port()
@@ -55,8 +55,16 @@ def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback, 
     assert summary["rejected_total"] == 0
     assert summary["missed_exchanges_total"] == 0
     assert summary["consensus_distance"] >= 0 and not summary["interrupted"]
-    for index in range(3):
-        peer = json.loads((tmp_path / f"peer-{index}" / "summary.json").read_text())
+    peers = [json.loads((tmp_path / f"peer-{index}" / "summary.json").read_text()) for index in range(3)]
+    clients = [peer["peer"] for peer in peers if peer["client_mode"]]
+    assert len(clients) == ("--client-peers" in algorithm)
+    # Every peer heard every neighbour every round (missed_exchanges_total above): a peer in client
+    # mode pulled its neighbours' models, and nobody tried to dial it.
+    assert not any(client in peer["failed_dials"] for client in clients for peer in peers)
+    for client in (peer for peer in peers if peer["client_mode"]):
+        others = [peer["accuracy"] for peer in peers if not peer["client_mode"]]
+        assert abs(client["accuracy"] - sum(others) / len(others)) <= 0.03
+    for index, peer in enumerate(peers):
         assert len(peer["peers_seen"]) == 3
         assert (peer["codec"], peer["error_feedback"], peer["algorithm"]) == (codec, error_feedback, algorithm[1])
         assert peer["bytes_sent"] > 0 and peer["bytes_received"] > 0
@@ -67,9 +75,10 @@ def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback, 
         assert [json.loads(line)["round"] for line in lines] == [0, 1, 2]
 
 
-def test_an_unreachable_bootstrap_peer_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--client-mode"]], ids=["reachable", "client-mode"])
+def test_an_unreachable_bootstrap_peer_is_a_clear_error(tmp_path, mode):
     address = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCX2uwDPc9QjEyGAXQyajsC5xxZMmbjZNrBSiPv5huzdp"
-    code, _, err = run(["run", "--initial-peers", address, "--join-timeout", "10", *FAST], timeout=120)
+    code, _, err = run(["run", "--initial-peers", address, "--join-timeout", "5", *mode, *FAST], timeout=120)
     assert code == 2
     assert "--initial-peers" in err and "Traceback" not in err
 

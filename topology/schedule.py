@@ -122,6 +122,28 @@ class Topology:
         row = chain[peer].tolist()
         return {j: p for j, p in enumerate(row) if j == peer or p > 0}
 
+    def without_links_among(self, peers: set[int]) -> Topology:
+        """The same topology with no link between two of ``peers`` (peers that cannot reach each
+        other): each such weight moves onto the diagonal of its row, so every row still sums to
+        one, and a symmetric W stays symmetric, hence doubly stochastic."""
+        cut = sorted(peers)
+        if len(cut) < 2:
+            return self
+
+        def matrix(phase: int) -> np.ndarray:
+            folded = self.mixing_matrix(phase).copy()
+            block = np.ix_(cut, cut)
+            moved = folded[block].sum(axis=1) - folded[cut, cut]
+            folded[block] = 0.0
+            folded[cut, cut] = moved + self.mixing_matrix(phase)[cut, cut]
+            return folded
+
+        graph = None
+        if self.graph is not None:
+            graph = self.graph.copy()
+            graph.remove_edges_from([(i, j) for i in cut for j in cut if graph.has_edge(i, j)])
+        return Topology(self.spec, self.n, self.period, matrix, graph)
+
     def __repr__(self) -> str:
         return f"Topology({self.spec!r}, n={self.n}, period={self.period})"
 

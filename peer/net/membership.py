@@ -56,6 +56,7 @@ class PeerRecord:
     announced: float = 0.0  # DHT time of the announcement
     accuracy: float | None = None  # test accuracy at the peer's last evaluation
     proof: str = ""  # in a private swarm, the swarm key's HMAC of peer_id
+    client: bool = False  # accepts no connections: nobody dials it, it fetches models
 
     @classmethod
     def parse(cls, peer_id: str, value: object) -> PeerRecord | None:
@@ -73,6 +74,7 @@ class PeerRecord:
                 announced=float(value.get("announced", 0.0)),
                 accuracy=float(accuracy) if accuracy is not None else None,
                 proof=str(value.get("proof", ""))[:128],
+                client=value.get("client", False) is True,
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -205,6 +207,10 @@ class Membership:
 
     def view(self) -> list[PeerId]:
         return sorted(self.live)
+
+    def clients(self) -> set[PeerId]:
+        """The live peers that accept no connections (client mode)."""
+        return {peer for peer, record in self.live.items() if record.client}
 
     async def keep_alive(self, current_round) -> None:
         """Announce and refresh the view until cancelled, well within the record's lifetime."""

@@ -83,6 +83,11 @@ def start_dht(config: RunConfig, identity: Path, signer: RSASignatureValidator) 
             # which starts a second daemon and dials the bootstrap peers with it.
             check_if_identity_free=config.identity is not None,
             record_validators=[signer],
+            # In client mode the daemon listens nowhere: the peer can only dial out, as behind a NAT.
+            client_mode=config.client_mode,
+            no_listen=config.client_mode,
+            use_relay=config.use_relay,
+            use_auto_relay=config.use_auto_relay,
             start=True,
             startup_timeout=config.join_timeout,
         )
@@ -143,10 +148,14 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         me = p2p.peer_id.to_base58()
         if me != peer_id_of(signer._private_key.get_public_key()):  # the validator keeps its key private
             raise ConfigError(f"the p2p daemon runs as {me}, not as identity {identity}; is the file being replaced?")
-        addresses = [str(a) for a in dht.get_visible_maddrs()]
-        print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
+        if config.client_mode:
+            addresses = []
+            print(f"peer {me} in swarm {config.swarm!r}, in client mode: it dials out and accepts no connections", flush=True)
+        else:
+            addresses = [str(a) for a in dht.get_visible_maddrs()]
+            print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
         membership = Membership(
-            dht, config.swarm, PeerRecord(me, addresses, digest, 0),
+            dht, config.swarm, PeerRecord(me, addresses, digest, 0, client=config.client_mode),
             ttl=config.record_ttl, signer=signer, access=access,
         )
         transport = P2PTransport(
@@ -211,7 +220,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         elif config.algorithm == "srrw":
             neighbourhood = OverlayNeighbourhood(
                 config.topology, me, membership.view, weights=config.weights, seed=config.seed,
-                admits=membership.compatible, unreachable=membership.suspect,
+                admits=membership.compatible, unreachable=membership.suspect, clients=membership.clients,
             )
             # A peer holds a token now and then, so --pace holds back each visit, not this peer's rounds.
             context = ProtocolContext(
@@ -224,7 +233,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         else:
             neighbourhood = OverlayNeighbourhood(
                 config.topology, me, membership.view, weights=config.weights, seed=config.seed,
-                admits=membership.compatible, unreachable=membership.suspect,
+                admits=membership.compatible, unreachable=membership.suspect, clients=membership.clients,
             )
             context = ProtocolContext(
                 transport, clock, trainer, neighbourhood, node.round_finished, gossip, deadline=config.duration
@@ -317,6 +326,8 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
             "slowdown": config.slowdown,
             "peers_seen": sorted(membership.seen),
             "private_swarm": access.private,
+            "client_mode": config.client_mode,
+            "failed_dials": dict(transport.failed_dials),
             "records_ignored": dict(membership.rejected),
             "rollbacks": trainer.rollbacks,
             "wall_seconds": time.perf_counter() - started,
@@ -415,7 +426,7 @@ async def _catch_up(
     """Start from the most advanced live peer's model and round, if the swarm is past ``own_round``
     (0, or the round of the checkpoint this peer resumed from)."""
     ahead = sorted(
-        (r for r in membership.live.values() if r.peer_id != transport.peer_id and r.round > own_round),
+        (r for r in membership.live.values() if r.peer_id != transport.peer_id and r.round > own_round and not r.client),
         key=lambda r: -r.round,
     )
     if not ahead:

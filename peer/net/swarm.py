@@ -68,6 +68,8 @@ class LocalSwarm:
         ]
         if resume:
             command.append("--resume")
+        if self.config.peers - self.config.client_peers <= index < self.config.peers:
+            command.append("--client-mode")
         if self.config.metrics_port is not None:
             command += ["--metrics-port", str(self.config.metrics_port + index)]
         if index < len(self.slowdowns) and self.slowdowns[index] != 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 from hivemind.p2p import P2P, PeerID
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 PROTOCOL = "gossip-peer/1"
 CONNECT_TIMEOUT = 10.0
 LINGER_TIMEOUT = 30.0  # how long a reply's stream stays open for the requester to read it
+MAX_COUNTED_PEERS = 1024  # peers whose failed dials are counted one by one
 
 
 class P2PTransport(Transport):
@@ -52,6 +54,7 @@ class P2PTransport(Transport):
         self.offenders = Offenders(self.stream_limits)
         self._handlers: dict[str, Handler] = {}
         self._reachable = reachable or list
+        self.failed_dials: Counter[PeerId] = Counter()  # streams we could not open, by peer
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self._on_stream)
@@ -70,6 +73,8 @@ class P2PTransport(Transport):
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
         except Exception as error:  # the daemon reports a refused or failed dial as a generic error
+            if len(self.failed_dials) < MAX_COUNTED_PEERS or peer in self.failed_dials:
+                self.failed_dials[peer] += 1
             raise PeerUnreachable(f"cannot open a stream to {peer}: {error!r}") from error
         writer.write(self.access.stream_proof(self.peer_id, peer))  # sent with the message that follows
         return reader, writer

@@ -1,0 +1,103 @@
+"""Peers that accept no connections (client mode): laid out among reachable peers, never dialled,
+and still mixing every round by pulling their neighbours' models."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from gossip.message import Message
+from gossip.neighbourhood import OverlayNeighbourhood, spread
+from gossip.protocols import DPSGD, ProtocolContext
+from gossip.settings import GossipSettings
+from gossip.transport import PeerUnreachable, Transport
+from peer.sim import LinkModel, SimClock, SimNetwork
+from tests.sim_swarm import run
+from tests.vector_learner import VectorLearner
+from topology import parse_topology
+
+
+class NoDialsTo(Transport):
+    """A peer's transport that, like a client behind a NAT, cannot be dialled: opening a stream to
+    one of ``clients`` fails, and is logged in ``dials``."""
+
+    def __init__(self, inner, clients, dials):
+        self.inner, self.clients, self.dials = inner, clients, dials
+        self.peer_id, self.counters = inner.peer_id, inner.counters
+
+    def serve(self, kind, handler):
+        self.inner.serve(kind, handler)
+
+    def reachable(self):
+        return self.inner.reachable()
+
+    def _dial(self, peer):
+        if peer in self.clients:
+            self.dials.append((self.peer_id, peer))
+            raise PeerUnreachable(f"{peer} accepts no connections")
+
+    async def send(self, peer, message: Message):
+        self._dial(peer)
+        await self.inner.send(peer, message)
+
+    async def request(self, peer, message: Message, timeout):
+        self._dial(peer)
+        return await self.inner.request(peer, message, timeout)
+
+
+def test_clients_are_spread_among_reachable_peers():
+    assert spread(["a", "b", "c"], ["x", "y"]) == ["a", "x", "b", "y", "c"]
+    assert spread(["a", "b"], ["x", "y", "z", "w"]) == ["a", "x", "y", "b", "z", "w"]
+    assert spread([], ["x"]) == ["x"] and spread(["a"], []) == ["a"]
+
+
+@pytest.mark.parametrize("spec", ["complete", "ring", "regular:4"])
+def test_links_between_clients_fold_into_the_self_weights_and_keep_the_matrix_doubly_stochastic(spec):
+    topology = parse_topology(spec, 8, seed=1)
+    folded = topology.without_links_among({1, 3, 5})
+    w = folded.mixing_matrix(0)
+    assert np.allclose(w.sum(axis=0), 1) and np.allclose(w.sum(axis=1), 1) and np.allclose(w, w.T)
+    assert all(w[i, j] == 0 for i in (1, 3, 5) for j in (1, 3, 5) if i != j)
+    original = topology.mixing_matrix(0)
+    assert np.array_equal(w[np.ix_([0, 2, 4, 6, 7], [0, 2, 4, 6, 7])], original[np.ix_([0, 2, 4, 6, 7], [0, 2, 4, 6, 7])])
+    assert not any(folded.graph.has_edge(i, j) for i in (1, 3, 5) for j in (1, 3, 5))
+
+
+def swarm_with_clients(spec, n, clients, rounds):
+    network = SimNetwork(LinkModel(latency=0.01))
+    ids = [f"p{i}" for i in range(n)]
+    clock, dials = SimClock(), []
+    learners, reports, protocols = {}, {peer: [] for peer in ids}, []
+    for index, peer in enumerate(ids):
+        learners[peer] = VectorLearner(torch.tensor([float(index)]))
+
+        async def finished(report, peer=peer):
+            reports[peer].append(report)
+
+        neighbourhood = OverlayNeighbourhood(spec, peer, lambda: ids, clients=lambda: clients)
+        context = ProtocolContext(
+            NoDialsTo(network.attach(peer), clients, dials), clock, learners[peer], neighbourhood, finished,
+            GossipSettings(timeout=5.0),
+        )
+        protocols.append(DPSGD(context, local_steps=1))
+
+    async def main():
+        async with asyncio.timeout(10_000):
+            await asyncio.gather(*(protocol.run(rounds) for protocol in protocols))
+
+    run(main())
+    return learners, reports, dials
+
+
+@pytest.mark.parametrize("spec", ["ring", "complete"])
+def test_clients_pull_every_neighbours_model_and_nobody_dials_them(spec):
+    clients = {"p1", "p4"}
+    learners, reports, dials = swarm_with_clients(spec, 6, clients, rounds=60)
+    assert dials == []
+    for peer, peer_reports in reports.items():
+        assert len(peer_reports) == 60
+        # Nobody missed a model: the clients pulled theirs, the others were sent theirs.
+        assert all(r.neighbours_heard == r.neighbours_expected > 0 for r in peer_reports), peer
+    values = [float(learner.value[0]) for learner in learners.values()]
+    assert values == pytest.approx([2.5] * 6, abs=1e-3)  # the average of 0..5, kept and agreed on

@@ -28,7 +28,7 @@ from gossip.validation import InvalidState
 log = logging.getLogger(__name__)
 
 MODEL = "model"
-PULL = "pull"  # from a peer that accepts no connections: our model for a step, once we have it
+MODEL_PULL = "model-pull"  # from a peer that accepts no connections: our model for a step, once we have it
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class NeighbourExchange(Exchange):
     the codec the message names, so peers need not agree on one.
 
     A neighbour that accepts no connections (``Neighbourhood.pulls``) is not sent our model: it
-    asks for it (PULL), and is answered once we have one for its step or later, or with nothing
+    asks for it (MODEL_PULL), and is answered once we have one for its step or later, or with nothing
     when none comes within the timeout. Such a peer pulls from all its in-neighbours (the
     overlay gives it no neighbour of its own kind) and sends to its out-neighbours as usual.
     """
@@ -211,7 +211,7 @@ class NeighbourExchange(Exchange):
         self._posted: Message | None = None  # our latest model, for neighbours that pull
         self._new_post = asyncio.Event()
         transport.serve(MODEL, self._receive)
-        transport.serve(PULL, self._on_pull)
+        transport.serve(MODEL_PULL, self._on_pull)
 
     def _encode(self, step: int, state: State) -> Message:
         me = self.transport.peer_id
@@ -243,7 +243,7 @@ class NeighbourExchange(Exchange):
     async def _on_pull(self, message: Message) -> Message:
         """Our model for the puller's step or a later one; a message without tensors when there is
         none in time, or the puller is not a neighbour that must pull."""
-        nothing = Message(PULL, self.transport.peer_id, message.round)
+        nothing = Message(MODEL_PULL, self.transport.peer_id, message.round)
         puller = message.sender
         if not self.neighbourhood.pulls(puller) or puller not in self.neighbourhood.linked(message.round):
             return nothing
@@ -259,7 +259,7 @@ class NeighbourExchange(Exchange):
     async def _pull(self, peer: PeerId, step: int) -> None:
         try:
             async with self.clock.timeout(self.timeout):
-                reply = await self.transport.request(peer, Message(PULL, self.transport.peer_id, step), self.timeout)
+                reply = await self.transport.request(peer, Message(MODEL_PULL, self.transport.peer_id, step), self.timeout)
         except (PeerUnreachable, TimeoutError) as reason:
             log.info("%s: could not pull from %s: %s", self.transport.peer_id, peer, reason)
             self.neighbourhood.unreachable(peer)

@@ -101,3 +101,15 @@ def test_clients_pull_every_neighbours_model_and_nobody_dials_them(spec):
         assert all(r.neighbours_heard == r.neighbours_expected > 0 for r in peer_reports), peer
     values = [float(learner.value[0]) for learner in learners.values()]
     assert values == pytest.approx([2.5] * 6, abs=1e-3)  # the average of 0..5, kept and agreed on
+
+
+def test_a_record_says_whether_its_peer_accepts_connections():
+    from peer.net.membership import Membership, PeerRecord
+
+    record = {"peer_id": "c", "addresses": [], "fingerprint": "abc", "round": 2, "client": True}
+    assert PeerRecord.parse("c", record).client
+    assert not PeerRecord.parse("c", {**record, "client": "yes"}).client  # only a true boolean counts
+    assert not PeerRecord.parse("c", {k: v for k, v in record.items() if k != "client"}).client
+    membership = Membership(None, "swarm", PeerRecord("me", ["/ip4/127.0.0.1/tcp/1"], "abc", 0), ttl=10)
+    membership.live = {"me": membership.record, "c": PeerRecord.parse("c", record)}
+    assert membership.clients() == {"c"}

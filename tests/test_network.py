@@ -78,7 +78,7 @@ def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback, 
 @pytest.mark.parametrize("mode", [[], ["--client-mode"]], ids=["reachable", "client-mode"])
 def test_an_unreachable_bootstrap_peer_is_a_clear_error(tmp_path, mode):
     address = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCX2uwDPc9QjEyGAXQyajsC5xxZMmbjZNrBSiPv5huzdp"
-    code, _, err = run(["run", "--initial-peers", address, "--join-timeout", "5", *mode, *FAST], timeout=120)
+    code, _, err = run(["run", "--initial-peers", address, "--join-timeout", "1", *mode, *FAST], timeout=120)
     assert code == 2
     assert "--initial-peers" in err and "Traceback" not in err
 

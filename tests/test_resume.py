@@ -1,10 +1,10 @@
-"""`peer run --resume` without a checkpoint to resume from: one-line errors (a killed peer that
-resumes and finishes with its swarm is tested with the swarm's churn in test_network)."""
+"""`peer run --resume` without a usable checkpoint: one-line errors, exit 2, before anything starts
+(a killed peer that resumes and finishes with its swarm is tested with the swarm's churn in test_network)."""
 
 import pytest
 
 from peer.checkpoint import FILE
-from tests.test_network import FAST, run
+from peer.cli import main
 
 
 @pytest.mark.parametrize(
@@ -15,15 +15,22 @@ from tests.test_network import FAST, run
     ],
     ids=["none", "truncated"],
 )
-def test_resume_without_a_usable_checkpoint_is_a_one_line_error(tmp_path, prepare, message):
+def test_resume_without_a_usable_checkpoint_is_a_one_line_error(tmp_path, capsys, prepare, message):
     out = tmp_path / "out"
     out.mkdir()
     prepare(out)
-    code, _, err = run(["run", "--resume", "--out", str(out), *FAST], timeout=120)
-    assert code == 2 and message in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert main(["run", "--resume", "--out", str(out), "--rounds", "3"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_resume_needs_an_out_folder():
-    code, _, err = run(["run", "--resume", *FAST], timeout=60)
-    assert code == 2 and "--resume needs --out" in err
+def test_resume_and_checkpoints_need_an_out_folder(capsys):
+    assert main(["run", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert main(["run", "--checkpoint-every", "5"]) == 2
+    assert "--checkpoint-every needs --out" in capsys.readouterr().err
+
+
+def test_client_mode_needs_a_peer_to_dial(capsys):
+    assert main(["run", "--client-mode"]) == 2
+    assert "--client-mode needs --initial-peers" in capsys.readouterr().err

@@ -29,6 +29,7 @@ class LiveMetrics(Collector):
     def __init__(self, info: dict[str, str]):
         self.counters = TrafficCounters()
         self.view_size: Callable[[], int] = lambda: 0
+        self.streams_open: Callable[[], int] = lambda: 0
         self._info = info
         self.registry = CollectorRegistry(auto_describe=False)
         self._exchange_seconds = Histogram(
@@ -43,6 +44,7 @@ class LiveMetrics(Collector):
         self._neighbours = 0
         self._accuracy = math.nan
         self._loss = math.nan
+        self._tasks = 0
         self._server = None
 
     def serve(self, host: str, port: int) -> None:
@@ -59,13 +61,15 @@ class LiveMetrics(Collector):
             self._server.shutdown()
             self._server.server_close()
 
-    def observe(self, record: RoundRecord, neighbours: int) -> None:
-        """A round's record, and how many in-neighbours the peer has now."""
+    def observe(self, record: RoundRecord, neighbours: int, tasks: int = 0) -> None:
+        """A round's record, how many in-neighbours the peer has now, and how many tasks are in
+        flight on its event loop (counted there: a scrape runs in another thread)."""
         self._rounds += 1
         self._round = record.round
         self._local_steps += record.local_steps
         self._missed += record.neighbours_expected - record.neighbours_heard
         self._neighbours = neighbours
+        self._tasks = tasks
         self._exchange_seconds.observe(record.exchange_seconds)
         if record.accuracy is not None:
             self._accuracy, self._loss = record.accuracy, record.loss
@@ -96,3 +100,5 @@ class LiveMetrics(Collector):
         yield gauge("peer_test_loss", "Mean test loss at the last evaluation (NaN before the first)", self._loss)
         yield gauge("peer_neighbours", "In-neighbours at the end of the last round", self._neighbours)
         yield gauge("peer_view_size", "Live compatible peers in this peer's view, itself included", self.view_size())
+        yield gauge("peer_streams_open", "Incoming streams being served now", self.streams_open())
+        yield gauge("peer_tasks", "Tasks in flight on the peer's event loop at the end of the last round", self._tasks)

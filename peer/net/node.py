@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # Room beyond the model's own size for a message's header and a codec's side data.
 PAYLOAD_SLACK_BYTES = 1 << 20
+# What the p2p daemon says when none of --initial-peers answered, and how long to wait before trying again.
+BOOTSTRAP_FAILED = "failed to connect to bootstrap peers"
+BOOTSTRAP_RETRY_SECONDS = 1.0
 # Seconds a leaving MoDeST peer spends saying goodbye (peers that already left do not answer).
 GOODBYE_TIMEOUT = 5.0
 
@@ -71,37 +74,51 @@ def fingerprint(task_name: str, state: State, gossip: GossipSettings, algorithm:
 
 
 def start_dht(config: RunConfig, identity: Path, signer: RSASignatureValidator) -> hivemind.DHT:
-    """Start the DHT (and its libp2p daemon) as ``identity``, whose key ``signer`` holds; a bad or
-    unreachable bootstrap address is a ConfigError."""
-    try:
-        return hivemind.DHT(
-            initial_peers=config.initial_peers,
-            host_maddrs=config.host_maddrs,
-            announce_maddrs=config.announce_maddrs or None,
-            identity_path=str(identity),
-            # A key made for this run cannot be in use elsewhere: no need for hivemind's check,
-            # which starts a second daemon and dials the bootstrap peers with it.
-            check_if_identity_free=config.identity is not None,
-            record_validators=[signer],
-            # In client mode the daemon listens nowhere: the peer can only dial out, as behind a NAT.
-            client_mode=config.client_mode,
-            no_listen=config.client_mode,
-            use_relay=config.use_relay,
-            use_auto_relay=config.use_auto_relay,
-            start=True,
-            startup_timeout=config.join_timeout,
-        )
-    except Exception as error:
-        reason = str(error).replace("\n", " ")
-        raise ConfigError(
-            f"could not start the DHT: {reason}; --initial-peers must be multiaddrs of running peers, "
-            "like /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
-        ) from error
+    """Start the DHT (and its libp2p daemon) as ``identity``, whose key ``signer`` holds; a bad
+    bootstrap address, or bootstrap peers still unreachable after --join-timeout, is a ConfigError.
+
+    Bootstrap peers are tried again until then: a peer restarted at once after a crash may find
+    them still holding its previous connection, and a peer started with its swarm may come up
+    before the peers it bootstraps from."""
+    deadline = time.monotonic() + config.join_timeout
+    warned = False
+    while True:
+        try:
+            return hivemind.DHT(
+                initial_peers=config.initial_peers,
+                host_maddrs=config.host_maddrs,
+                announce_maddrs=config.announce_maddrs or None,
+                identity_path=str(identity),
+                # A key made for this run cannot be in use elsewhere: no need for hivemind's check,
+                # which starts a second daemon and dials the bootstrap peers with it.
+                check_if_identity_free=config.identity is not None,
+                record_validators=[signer],
+                # In client mode the daemon listens nowhere: the peer can only dial out, as behind a NAT.
+                client_mode=config.client_mode,
+                no_listen=config.client_mode,
+                use_relay=config.use_relay,
+                use_auto_relay=config.use_auto_relay,
+                start=True,
+                startup_timeout=max(1.0, deadline - time.monotonic()),
+            )
+        except Exception as error:
+            reason = str(error).replace("\n", " ")
+            if BOOTSTRAP_FAILED in reason and time.monotonic() + BOOTSTRAP_RETRY_SECONDS < deadline:
+                if not warned:
+                    log.warning("none of --initial-peers answered; trying again for up to %.0f s", deadline - time.monotonic())
+                    warned = True
+                time.sleep(BOOTSTRAP_RETRY_SECONDS)
+                continue
+            raise ConfigError(
+                f"could not start the DHT: {reason}; --initial-peers must be multiaddrs of running peers, "
+                "like /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
+            ) from error
 
 
 async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None = None) -> dict:
     if config.out:
         prepare_out(config.out)
+    saved = read_checkpoint(config.out) if config.resume else None  # before any work, should there be none
     start_reaper()  # the DHT process and its daemon die with this process, even when it is killed outright
     live = None
     if config.metrics_port is not None:
@@ -109,14 +126,16 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
         live.serve(config.metrics_host, config.metrics_port)
         print(f"metrics at http://{config.metrics_host}:{config.metrics_port}/metrics", flush=True)
     try:
-        return await _run_peer(config, on_record, live)
+        return await _run_peer(config, saved, on_record, live)
     finally:
         if live:
             live.stop()
 
 
-async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None, live: LiveMetrics | None) -> dict:
-    saved = read_checkpoint(config.out) if config.resume else None  # before any work, should there be none
+async def _run_peer(
+    config: RunConfig, saved: Checkpoint | None, on_record: Callable[[RoundRecord], None] | None,
+    live: LiveMetrics | None,
+) -> dict:
     torch.set_num_threads(config.threads)
     task = load_task(config.task, config.data_dir, peers=config.shards)
     shards = partition(task.train_y, config.shards, config.partition, config.seed, owners=task.owners)
@@ -164,6 +183,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
         if live:
             live.counters = transport.counters
             live.view_size = lambda: len(membership.live)
+            live.streams_open = lambda: transport.open_streams.total
         curve = LatestAccuracies(1) if config.algorithm == "async-gossip" else None
         if resumed:
             metrics = MetricsLog.resumed(config.out / "metrics.jsonl", resumed.metrics_bytes, curve)
@@ -203,7 +223,7 @@ async def _run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] 
                     len(neighbourhood.in_weights((record.round + 1) * config.gossip_steps))
                     if neighbourhood else record.neighbours_heard
                 )
-                live.observe(record, neighbours=neighbours)
+                live.observe(record, neighbours=neighbours, tasks=len(asyncio.all_tasks()))
             if on_record:
                 on_record(record)
 

@@ -117,9 +117,15 @@ class LocalSwarm:
             text = metrics.read_text()
         except FileNotFoundError:
             return -1
-        # A last line without its newline is still being written.
-        lines = text.splitlines()[: text.count("\n")]
-        return max((json.loads(line)["round"] for line in lines if line.strip()), default=-1)
+        # A last line without its newline is still being written, and a resumed peer cuts its log
+        # back to its checkpoint while we may be reading it.
+        rounds = []
+        for line in text.splitlines()[: text.count("\n")]:
+            try:
+                rounds.append(json.loads(line)["round"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return max(rounds, default=-1)
 
     def rounds_done(self) -> int:
         """Peer-rounds done so far, out of peers x rounds.

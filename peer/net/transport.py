@@ -63,6 +63,8 @@ class P2PTransport(Transport):
         await self.p2p.remove_binary_stream_handler(PROTOCOL)
 
     def serve(self, kind: str, handler: Handler) -> None:
+        if kind in self._handlers:
+            raise ValueError(f"messages of kind {kind!r} are served already; each kind has one handler")
         self._handlers[kind] = handler
 
     def reachable(self) -> list[PeerId]:

@@ -142,6 +142,8 @@ class SimTransport(Transport):
         self._tasks: set[asyncio.Task] = set()
 
     def serve(self, kind: str, handler: Handler) -> None:
+        if kind in self._handlers:
+            raise ValueError(f"messages of kind {kind!r} are served already; each kind has one handler")
         self._handlers[kind] = handler
 
     def stop(self) -> None:

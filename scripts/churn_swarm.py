@@ -32,6 +32,12 @@ def accuracy_at(swarm: LocalSwarm, index: int, round_: int) -> float | None:
     return None
 
 
+def first_round(swarm: LocalSwarm, index: int) -> int | None:
+    path = swarm.folder(index) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[0])["round"] if lines else None
+
+
 def wait_for_round(swarm: LocalSwarm, indices: list[int], round_: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while max(swarm.last_round(i) for i in indices) < round_:
@@ -48,6 +54,7 @@ def main() -> None:
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--kill", type=int, default=2)
     parser.add_argument("--resume", type=int, default=0, help="how many of the killed peers come back with --resume")
+    parser.add_argument("--no-newcomer", action="store_true", help="start no new peer at --join-at")
     parser.add_argument("--kill-at", type=int, default=20)
     parser.add_argument("--join-at", type=int, default=30)
     parser.add_argument("--exchange-timeout", type=float, default=5.0)
@@ -68,7 +75,7 @@ def main() -> None:
     victims = list(range(1, 1 + args.kill))
     returning = victims[: args.resume]
     survivors = [i for i in range(args.peers) if i not in victims]
-    newcomer = args.peers
+    newcomers = [] if args.no_newcomer else [args.peers]
     started = time.monotonic()
     try:
         swarm.bootstrap()
@@ -79,9 +86,10 @@ def main() -> None:
         wait_for_round(swarm, survivors, args.join_at, args.timeout - (time.monotonic() - started))
         for index in returning:
             swarm.start(index, shard=index, min_peers=1, resume=True)
-        swarm.start(newcomer, shard=victims[-1] if victims else 0, min_peers=1)
+        for newcomer in newcomers:
+            swarm.start(newcomer, shard=victims[-1] if victims else 0, min_peers=1)
         deadline = started + args.timeout
-        while any(swarm.processes[i].poll() is None for i in survivors + returning + [newcomer]):
+        while any(swarm.processes[i].poll() is None for i in survivors + returning + newcomers):
             if time.monotonic() > deadline:
                 raise TimeoutError("the swarm did not finish in time")
             time.sleep(0.5)
@@ -92,7 +100,6 @@ def main() -> None:
     result = {
         "benchmark": "churn_swarm",
         "peers": args.peers, "rounds": args.rounds, "killed": victims, "killed_at_round": killed_at,
-        "newcomer_started_at_round": args.join_at,
         "survivors_finished_every_round": all(
             i in summaries and summaries[i]["rounds_completed"] == args.rounds for i in survivors
         ),
@@ -110,11 +117,16 @@ def main() -> None:
             }
             for index in returning
         ],
-        "newcomer_first_round": json.loads(
-            (swarm.folder(newcomer) / "metrics.jsonl").read_text().splitlines()[0]
-        )["round"] if (swarm.folder(newcomer) / "metrics.jsonl").exists() else None,
-        "newcomer_exit_code": swarm.processes[newcomer].returncode,
-        "newcomer_accuracy_final": summaries.get(newcomer, {}).get("accuracy"),
+        "newcomers": [
+            {
+                "peer": index,
+                "started_at_round": args.join_at,
+                "first_round": first_round(swarm, index),
+                "exit_code": swarm.processes[index].returncode,
+                "accuracy_final": summaries.get(index, {}).get("accuracy"),
+            }
+            for index in newcomers
+        ],
         "survivor_accuracy_final_mean": statistics.mean(survivor_final) if survivor_final else None,
         "wall_seconds": time.monotonic() - started,
     }

@@ -28,6 +28,7 @@ from peer.net.reaper import descendants
 from peer.net.swarm import LocalSwarm
 
 PAGE = 4096
+MIN_SAMPLES = 5  # past warm-up, for a growth to be reported
 
 
 def process_name(pid: int) -> str:
@@ -96,7 +97,7 @@ def growth(samples: list[dict], key, warmup_round: int) -> dict | None:
     """From the first tenth to the last tenth of the samples past warm-up (medians, to ride out
     one-off spikes): the figure at each end and its growth in percent."""
     values = [(s["round"], key(s)) for s in samples if s["round"] >= warmup_round and s["running"] and key(s) is not None]
-    if len(values) < 10:
+    if len(values) < MIN_SAMPLES:
         return None
     tenth = max(1, len(values) // 10)
     first = statistics.median(v for _, v in values[:tenth])

@@ -260,9 +260,12 @@ class NeighbourExchange(Exchange):
         try:
             async with self.clock.timeout(self.timeout):
                 reply = await self.transport.request(peer, Message(MODEL_PULL, self.transport.peer_id, step), self.timeout)
-        except (PeerUnreachable, TimeoutError) as reason:
+        except PeerUnreachable as reason:
             log.info("%s: could not pull from %s: %s", self.transport.peer_id, peer, reason)
             self.neighbourhood.unreachable(peer)
+            return
+        except TimeoutError:  # a slow neighbour, not a lost one: it is missing from this step only
+            log.info("%s: no model from %s within the timeout", self.transport.peer_id, peer)
             return
         if reply.kind == MODEL and reply.sender == peer:
             await self._receive(reply)

@@ -113,3 +113,23 @@ def test_a_record_says_whether_its_peer_accepts_connections():
     membership = Membership(None, "swarm", PeerRecord("me", ["/ip4/127.0.0.1/tcp/1"], "abc", 0), ttl=10)
     membership.live = {"me": membership.record, "c": PeerRecord.parse("c", record)}
     assert membership.clients() == {"c"}
+
+
+@pytest.mark.parametrize("clients, answered", [(set(), False), ({"p1"}, True)], ids=["not-a-client", "client"])
+def test_only_a_neighbour_in_client_mode_is_answered_a_pull(clients, answered):
+    from gossip.exchange import MODEL_PULL, NeighbourExchange
+
+    network, clock = SimNetwork(LinkModel(latency=0.01)), SimClock()
+    ids = ["p0", "p1"]
+    transports = {peer: network.attach(peer) for peer in ids}
+    server = NeighbourExchange(
+        transports["p0"], clock, OverlayNeighbourhood("ring", "p0", lambda: ids, clients=lambda: clients),
+        {"w": torch.zeros(2)}, timeout=5.0,
+    )
+
+    async def main():
+        asyncio.get_running_loop().call_later(1.0, lambda: asyncio.ensure_future(server.step(0, {"w": torch.ones(2)})))
+        return await transports["p1"].request("p0", Message(MODEL_PULL, "p1", 0), timeout=10.0)
+
+    reply = run(main())
+    assert reply.sender == "p0" and bool(reply.tensors) == answered

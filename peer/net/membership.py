@@ -208,6 +208,11 @@ class Membership:
     def view(self) -> list[PeerId]:
         return sorted(self.live)
 
+    def addresses(self, peer: PeerId) -> list[str]:
+        """The addresses a live peer's record announces (none for a peer in client mode)."""
+        record = self.live.get(peer)
+        return list(record.addresses) if record else []
+
     def clients(self) -> set[PeerId]:
         """The live peers that accept no connections (client mode)."""
         return {peer for peer, record in self.live.items() if record.client}

@@ -178,7 +178,8 @@ async def _run_peer(
             ttl=config.record_ttl, signer=signer, access=access,
         )
         transport = P2PTransport(
-            p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view, access=access
+            p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view, access=access,
+            addresses=membership.addresses,
         )
         if live:
             live.counters = transport.counters

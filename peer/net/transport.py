@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 from gossip.message import Message, PeerId
 from gossip.transport import Handler, PeerUnreachable, TrafficCounters, Transport
@@ -41,6 +42,7 @@ class P2PTransport(Transport):
         reachable: Callable[[], list[PeerId]] | None = None,
         stream_limits: StreamLimits | None = None,
         access: Access = PUBLIC,
+        addresses: Callable[[PeerId], list[str]] | None = None,
     ):
         self.p2p = p2p
         self.peer_id = p2p.peer_id.to_base58()
@@ -55,6 +57,8 @@ class P2PTransport(Transport):
         self._handlers: dict[str, Handler] = {}
         self._reachable = reachable or list
         self.failed_dials: Counter[PeerId] = Counter()  # streams we could not open, by peer
+        self._addresses = addresses or (lambda peer: [])
+        self._introduced: set[PeerId] = set()  # peers whose announced addresses our daemon was given
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self._on_stream)
@@ -70,11 +74,25 @@ class P2PTransport(Transport):
     def reachable(self) -> list[PeerId]:
         return [peer for peer in self._reachable() if peer != self.peer_id]
 
+    async def _introduce(self, peer: PeerId) -> None:
+        """Connect to a peer at the addresses its membership record announces, the first time we
+        open a stream to it: the daemon need not look it up in its DHT first (slow, or stuck, for
+        a peer in client mode that met only its bootstrap peers). A failure here is reported by
+        the stream that follows."""
+        announced = self._addresses(peer)
+        if peer in self._introduced or not announced:
+            return
+        self._introduced.add(peer)
+        with contextlib.suppress(Exception):
+            await self.p2p._client.connect(PeerID.from_base58(peer), [Multiaddr(a) for a in announced])
+
     async def _open(self, peer: PeerId) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self._introduce(peer)
                 _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
         except Exception as error:  # the daemon reports a refused or failed dial as a generic error
+            self._introduced.discard(peer)  # next time, at the addresses its record announces then
             if len(self.failed_dials) < MAX_COUNTED_PEERS or peer in self.failed_dials:
                 self.failed_dials[peer] += 1
             raise PeerUnreachable(f"cannot open a stream to {peer}: {error!r}") from error

@@ -118,7 +118,7 @@ def start_dht(config: RunConfig, identity: Path, signer: RSASignatureValidator) 
 async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None = None) -> dict:
     if config.out:
         prepare_out(config.out)
-    saved = read_checkpoint(config.out) if config.resume else None  # before any work, should there be none
+    resumed = read_checkpoint(config.out) if config.resume else None  # before any work, should there be none
     start_reaper()  # the DHT process and its daemon die with this process, even when it is killed outright
     live = None
     if config.metrics_port is not None:
@@ -126,14 +126,14 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
         live.serve(config.metrics_host, config.metrics_port)
         print(f"metrics at http://{config.metrics_host}:{config.metrics_port}/metrics", flush=True)
     try:
-        return await _run_peer(config, saved, on_record, live)
+        return await _run_peer(config, resumed, on_record, live)
     finally:
         if live:
             live.stop()
 
 
 async def _run_peer(
-    config: RunConfig, saved: Checkpoint | None, on_record: Callable[[RoundRecord], None] | None,
+    config: RunConfig, resumed: Checkpoint | None, on_record: Callable[[RoundRecord], None] | None,
     live: LiveMetrics | None,
 ) -> dict:
     torch.set_num_threads(config.threads)
@@ -145,7 +145,9 @@ async def _run_peer(
     state = trainer.state()
     gossip = config.gossip_settings()
     digest = fingerprint(task.name, state, gossip, config.algorithm)
-    resumed = resume_from_checkpoint(saved, config, trainer, task.name, digest) if saved else None
+    if resumed:
+        resume_training(resumed, trainer, task.name, config.algorithm, digest)
+        print(f"resuming from the checkpoint in {config.out}: round {resumed.round}", flush=True)
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     access = access_from(config.swarm_key, config.allow_peers)
     # A peer without --identity keeps the key it makes in --out, so that it comes back as itself
@@ -397,19 +399,15 @@ async def _leave(membership: Membership | None, transport: P2PTransport | None, 
     dht.shutdown()
 
 
-def resume_from_checkpoint(
-    checkpoint: Checkpoint, config: RunConfig, trainer: Trainer, task_name: str, digest: str
-) -> Checkpoint:
+def resume_training(checkpoint: Checkpoint, trainer: Trainer, task_name: str, algorithm: str, digest: str) -> None:
     """Load ``checkpoint`` into ``trainer``; CheckpointError, with nothing loaded, when it is another
     run's. The protocol's part is loaded once the protocol exists."""
-    check_fits(checkpoint, fingerprint=digest, task=task_name, algorithm=config.algorithm, model=trainer.state())
+    check_fits(checkpoint, fingerprint=digest, task=task_name, algorithm=algorithm, model=trainer.state())
     try:
         trainer.load_training_state(checkpoint.training)
     except ValueError as error:
         raise CheckpointError(f"--resume: the checkpoint's training state does not fit: {error}") from None
     trainer.load_state(checkpoint.model)
-    print(f"resuming from the checkpoint in {config.out}: round {checkpoint.round}", flush=True)
-    return checkpoint
 
 
 def lock_identity(path: Path):

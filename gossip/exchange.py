@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MODEL = "model"
 MODEL_PULL = "model-pull"  # from a peer that accepts no connections: our model for a step, once we have it
+PULL_RETRY = 0.5  # seconds between a puller's asks while the neighbour answers that it has nothing for it
 
 
 @dataclass(frozen=True)
@@ -257,9 +258,16 @@ class NeighbourExchange(Exchange):
         return self._posted
 
     async def _pull(self, peer: PeerId, step: int) -> None:
+        """Ask ``peer`` for its model of ``step``, again every PULL_RETRY seconds while it has nothing
+        for us: it reads the members' records a moment after we do, so at first its view may not
+        hold us yet."""
+        ask = Message(MODEL_PULL, self.transport.peer_id, step)
         try:
             async with self.clock.timeout(self.timeout):
-                reply = await self.transport.request(peer, Message(MODEL_PULL, self.transport.peer_id, step), self.timeout)
+                reply = await self.transport.request(peer, ask, self.timeout)
+                while reply.kind == MODEL_PULL and reply.sender == peer and not reply.tensors:
+                    await self.clock.sleep(PULL_RETRY)
+                    reply = await self.transport.request(peer, ask, self.timeout)
         except PeerUnreachable as reason:
             log.info("%s: could not pull from %s: %s", self.transport.peer_id, peer, reason)
             self.neighbourhood.unreachable(peer)
@@ -269,7 +277,7 @@ class NeighbourExchange(Exchange):
             return
         if reply.kind == MODEL and reply.sender == peer:
             await self._receive(reply)
-        elif reply.tensors or reply.sender != peer:
+        else:
             self.transport.counters.reject("malformed")
             log.warning("%s: %s answered a pull with a %r from %s", self.transport.peer_id, peer, reply.kind, reply.sender)
 

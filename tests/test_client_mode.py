@@ -133,3 +133,28 @@ def test_only_a_neighbour_in_client_mode_is_answered_a_pull(clients, answered):
 
     reply = run(main())
     assert reply.sender == "p0" and bool(reply.tensors) == answered
+
+
+def test_a_client_asks_again_while_its_neighbour_has_not_read_its_record_yet():
+    from gossip.exchange import NeighbourExchange
+
+    network, clock = SimNetwork(LinkModel(latency=0.01)), SimClock()
+    server_view = ["p0"]  # it reads the client's record two seconds after the client has read its
+    exchanges = {
+        peer: NeighbourExchange(
+            network.attach(peer), clock, OverlayNeighbourhood("ring", peer, view, clients=lambda: {"p1"}),
+            {"w": torch.zeros(2)}, timeout=5.0,
+        )
+        for peer, view in [("p0", lambda: server_view), ("p1", lambda: ["p0", "p1"])]
+    }
+
+    async def main():
+        asyncio.get_running_loop().call_later(2.0, server_view.append, "p1")
+        posted = asyncio.ensure_future(exchanges["p0"].step(0, {"w": torch.ones(2)}))
+        result = await exchanges["p1"].step(0, {"w": torch.zeros(2)})
+        await posted
+        return result
+
+    result = run(main())
+    assert result.expected == {"p0"} and result.missing == frozenset()
+    assert torch.equal(result.state["w"], torch.full((2,), 0.5))

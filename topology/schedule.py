@@ -133,9 +133,9 @@ class Topology:
         def matrix(phase: int) -> np.ndarray:
             folded = self.mixing_matrix(phase).copy()
             block = np.ix_(cut, cut)
-            moved = folded[block].sum(axis=1) - folded[cut, cut]
+            kept = folded[block].sum(axis=1)  # each row's weights within the block, its own included
             folded[block] = 0.0
-            folded[cut, cut] = moved + self.mixing_matrix(phase)[cut, cut]
+            folded[cut, cut] = kept
             return folded
 
         graph = None

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 PROTOCOL = "gossip-peer/1"
 CONNECT_TIMEOUT = 10.0
 LINGER_TIMEOUT = 30.0  # how long a reply's stream stays open for the requester to read it
-MAX_COUNTED_PEERS = 1024  # peers whose failed dials are counted one by one
+MAX_COUNTED_PEERS = 1024  # peers whose failed dials are counted one by one, and that we remember connecting to
 
 
 class P2PTransport(Transport):
@@ -79,9 +79,13 @@ class P2PTransport(Transport):
         open a stream to it: the daemon need not look it up in its DHT first (slow, or stuck, for
         a peer in client mode that met only its bootstrap peers). A failure here is reported by
         the stream that follows."""
-        announced = self._addresses(peer)
-        if peer in self._introduced or not announced:
+        if peer in self._introduced:
             return
+        announced = self._addresses(peer)
+        if not announced:
+            return
+        if len(self._introduced) >= MAX_COUNTED_PEERS:
+            self._introduced.clear()  # at worst, a peer is connected to once more
         self._introduced.add(peer)
         with contextlib.suppress(Exception):
             await self.p2p._client.connect(PeerID.from_base58(peer), [Multiaddr(a) for a in announced])

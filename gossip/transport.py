@@ -21,6 +21,16 @@ T = TypeVar("T")
 # A handler gets an incoming message; for a request its return value is the reply.
 Handler = Callable[[Message], Awaitable[Message | None]]
 
+# Whether a peer is a member of this swarm. A transport asks it of every incoming message's sender
+# before any handler sees the message, whatever its kind, so that no protocol can forget to; a
+# reply to our own request is not asked about (we chose whom to ask).
+Admission = Callable[[PeerId], Awaitable[bool]]
+
+
+async def admit_everyone(peer: PeerId) -> bool:
+    """The admission of a swarm without membership records (the simulator's, a test's): all are members."""
+    return True
+
 
 class PeerUnreachable(ConnectionError):
     """Raised when a message cannot be handed to a peer (unknown, down or refused)."""
@@ -41,6 +51,9 @@ REJECTION_REASONS = (
     "stale-proof",  # a stream's proof of the swarm key is too old (or from a clock far off ours)
     "replayed",  # a stream's proof of the swarm key was used before
     "stale-token",  # a walking token older than one this peer has seen (a hop counter that went backwards)
+    # a claim its sender cannot make: a round further ahead than the swarm can have gone, the end of
+    # a run from a peer that did not hold its last round, a walk's word from a peer off the token's path
+    "implausible",
 )
 
 
@@ -63,7 +76,11 @@ class TrafficCounters:
 
 
 class Transport(ABC):
-    """Moves messages between this peer and others."""
+    """Moves messages between this peer and others.
+
+    Every incoming message passes the transport's ``Admission`` before its handler runs; one from
+    a peer that is not a member is dropped and counted as ``not-member``.
+    """
 
     peer_id: PeerId
     counters: TrafficCounters

@@ -141,9 +141,18 @@ async def read_header(reader: asyncio.StreamReader, limits: Limits) -> Header:
     A receiver may decide from the header, before anything is allocated for the payload,
     whether and when to read it (``read_payload``).
     """
-    prefix = await _read_exactly(reader, HEADER_LENGTH_PREFIX, "length-prefix")
-    header_length = _header_length(prefix, limits)
-    return _parse_header(await _read_exactly(reader, header_length, "header"), limits)
+    return await read_header_body(reader, await read_header_length(reader, limits), limits)
+
+
+async def read_header_length(reader: asyncio.StreamReader, limits: Limits) -> int:
+    """Read and check the length prefix: what the header will cost a receiver that reads it, so
+    that it can make room for it first (``read_header_body``)."""
+    return _header_length(await _read_exactly(reader, HEADER_LENGTH_PREFIX, "length-prefix"), limits)
+
+
+async def read_header_body(reader: asyncio.StreamReader, length: int, limits: Limits) -> Header:
+    """Read and check the header of ``length`` bytes that follows the length prefix."""
+    return _parse_header(await _read_exactly(reader, length, "header"), limits)
 
 
 async def read_payload(reader: asyncio.StreamReader, header: Header) -> Message:

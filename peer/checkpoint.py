@@ -7,7 +7,9 @@ the rounds before it, and what the model was made for (task, protocol family, mo
 the header's metadata. Writing goes through a temporary file that is synced and then renamed,
 so a failed write (a full disk, a crash) leaves the previous checkpoint as it was. Reading
 checks everything before handing anything over: a file from another task or model, from
-another program, or cut short is refused with the reason, never half-loaded.
+another program, or cut short is refused with the reason, never half-loaded; so is one whose
+model, round or length of ``metrics.jsonl`` no run of this program could have written, before the
+log is cut back or the peer joins its swarm.
 """
 
 from __future__ import annotations
@@ -24,13 +26,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from gossip.learner import State, is_finite
+from gossip.robust import OUTLIER_SIZE, distance, model_scale
 from peer.config import ConfigError
+from peer.metrics import START_AFRESH, kept_records
 
 log = logging.getLogger(__name__)
 
 FILE = "checkpoint.safetensors"
 FORMAT = "gossip-peer-checkpoint/1"
 SECTIONS = ("model", "training", "protocol")
+# Protocols whose records follow aggregations (MoDeST) or tokens' visits (a token walk), not the
+# rounds' order: a record written after a checkpoint may be of a round below it.
+UNORDERED_RECORDS = frozenset({"modest", "srrw"})
 
 
 class CheckpointError(ConfigError):
@@ -148,7 +155,10 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 def check_fits(checkpoint: Checkpoint, *, fingerprint: str, task: str, algorithm: str, model: State) -> None:
-    """CheckpointError unless the checkpoint was written by a peer of this task, protocol and model."""
+    """CheckpointError unless the checkpoint was written by a peer of this task, protocol and model,
+    and its model is one training could have reached: finite, and no farther from ``model`` (a fresh
+    one) than the outlier guard lets a neighbour's be, so that a forged or corrupted model is not
+    trained on and handed to the swarm."""
     if checkpoint.task != task:
         raise CheckpointError(
             f"--resume: the checkpoint was written for task {checkpoint.task!r}, and this peer trains {task!r}; "
@@ -174,6 +184,41 @@ def check_fits(checkpoint: Checkpoint, *, fingerprint: str, task: str, algorithm
         )
     if not is_finite(checkpoint.model):
         raise CheckpointError("--resume: the checkpoint's model is NaN or infinite; remove it to start afresh")
+    far, bound = distance(model, checkpoint.model), OUTLIER_SIZE * model_scale(model)
+    if far > bound:
+        raise CheckpointError(
+            f"--resume: the checkpoint's model is {far:.3g} away from a fresh one, beyond the {bound:.3g} the outlier "
+            "guard allows a model of this size; remove it to start afresh"
+        )
+
+
+def check_progress(checkpoint: Checkpoint, log: Path, rounds: int) -> None:
+    """CheckpointError, with nothing changed on disk, unless the checkpoint's round is within the run's
+    ``rounds`` and its ``metrics_bytes`` is where its rounds end in the log at ``log``.
+
+    A peer takes that length right after writing a record, and goes on from a round past the
+    record's, so the last record kept is of a round below the checkpoint's. Where records come in
+    round order, the next one was written after the checkpoint, so it is of the checkpoint's round
+    or later: a length cut short, which would drop rounds the checkpoint includes, is refused."""
+    if checkpoint.round > rounds:
+        raise CheckpointError(
+            f"--resume: the checkpoint goes on from round {checkpoint.round}, and this run has {rounds} rounds; "
+            "give the --rounds it was written with, or remove it to start afresh"
+        )
+    try:
+        kept, following = kept_records(log, checkpoint.metrics_bytes)
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    if kept and kept[-1].round >= checkpoint.round:
+        raise CheckpointError(
+            f"--resume: the checkpoint goes on from round {checkpoint.round}, yet keeps line {len(kept)} of {log}, "
+            f"of round {kept[-1].round}; {START_AFRESH}"
+        )
+    if following and following.round < checkpoint.round and checkpoint.algorithm not in UNORDERED_RECORDS:
+        raise CheckpointError(
+            f"--resume: the checkpoint goes on from round {checkpoint.round}, yet would drop line {len(kept) + 1} "
+            f"of {log}, of round {following.round}; {START_AFRESH}"
+        )
 
 
 def read_model(path: Path) -> State:

@@ -142,6 +142,11 @@ class TrainingConfig(BaseModel):
     round_timeout: float = Field(
         120.0, gt=0, description="modest: seconds without word that a round was done before it is handed to others or restarted"
     )
+    max_round_rate: float = Field(
+        1000.0, gt=0,
+        description="modest: rounds a second that others' claims may move a peer's round estimate, past a burst of 100; "
+        "keep it above the swarm's own pace",
+    )
 
     alpha: float = Field(5.0, ge=0, description="srrw: how strongly the token avoids peers it visited often; 0 is a plain walk")
     srrw_a: float = Field(
@@ -271,6 +276,7 @@ class TrainingConfig(BaseModel):
             ping_timeout=self.ping_timeout,
             aggregation_timeout=self.aggregation_timeout,
             round_timeout=self.round_timeout,
+            max_round_rate=self.max_round_rate,
         )
 
     @field_validator("lr_schedule")

@@ -54,20 +54,8 @@ class MetricsLog:
     def resumed(cls, path: Path, kept_bytes: int, curve: CurveBuilder | LatestAccuracies | None = None) -> MetricsLog:
         """Go on with the log of a run that stopped: its first ``kept_bytes`` bytes are the rounds
         its checkpoint includes, and are counted again; what was written after them is dropped."""
-        try:
-            with open(path, "r+b") as f:
-                if f.seek(0, os.SEEK_END) < kept_bytes:
-                    raise ConfigError(
-                        f"--resume: {path} is shorter than the checkpoint says it was; it is not this run's log"
-                    )
-                f.truncate(kept_bytes)
-                f.seek(0)
-                lines = f.read().decode().splitlines()
-            records = [RoundRecord(**json.loads(line)) for line in lines]
-        except FileNotFoundError:
-            raise ConfigError(f"--resume: {path} is missing; the checkpoint beside it belongs to its rounds") from None
-        except (UnicodeDecodeError, ValueError, TypeError) as error:
-            raise ConfigError(f"--resume: {path} is damaged ({str(error)[:200]})") from None
+        records, _ = kept_records(path, kept_bytes)
+        os.truncate(path, kept_bytes)
         log = cls(None, curve)
         for record in records:
             log.write(record)
@@ -89,6 +77,50 @@ class MetricsLog:
     def close(self) -> None:
         if self._file:
             self._file.close()
+
+
+# What to do when a checkpoint and the log beside it do not agree.
+START_AFRESH = "remove the checkpoint (or the folder) to start afresh, or start without --resume with another --out"
+
+
+def kept_records(path: Path, kept_bytes: int) -> tuple[list[RoundRecord], RoundRecord | None]:
+    """The records in the first ``kept_bytes`` bytes of the log at ``path`` (what a checkpoint keeps
+    of it) and the first whole record after them (None when there is none: a line cut short by a
+    crash is not one). ConfigError, naming the line, where ``kept_bytes`` is not the end of one of
+    its lines or a line is damaged. It only reads, so a refused checkpoint costs no record."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--resume: {path} is missing, and the checkpoint beside it keeps part of it; {START_AFRESH}"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"--resume: cannot read {path} ({error.strerror or error})") from None
+    if kept_bytes > len(data):
+        raise ConfigError(
+            f"--resume: the checkpoint keeps {kept_bytes} bytes of {path}, which holds only {len(data)}; {START_AFRESH}"
+        )
+    kept, rest = data[:kept_bytes], data[kept_bytes:]
+    if kept and not kept.endswith(b"\n"):
+        within = kept.count(b"\n") + 1
+        raise ConfigError(
+            f"--resume: the checkpoint keeps {kept_bytes} bytes of {path}, which end within line {within}; "
+            f"{START_AFRESH}"
+        )
+    records = [_record(line, number, path) for number, line in enumerate(kept.split(b"\n")[:-1], 1)]
+    following, newline, _ = rest.partition(b"\n")
+    return records, _record(following, len(records) + 1, path) if newline else None
+
+
+def _record(line: bytes, number: int, path: Path) -> RoundRecord:
+    """Line ``number`` of the log at ``path``; ConfigError naming it when it is not a record."""
+    try:
+        record = RoundRecord(**json.loads(line))
+        if type(record.round) is not int or record.round < 0:
+            raise ValueError(f"round {record.round!r}")
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"--resume: {path} line {number} is damaged ({str(error)[:200]}); {START_AFRESH}") from None
+    return record
 
 
 def prepare_out(folder: Path) -> None:

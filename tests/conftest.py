@@ -14,7 +14,7 @@ def _dataset_cache(tmp_path_factory):
 # side would crowd a 2-core machine and stretch their timeouts. Everything else runs beside them.
 REAL_PEER_MODULES = {
     "test_access", "test_async_network", "test_drift", "test_modest_network", "test_network", "test_reaper",
-    "test_srrw_network",
+    "test_srrw_network", "test_strangers",
 }
 
 

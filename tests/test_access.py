@@ -16,6 +16,7 @@ from hivemind.utils import get_dht_time
 from peer.cli import main
 from peer.net.access import (
     MAX_REMEMBERED_NONCES,
+    PROOF_FUTURE_SECONDS,
     PROOF_WINDOW_SECONDS,
     PUBLIC,
     Access,
@@ -134,6 +135,25 @@ def test_remembered_nonces_are_bounded_and_forgotten_after_the_window(monkeypatc
     later = PROOF_WINDOW_SECONDS + 1
     assert proofs.check("alice", access.stream_proof("alice", "bob", now=later), now=later) is None
     assert MAX_REMEMBERED_NONCES >= 1 << 16
+
+
+def test_a_proof_stamped_ahead_is_remembered_until_its_stamp_expires_so_a_late_replay_is_refused():
+    access = Access(KEY)
+    proofs = StreamProofs(access, "bob")
+    ahead = access.stream_proof("alice", "bob", now=1000.0 + PROOF_FUTURE_SECONDS)
+    assert proofs.check("alice", ahead, now=1000.0) is None
+    # Past the time its arrival was once forgotten at (arrival + window), within its stamp's window.
+    assert proofs.check("alice", ahead, now=1000.0 + PROOF_WINDOW_SECONDS + 1) == "replayed"
+    assert proofs.check("alice", ahead, now=1000.0 + PROOF_FUTURE_SECONDS + PROOF_WINDOW_SECONDS + 1) == "stale-proof"
+
+
+def test_a_proof_stamped_further_ahead_than_clocks_may_run_is_stale():
+    access = Access(KEY)
+    proofs = StreamProofs(access, "bob")
+    far = access.stream_proof("alice", "bob", now=1000.0 + PROOF_FUTURE_SECONDS + 1)
+    assert proofs.check("alice", far, now=1000.0) == "stale-proof"
+    behind = access.stream_proof("alice", "bob", now=1000.0 - PROOF_WINDOW_SECONDS + 1)
+    assert proofs.check("alice", behind, now=1000.0) is None  # a clock behind ours by up to the window
 
 
 # Records in a real DHT: honest nodes sign with their identities; mallory runs hivemind as it comes,
@@ -286,7 +306,7 @@ async def serving(p2p, access):
 
 async def test_streams_without_a_valid_proof_of_the_swarm_key_are_refused_before_their_header():
     from gossip.message import Message
-    from tests.test_net_limits import LIMITS, MODEL, daemons, eventually, wire
+    from tests.test_net_limits import LIMITS, MODEL, buffered_size, daemons, eventually, wire
 
     async with daemons(3) as (victim_p2p, member_p2p, outsider_p2p), serving(victim_p2p, Access(KEY)) as victim:
         member = P2PTransport(member_p2p, LIMITS, access=Access(KEY))
@@ -307,7 +327,7 @@ async def test_streams_without_a_valid_proof_of_the_swarm_key_are_refused_before
         await eventually(lambda: sum(victim.counters.rejections.values()) == 4)
         assert victim.counters.rejections == {"not-member": 3, "replayed": 1}
         assert len(victim.received) == 2 and {m.sender for m in victim.received} == {member.peer_id}
-        assert victim.buffered.peak <= MODEL["x"].nbytes  # nothing was buffered for a refused stream
+        assert victim.buffered.peak == buffered_size(model)  # nothing was buffered for a refused stream
 
 
 async def test_a_list_of_allowed_peers_closes_every_other_peers_streams():

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -13,9 +14,13 @@ from gossip.protocols import MoDeST, ModestSettings, ProtocolContext
 from gossip.protocols.dpsgd import DPSGD
 from gossip.settings import GossipSettings
 from gossip.view import Entry
-from peer.checkpoint import FILE, Checkpoint, CheckpointError, check_fits, read_checkpoint, read_model, write_checkpoint
+from peer.checkpoint import (
+    FILE, Checkpoint, CheckpointError, check_fits, check_progress, read_checkpoint, read_model, write_checkpoint,
+)
 from peer.metrics import MetricsLog, RoundRecord
+from peer.net.node import resume_training
 from peer.sim import LinkModel, SimClock, SimNetwork
+from tests.test_network import run
 from tests.test_trainer import make_trainer
 from tests.vector_learner import VectorLearner
 from topology.schedule import parse_topology
@@ -102,6 +107,25 @@ def test_a_checkpoint_of_another_task_protocol_or_model_does_not_fit():
         check_fits(saved, **{**fits, "fingerprint": "other"})
 
 
+def test_a_checkpoint_whose_model_is_finite_but_absurd_is_refused_and_nothing_is_loaded():
+    trainer = make_trainer()
+    fresh = {name: t.clone() for name, t in trainer.state().items()}
+    absurd = checkpoint(model={name: torch.full_like(t, 1e30) for name, t in fresh.items()})
+    with pytest.raises(CheckpointError, match=r"model is 3e\+30 away from a fresh one, beyond the .* outlier guard"):
+        resume_training(absurd, trainer, "mnist1d", "dpsgd", "abc")
+    assert all(torch.equal(trainer.state()[name], fresh[name]) for name in fresh)
+
+
+def test_a_checkpoint_of_a_trained_model_is_within_the_guards_bound_and_is_loaded():
+    trained = make_trainer(seed=4)
+    trained.train(60)
+    saved = checkpoint(model=trained.state())
+    saved.training = trained.training_state()
+    trainer = make_trainer()
+    resume_training(saved, trainer, "mnist1d", "dpsgd", "abc")
+    assert all(torch.equal(trainer.state()[name], trained.state()[name]) for name in saved.model)
+
+
 def test_training_goes_on_from_a_checkpoint_exactly_as_if_it_had_not_stopped():
     going_on = make_trainer(seed=5)
     going_on.train(23)  # within an epoch of batches, with momentum built up
@@ -157,8 +181,94 @@ def test_the_metrics_log_goes_on_from_the_checkpoints_length_and_drops_what_came
     resumed.write(record(3, 0.7))
     resumed.close()
     assert [json.loads(line)["accuracy"] for line in path.read_text().splitlines()] == [0.5, 0.5, 0.5, 0.7]
-    with pytest.raises(Exception, match="shorter than the checkpoint"):
+    with pytest.raises(Exception, match="keeps 10000 bytes of .*, which holds only"):
         MetricsLog.resumed(path, 10_000)
+
+
+def log_of(path, rounds):
+    """A metrics log holding ``rounds`` in that order, and where each of its lines ends."""
+    log, ends = MetricsLog(path), []
+    for round_ in rounds:
+        log.write(record(round_))
+        ends.append(log.bytes_written)
+    log.close()
+    return ends
+
+
+def test_a_checkpoint_past_the_runs_last_round_is_refused_saying_how_many_rounds_the_run_has(tmp_path):
+    (tmp_path / "metrics.jsonl").touch()
+    write_checkpoint(tmp_path, replace(checkpoint(10**12), metrics_bytes=0))
+    with pytest.raises(CheckpointError, match="goes on from round 1000000000000, and this run has 5 rounds"):
+        check_progress(read_checkpoint(tmp_path), tmp_path / "metrics.jsonl", rounds=5)
+    check_progress(replace(checkpoint(5), metrics_bytes=0), tmp_path / "metrics.jsonl", rounds=5)  # a finished run
+
+
+@pytest.mark.parametrize(
+    "kept, reason",
+    [
+        (lambda ends: 0, "round 3, yet would drop line 1 of .*, of round 0"),
+        (lambda ends: ends[1], "round 3, yet would drop line 3 of .*, of round 2"),
+        (lambda ends: ends[3], "round 3, yet keeps line 4 of .*, of round 3"),
+        (lambda ends: ends[2] - 1, "keeps .* bytes of .*, which end within line 3"),
+        (lambda ends: ends[-1] + 1, r"keeps .* bytes of .*, which holds only \d+"),
+    ],
+    ids=["nothing", "a round short", "a round over", "within a line", "past the end"],
+)
+def test_a_checkpoint_that_keeps_another_part_of_the_log_than_its_rounds_is_refused_and_nothing_changes(
+    tmp_path, kept, reason
+):
+    path = tmp_path / "metrics.jsonl"
+    ends = log_of(path, range(5))
+    write_checkpoint(tmp_path, replace(checkpoint(3), metrics_bytes=kept(ends)))
+    before = {name: (tmp_path / name).read_bytes() for name in (FILE, "metrics.jsonl")}
+    with pytest.raises(CheckpointError, match=f"--resume: .*{reason}; remove the checkpoint .* to start afresh"):
+        check_progress(read_checkpoint(tmp_path), path, rounds=5)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_a_checkpoint_that_keeps_its_rounds_of_the_log_passes_though_a_crash_cut_the_last_line_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    ends = log_of(path, range(3))
+    with open(path, "ab") as f:
+        f.write(b'{"round": 3, "pe')
+    check_progress(replace(checkpoint(3), metrics_bytes=ends[2]), path, rounds=5)
+    check_progress(replace(checkpoint(2), metrics_bytes=ends[1]), path, rounds=5)
+
+
+@pytest.mark.parametrize("algorithm", ["modest", "srrw"])
+def test_aggregations_and_token_visits_may_record_rounds_below_the_checkpoints_after_it(tmp_path, algorithm):
+    path = tmp_path / "metrics.jsonl"
+    ends = log_of(path, [0, 5, 3, 2])
+    check_progress(replace(checkpoint(4), metrics_bytes=ends[2], algorithm=algorithm), path, rounds=9)
+    with pytest.raises(CheckpointError, match="would drop line 4 of .*, of round 2"):
+        check_progress(replace(checkpoint(4), metrics_bytes=ends[2]), path, rounds=9)
+
+
+@pytest.mark.parametrize(
+    "kept_lines, damaged, line",
+    [(3, 2, b"not a record"), (2, 3, json.dumps({**asdict(record(2)), "round": "2"}).encode())],
+    ids=["kept", "the next one"],
+)
+def test_a_damaged_line_of_the_log_is_refused_with_its_number(tmp_path, kept_lines, damaged, line):
+    lines = [json.dumps(asdict(record(round_))).encode() + b"\n" for round_ in range(3)]
+    lines[damaged - 1] = line + b"\n"
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"".join(lines))
+    kept = sum(len(each) for each in lines[:kept_lines])
+    with pytest.raises(CheckpointError, match=f"metrics.jsonl line {damaged} is damaged"):
+        check_progress(replace(checkpoint(kept_lines), metrics_bytes=kept), path, rounds=5)
+
+
+@pytest.mark.xdist_group("real-peers")  # a real peer process, one at a time like the swarms' tests
+def test_a_real_peer_goes_on_from_the_checkpoint_it_wrote(tmp_path):
+    options = ["--local-steps", "2", "--partition", "iid", "--checkpoint-every", "1", "--out", str(tmp_path)]
+    code, _, err = run(["run", "--rounds", "2", *options], timeout=240)
+    assert code == 0, err
+    check_progress(read_checkpoint(tmp_path), tmp_path / "metrics.jsonl", rounds=2)
+    code, _, err = run(["run", "--resume", "--rounds", "3", *options], timeout=240)
+    assert code == 0, err
+    assert [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed_from_round"] == 2
 
 
 def protocol_of(algorithm, me="p00"):

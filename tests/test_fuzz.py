@@ -6,6 +6,8 @@ over real libp2p streams: nothing crashes, nothing is logged as an error, and th
 only when a valid model from a neighbour arrived."""
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -26,14 +28,24 @@ from gossip.exchange import MODEL, NeighbourExchange
 from gossip.message import Message
 from gossip.model_codec import ModelMessages
 from gossip.neighbourhood import GraphNeighbourhood
+from gossip.protocols import modest, srrw
+from gossip.token import Token, token_message
+from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState
+from gossip.view import View
 from gossip.wire import Limits, WireError, decode, encode, read_message
 from peer.net.clock import WallClock
 from peer.net.stream_limits import StreamLimits
 from peer.net.transport import PROTOCOL, P2PTransport
 from peer.sim.clock import SimClock
 from peer.sim.loop import VirtualTimeLoop
+from peer.sim.network import LinkModel, SimNetwork
+from tests.sim_swarm import run
+from tests.test_modest import Swarm as ModestSwarm
+from tests.test_modest import evil_member
+from tests.test_srrw import Walk, assert_walk_unaffected
 from topology import parse_topology
+from topology.walk import VisitCounts
 
 REFERENCE = {"w": torch.zeros(4, 5), "b": torch.zeros(5)}
 OWN = {"w": torch.full((4, 5), 0.5), "b": torch.full((5,), -0.5)}
@@ -438,4 +450,116 @@ async def test_mutated_messages_over_real_streams_leave_the_exchange_with_the_ho
     finally:
         for dht in dhts:
             dht.shutdown()
+    no_errors_logged(caplog.records)
+
+
+# -- the message-driven protocols: MoDeST and SRRW -------------------------------------------------
+
+OUTSIDER = "outsider"
+
+
+async def members_only(peer: str) -> bool:
+    return peer != OUTSIDER
+
+
+class SwarmNetwork(SimNetwork):
+    """The simulated world with one peer outside the swarm: every member's transport refuses it."""
+
+    def __init__(self):
+        super().__init__(LinkModel(latency=0.01))
+
+    def attach(self, peer_id, admits=members_only):
+        return super().attach(peer_id, admits)
+
+
+def protocol_messages(sender: str, peers: list[str]) -> list[bytes]:
+    """Well-formed messages of every MoDeST and SRRW kind from ``sender``."""
+    view = View(sender, peers)
+    view.touch(sender, 2)
+    model = {"x": torch.tensor([10.0], dtype=torch.float64)}
+    rows = view.encode()
+    token = Token(0, 0, 3, model, VisitCounts.uniform(peers))
+    messages = [
+        *(Message(kind, sender, 2, rows) for kind in (modest.PING, modest.JOIN, modest.LEAVE, modest.DONE)),
+        Message(modest.MODEL, sender, 2, {**rows, **model}),
+        Message(modest.TRAINED, sender, 2, {**rows, **model}, {"loss": 0.5, "parent": peers[0]}),
+        token_message(srrw.TOKEN, sender, token),
+        *(Message(kind, sender, 3, meta={"token": 0, "generation": 0}) for kind in (srrw.REVOKE, srrw.PASSED, srrw.CHECK)),
+        Message(srrw.DONE, sender, 24, meta={"token": 0, "generation": 0}),
+        Message(srrw.HELLO, sender, 0),
+    ]
+    return [wire(message) for message in messages]
+
+
+def protocol_cases(seed: int, count: int, sender: str, peers: list[str]) -> list[Message]:
+    """Mutations of ``sender``'s messages that still decode, as a transport would hand them on
+    (from the stream's peer: a claimed sender is checked before)."""
+    mutate = Mutator(seed)
+    originals = protocol_messages(sender, peers)
+    limits = Limits(max_payload_bytes=1 << 20, max_tensors=16, max_meta_entries=8)
+    decoded = []
+    while len(decoded) < count:
+        try:
+            message = decode(mutate(mutate.random.choice(originals)), limits)
+        except WireError:
+            continue
+        decoded.append(dataclasses.replace(message, sender=sender))
+    return decoded
+
+
+async def fuzz(transport, targets: list[str], messages: list[Message]) -> None:
+    """Half as one-way messages, half as requests, spread over the run."""
+    for index, message in enumerate(messages):
+        target = targets[index % len(targets)]
+        if index % 2:
+            with contextlib.suppress(TimeoutError, PeerUnreachable):
+                await transport.request(target, message, timeout=0.2)
+        else:
+            await transport.send(target, message)
+        await asyncio.sleep(0.01)
+
+
+def test_mutated_modest_messages_end_no_run_early_and_install_no_absurd_model(caplog):
+    caplog.set_level(logging.WARNING)
+    rounds = 20
+    swarm = ModestSwarm(8, rounds=rounds, network=SwarmNetwork(), sample_size=2)
+    honest = list(swarm.ids)
+    member = evil_member(swarm, rounds)
+    outsider = swarm.network.attach(OUTSIDER)
+    as_member = protocol_cases(4, 400, member.me, honest)
+    as_outsider = protocol_cases(5, 400, OUTSIDER, honest)
+
+    async def main():
+        for peer in honest:
+            swarm.start(peer)
+        await asyncio.gather(
+            fuzz(member.context.transport, honest, as_member), fuzz(outsider, honest, as_outsider),
+            *(swarm.tasks[peer] for peer in honest),
+        )
+
+    run(main())
+    assert swarm.rounds_reported() == list(range(rounds))
+    assert all(swarm.protocols[peer].finished.is_set() for peer in honest)
+    assert all(abs(swarm.learners[peer].value.item()) < 1e3 for peer in honest)
+    counters = [swarm.protocols[peer].context.transport.counters for peer in honest]
+    assert sum(c.rejections["not-member"] for c in counters) == len(as_outsider)
+    no_errors_logged(caplog.records)
+
+
+def test_mutated_srrw_messages_stall_no_walk_and_an_outsider_changes_nothing(caplog):
+    caplog.set_level(logging.WARNING)
+    walk = Walk("ring", 5, rounds=24, seed=0, network=SwarmNetwork())
+    outsider = walk.network.attach(OUTSIDER)
+    as_outsider = protocol_cases(6, 300, OUTSIDER, walk.ids)
+    run(walk.run(fuzz(outsider, walk.ids, as_outsider)))
+    assert sum(walk.rejections(peer)["not-member"] for peer in walk.ids) == len(as_outsider)
+    assert_walk_unaffected(walk)
+    no_errors_logged(caplog.records)
+
+    walk = Walk("ring", 5, rounds=24, seed=0)
+    member = walk.network.attach("mallory")
+    run(walk.run(fuzz(member, walk.ids, protocol_cases(7, 300, "mallory", walk.ids))))
+    assert all(walk.tasks[peer].done() and not walk.tasks[peer].cancelled() for peer in walk.ids)
+    assert all(protocol.finished() for protocol in walk.protocols.values())
+    assert all(abs(walk.value(peer)) < 1e5 for peer in walk.ids)
     no_errors_logged(caplog.records)

@@ -7,10 +7,10 @@ import torch
 
 from gossip.message import Message
 from gossip.protocols import MoDeST, ModestSettings, ProtocolContext
-from gossip.protocols.modest import PING
+from gossip.protocols.modest import LEAVE, MODEL, PING
 from gossip.sampling import hash_order
 from gossip.settings import GossipSettings
-from gossip.view import View
+from gossip.view import MAX_SENT_ROWS, Entry, View, decode_view
 from peer.sim import LinkModel, SimClock, SimNetwork
 from tests.sim_swarm import run
 from tests.vector_learner import VectorLearner
@@ -200,7 +200,8 @@ def test_rounds_far_ahead_and_malformed_views_are_refused_and_counted():
                 await transport.request("p00", message, timeout=1.0)
 
     run(main())
-    assert target.context.transport.counters.rejections["malformed"] == 3
+    assert target.context.transport.counters.rejections["implausible"] == 2
+    assert target.context.transport.counters.rejections["malformed"] == 1
     assert target.view.estimate() < 100
 
 
@@ -221,7 +222,9 @@ def test_a_newcomer_joins_and_is_sampled_and_a_leaver_is_not():
     assert swarm.rounds_reported() == list(range(40))
     assert "p08" in {peer for peer, _ in swarm.reports}  # it aggregated a round, so it was sampled
     assert leaver not in {peer for peer, _ in swarm.reports}
-    assert all(swarm.protocols[p].view.left(leaver) for p in swarm.live())
+    # A LEAVE counts only from the leaver itself: the peers it told know; the newcomer it did not
+    # know of finds it dead when it pings it.
+    assert all(swarm.protocols[p].view.left(leaver) for p in swarm.live() if p != "p08")
 
 
 def test_settings_out_of_range_are_refused():
@@ -270,3 +273,107 @@ def test_a_peer_that_is_not_sampled_keeps_its_view_fresh():
     # Without heartbeats some peers never hear of a round; with them, every view moves on.
     assert largest_lag(heartbeat=1000) == 70
     assert largest_lag(heartbeat=0.5) < 60
+
+
+# --- a member that lies --------------------------------------------------------------------
+
+
+def evil_member(swarm, rounds):
+    """A peer of the swarm's world, left out of every sample (it said it left), and not among the
+    peers that could aggregate the last round: everything it claims about the run's end is a lie."""
+    name = next(f"p{i}" for i in range(90, 100) if f"p{i}" not in hash_order([*swarm.ids, f"p{i}"], rounds - 1)[:3])
+    swarm.add(name, peers=swarm.ids)
+    evil = swarm.protocols[name]
+    evil.view.announce(left=True)
+    return evil
+
+
+def test_a_goodbye_counts_only_from_the_peer_that_leaves():
+    swarm = Swarm(4, rounds=3, sample_size=2)
+    evil = evil_member(swarm, 3)
+    evil.view.merge({"p02": Entry(0, 2**40, True)})  # "p02 left, and will never announce anything again"
+
+    async def main():
+        await evil.context.transport.send("p00", evil._message(LEAVE, 0))
+        await swarm.run()
+
+    run(main())
+    target = swarm.protocols["p00"]
+    assert not target.view.left("p02") and target.view.entries["p02"].index == 0
+    assert target.view.left(evil.me)  # its own goodbye counts
+    assert swarm.rounds_reported() == [0, 1, 2]
+
+
+def test_made_up_peers_never_enter_a_view_and_a_view_too_long_is_refused():
+    swarm = Swarm(4, rounds=3, sample_size=2)
+    evil = evil_member(swarm, 3)
+    transport = evil.context.transport
+    crowd = View(evil.me)
+    crowd.merge({f"made-up-{i:04d}-" + "x" * 100: Entry(0) for i in range(2 * MAX_SENT_ROWS)})
+    target = swarm.protocols["p00"]
+
+    async def main():
+        await transport.send("p00", Message(LEAVE, evil.me, 0, crowd.encode()))  # a sample of the crowd
+        await transport.send("p00", Message(LEAVE, evil.me, 0, crowd.encode(max_rows=None)))  # all of it
+        await asyncio.sleep(1.0)  # until both have arrived
+
+    run(main())
+    assert sorted(target.view.entries) == sorted(swarm.ids + [evil.me])
+    assert target.context.transport.counters.rejections["malformed"] == 1  # more rows than a message may carry
+
+
+def test_a_full_view_evicts_its_least_recently_active_peer_and_sends_a_bounded_sample():
+    view = View("me", [], max_entries=3)
+    view.merge({"old": Entry(1), "recent": Entry(5)})
+    view.merge({"new": Entry(3)})
+    assert sorted(view.entries) == ["me", "new", "recent"]
+    view.merge({"older": Entry(0)})  # no fresher than anything held: not taken
+    assert "older" not in view.entries
+    big = View("me", [f"p{i:04d}" for i in range(3000)])
+    big.touch("p0042", 9)
+    rows = decode_view(big.encode(), max_round=10)
+    assert len(rows) == MAX_SENT_ROWS and "me" in rows and rows["p0042"] == Entry(9)
+
+
+def test_claims_ratcheted_round_by_round_and_a_forged_final_model_neither_end_the_run_nor_install_a_model():
+    rounds = 30
+    swarm = Swarm(8, rounds=rounds, sample_size=2)
+    evil = evil_member(swarm, rounds)
+    transport = evil.context.transport
+    honest = list(swarm.ids)
+
+    async def attack():
+        await asyncio.sleep(0.05)
+        for step in range(1, 121):  # each claim 50 rounds past the one before
+            evil.view.touch(evil.me, 50 * step)
+            await asyncio.gather(*(transport.send(peer, evil._message(LEAVE, 50 * step)) for peer in honest))
+        poison = {"x": torch.full((1,), 1e30, dtype=torch.float64)}
+        evil.view.touch(evil.me, rounds - 1)
+        await asyncio.gather(*(transport.send(peer, evil._message(MODEL, rounds - 1, poison)) for peer in honest))
+
+    async def main():
+        for peer in honest:
+            swarm.start(peer)
+        await asyncio.gather(attack(), *(swarm.tasks[peer] for peer in honest))
+
+    run(main())
+    assert swarm.rounds_reported() == list(range(rounds))
+    assert all(abs(swarm.learners[peer].value.item()) < 1e3 for peer in honest)
+    refused = sum(swarm.protocols[peer].context.transport.counters.rejections["implausible"] for peer in honest)
+    assert refused >= len(honest) * 100  # most of the ratchet, and the final model, at every peer
+    assert all(swarm.protocols[peer].view.estimate() <= rounds for peer in honest)
+
+
+def test_a_newcomer_starts_from_the_median_of_the_rounds_it_is_told():
+    swarm = Swarm(4, rounds=3, sample_size=2)
+    swarm.add("p04", peers=swarm.ids, joining=True)
+    newcomer = swarm.protocols["p04"]
+    liar = swarm.protocols["p03"]
+    liar.view.touch(liar.me, 10**6)  # it answers the JOIN with a round nobody is at
+
+    async def main():
+        await newcomer._join()
+
+    run(main())
+    assert newcomer.view.estimate() == 0
+    assert newcomer.context.transport.counters.rejections["implausible"] == 1

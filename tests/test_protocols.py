@@ -297,17 +297,13 @@ def test_a_slow_peer_skips_ahead_to_its_neighbours_round_instead_of_stalling_the
     assert slow_rounds == sorted(set(slow_rounds))
 
 
-async def anyone(peer):
-    return True
-
-
 def test_catch_up_pulls_the_most_advanced_valid_snapshot():
     from gossip.catchup import SnapshotServer, catch_up
 
     network = SimNetwork()
     reference = {"x": torch.zeros(2, dtype=torch.float64)}
-    SnapshotServer(network.attach("old"), {"x": torch.ones(2, dtype=torch.float64)}, round_=40, admits=anyone)
-    SnapshotServer(network.attach("bad"), {"x": torch.ones(3, dtype=torch.float64)}, round_=50, admits=anyone)
+    SnapshotServer(network.attach("old"), {"x": torch.ones(2, dtype=torch.float64)}, round_=40)
+    SnapshotServer(network.attach("bad"), {"x": torch.ones(3, dtype=torch.float64)}, round_=50)
     network.attach("gone")
     network.crash("gone")
     joiner = network.attach("new")
@@ -320,7 +316,22 @@ def test_catch_up_pulls_the_most_advanced_valid_snapshot():
     assert run(catch_up(joiner, ["gone"], reference, timeout=2)) is None
 
 
-def test_a_snapshot_is_refused_to_a_peer_that_is_not_a_member():
+def test_a_snapshot_of_absurd_weights_is_refused_as_an_outlier_and_the_next_candidate_is_taken():
+    from gossip.catchup import SnapshotServer, catch_up
+
+    network = SimNetwork()
+    reference = {"x": torch.zeros(2, dtype=torch.float64)}
+    trained = {"x": torch.tensor([0.5, -3.0], dtype=torch.float64)}  # honest, and far from a fresh model
+    SnapshotServer(network.attach("absurd"), {"x": torch.full((2,), 1e30, dtype=torch.float64)}, round_=50)
+    SnapshotServer(network.attach("honest"), trained, round_=40)
+    joiner = network.attach("new")
+
+    state, round_ = run(catch_up(joiner, ["absurd", "honest"], reference, timeout=2))
+    assert round_ == 40 and torch.equal(state["x"], trained["x"])
+    assert joiner.counters.rejections == {"outlier": 1}
+
+
+def test_a_pull_from_a_peer_that_is_not_a_member_never_reaches_the_snapshot_server():
     from gossip.catchup import SnapshotServer, catch_up
 
     network = SimNetwork()
@@ -331,8 +342,8 @@ def test_a_snapshot_is_refused_to_a_peer_that_is_not_a_member():
         asked.append(peer)
         return peer == "member"
 
-    server = network.attach("server")
-    SnapshotServer(server, {"x": torch.ones(2, dtype=torch.float64)}, round_=40, admits=members_only)
+    server = network.attach("server", admits=members_only)
+    SnapshotServer(server, {"x": torch.ones(2, dtype=torch.float64)}, round_=40)
     stranger, member = network.attach("stranger"), network.attach("member")
     assert run(catch_up(stranger, ["server"], reference, timeout=2)) is None
     assert server.counters.rejections == {"not-member": 1}

@@ -1,8 +1,9 @@
 """SRRW on the simulated world: the walk, its self-repellence, meeting tokens, hostile messages and lost tokens.
 
-Every peer's model is one number that starts at 100 times the peer's index, and every visit
-adds 1 to the model the token carries, so the model a token ends with tells how many visits
-it made and from which peer it started.
+Every peer's model is one number that starts at 1000 plus 100 times the peer's index, and
+every visit adds 1 to the model the token carries, so the model a token ends with tells how many
+visits it made and from which peer it started. (Models of similar size: the outlier guard would
+rightly refuse a model hundreds of times the size of ours.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from gossip.message import Message
 from gossip.neighbourhood import GraphNeighbourhood
 from gossip.protocols import ProtocolContext
-from gossip.protocols.srrw import RECEIVED, SRRW, STATUS, TOKEN, UNKNOWN, WalkSettings, start_peer
+from gossip.protocols.srrw import DONE, RECEIVED, REVOKE, SRRW, STATUS, TOKEN, UNKNOWN, WalkSettings, start_peer
 from gossip.settings import GossipSettings
 from gossip.token import COUNTS_TENSOR, PEERS_TENSOR, Token, token_message
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile
@@ -58,7 +59,7 @@ class Walk:
         self.settings = WalkSettings(**{"patience": 2.0, **walk})
         self.gossip = GossipSettings(timeout=timeout)
         self.clock = SimClock(SpeedProfile(seconds_per_step))
-        self.learners = {peer: VectorLearner(torch.tensor([100.0 * i]), drift=1.0) for i, peer in enumerate(self.ids)}
+        self.learners = {peer: VectorLearner(torch.tensor([self.initial(peer)]), drift=1.0) for peer in self.ids}
         self.visits: list[tuple[str, int]] = []
         self.on_visit = None  # called with (peer, round) after each visit is recorded
         self.protocols: dict[str, SRRW] = {}  # each peer's current protocol (a restarted peer's new one)
@@ -119,8 +120,11 @@ class Walk:
     def holders(self):
         return [peer for peer, _ in self.visits]
 
+    def initial(self, peer):
+        return 1000.0 + 100.0 * self.ids.index(peer)
+
     def start_value(self, token_id=0):
-        return 100.0 * self.ids.index(start_peer(self.ids, token_id, self.seed))
+        return self.initial(start_peer(self.ids, token_id, self.seed))
 
     def value(self, peer):
         return self.learners[peer].value.item()
@@ -159,7 +163,7 @@ def test_the_token_carries_the_model_and_every_visit_trains_it_once():
     # Every other peer keeps what it last trained: the token's model at its last visit there.
     for peer in walk.ids:
         hops = [round_ + 1 for holder, round_ in walk.visits if holder == peer]
-        expected = start + hops[-1] if hops else 100.0 * walk.ids.index(peer)
+        expected = start + hops[-1] if hops else walk.initial(peer)
         assert walk.value(peer) == expected, peer
 
 
@@ -291,6 +295,75 @@ def test_malformed_tokens_are_refused_counted_and_leave_the_walk_alone():
     run(walk.run(attack()))
     assert walk.rejections("p2") == {"malformed": len(bad)}
     assert_walk_unaffected(walk)
+
+
+def test_a_member_s_token_with_an_absurd_model_or_an_unreachable_generation_is_refused():
+    walk = Walk("ring", 5, rounds=12, seed=0)
+    attacker = walk.network.attach("mallory")  # a member of the simulated world: admitted, and lying
+    absurd = forged(generation=1, model=torch.full((1,), 1e30, dtype=torch.float64))
+    exhausting = forged(generation=2**62 - 1, model=torch.full((1,), 1200.0, dtype=torch.float64))
+
+    async def refused(message):
+        with pytest.raises(TimeoutError):  # a refused token gets no answer
+            await attacker.request("p2", message, timeout=0.5)
+
+    async def attack():
+        await asyncio.sleep(0.05)  # while the token walks
+        await asyncio.gather(refused(absurd), refused(exhausting))
+
+    run(walk.run(attack()))
+    assert walk.rejections("p2") == {"outlier": 1, "implausible": 1}
+    assert_walk_unaffected(walk)
+
+
+def word(kind, token_id=0, generation=0, hop=0):
+    return Message(kind, "mallory", hop, meta={"token": token_id, "generation": generation})
+
+
+def test_a_revoke_from_a_member_that_never_handed_over_the_token_cannot_stop_the_walk():
+    walk = Walk("ring", 5, rounds=12, seed=0)
+    attacker = walk.network.attach("mallory")
+
+    async def attack():
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*(attacker.send(peer, word(REVOKE, generation=2**62 - 1, hop=1)) for peer in walk.ids))
+
+    run(walk.run(attack()))
+    assert all(walk.rejections(peer) == {"implausible": 1} for peer in walk.ids)
+    assert_walk_unaffected(walk)
+
+
+def test_one_member_s_word_that_a_token_is_done_ends_no_run():
+    walk = Walk("ring", 5, rounds=12, seed=0)
+    attacker = walk.network.attach("mallory")
+
+    async def attack():
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*(attacker.send(peer, word(DONE, hop=walk.rounds)) for peer in walk.ids))
+        await asyncio.gather(*(attacker.send(peer, word(DONE, hop=3)) for peer in walk.ids))  # not the last hop
+
+    run(walk.run(attack()))
+    assert all(walk.rejections(peer) == {"implausible": 1} for peer in walk.ids)
+    assert_walk_unaffected(walk)
+    assert all(protocol.finished() for protocol in walk.protocols.values())
+
+
+def test_word_that_a_token_is_done_counts_from_the_peer_it_went_to_or_from_two_peers():
+    walk = Walk("ring", 5, rounds=12, seed=0)
+    off_path, on_path = walk.protocols["p0"], walk.protocols["p2"]
+    off_path._successor[0] = "p1"
+    on_path._successor[0] = "p3"
+
+    async def hear():
+        off_path._done_word(0, 0, "p3")
+        assert not off_path.finished()  # one peer off the token's path: not yet
+        off_path._done_word(0, 0, "p3")
+        assert not off_path.finished()  # the same peer again
+        off_path._done_word(0, 0, "p4")
+        on_path._done_word(0, 0, "p3")
+
+    run(hear())
+    assert off_path.finished() and on_path.finished()
 
 
 def test_a_token_with_a_model_of_the_wrong_shape_is_counted_as_an_invalid_model():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gossip.sampling import Liveness, hash_order
-from gossip.view import VIEW_TENSOR, Entry, View, ViewError, decode_view
+from gossip.view import VIEW_TENSOR, Entry, RoundAllowance, View, ViewError, decode_view
 from tests.sim_swarm import run
 
 
@@ -127,3 +127,42 @@ def test_first_live_returns_fewer_when_the_order_runs_out():
         return peer == "a"
 
     assert run(Liveness(ping).first_live(["x", "a", "y"], 2, lambda peer: 0)) == ["a"]
+
+
+def test_a_heard_view_gives_the_senders_own_row_whole_and_only_the_activity_of_others():
+    view = View("me", ["a", "b"])
+    view.hear("a", {"a": Entry(4, 1, True), "b": Entry(6, 9, True), "me": Entry(8, 5, True)}, known=())
+    assert view.entries["a"] == Entry(4, 1, True)
+    assert view.entries["b"] == Entry(6, 0, False)  # nobody but b makes b leave
+    assert view.entries["me"] == Entry(0)  # and nobody but us speaks for us
+
+
+def test_a_heard_view_adds_only_peers_known_to_be_members():
+    view = View("me", ["a"])
+    view.hear("a", {"a": Entry(1), "member": Entry(2), "made-up": Entry(3)}, known={"member"})
+    assert sorted(view.entries) == ["a", "me", "member"]
+
+
+def test_a_peer_raises_its_own_index_by_two_at_most_per_message():
+    view = View("me", ["a"])
+    view.hear("a", {"a": Entry(0, 2**40, True)}, known=())
+    assert view.entries["a"] == Entry(0, 2, True)
+    view.hear("a", {"a": Entry(0, 3, False)}, known=())  # its next JOIN still wins
+    assert view.entries["a"] == Entry(0, 3, False)
+
+
+def test_the_allowance_lets_claims_jump_a_burst_then_follow_the_rate():
+    allowance = RoundAllowance(burst=100, rate=10.0)
+    assert allowance.ceiling(0, now=0.0) == 100
+    allowance.spend(0, 100)
+    assert allowance.ceiling(100, now=0.0) == 100  # spent: no further now
+    assert allowance.ceiling(100, now=2.0) == 120  # 2 s at 10 rounds a second
+    assert allowance.ceiling(100, now=1000.0) == 200  # never more than a burst ahead
+
+
+def test_capping_brings_every_activity_back_to_the_bound():
+    view = View("me", ["a"])
+    view.merge({"a": Entry(50, 1, True)})
+    view.touch("me", 70)
+    view.cap(30)
+    assert view.entries == {"a": Entry(30, 1, True), "me": Entry(30)}

@@ -14,9 +14,20 @@ takes the first ones that answer a ping (``gossip.sampling``). Round r at messag
 Views (``gossip.view``) travel with every message. What the authors' code lacked, and this has:
 a trainer that gets no acknowledgement, or no word that its round was done, forwards its model
 to the next live aggregator in the order; the aggregator of round r restarts round r + 1 when
-nobody reports it done; failed pings are remembered; rounds too far ahead are refused. The
-aggregator of the last round sends the final model to every peer it knows, and marks the run
-finished in its view, which the others' heartbeats pick up.
+nobody reports it done; failed pings are remembered. The aggregator of the last round sends the
+final model to every peer it knows, and marks the run finished in its view, which the others'
+heartbeats pick up.
+
+What a peer believes, since any member may lie:
+- Rounds: a claim may move our estimate ``max_round_lead`` rounds at once and then no faster than
+  ``max_round_rate`` rounds a second (``gossip.view.RoundAllowance``); a message past that is
+  refused. A newcomer starts from the median of what the peers it JOINs report.
+- The end of the run: a round at or past the last counts only from a peer that could have
+  aggregated the last round (among the first ``aggregators + sample_size`` of that round's order)
+  speaking of itself; anybody else's word moves us to the last round at most. A peer stuck there
+  with nothing left to restart stops. The same holds for word that a round was done.
+- Models: an aggregated model, the final one included, passes the outlier guard and the mixing
+  rule before it is trained on or kept (``gossip.robust``), like every model averaged here.
 """
 
 from __future__ import annotations
@@ -37,11 +48,11 @@ from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.model_codec import ModelMessages, exchanged
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
-from gossip.robust import mix_screened
+from gossip.robust import mix_screened, screen
 from gossip.sampling import Liveness, hash_order
 from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState
-from gossip.view import VIEW_TENSOR, Entry, View, ViewError, decode_view
+from gossip.view import VIEW_TENSOR, Entry, RoundAllowance, View, ViewError, decode_view
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +78,8 @@ class ModestSettings:
     round_timeout: float = 120.0  # without word that a round was done, a trainer forwards and the previous aggregator restarts it
     heartbeat: float = 10.0  # a peer that heard nothing for this long pings someone, keeping both views fresh
     inactivity_rounds: int = 500  # peers not seen active for this many rounds are not sampled
-    max_round_lead: int = 100  # rounds further ahead of our estimate than this are refused
+    max_round_lead: int = 100  # rounds others' claims may move our estimate at once
+    max_round_rate: float = 1000.0  # rounds a second they may move it after that: faster than an honest swarm goes
     join_fanout: int = 10  # a JOIN or LEAVE goes to this many times s peers of the view
 
     def __post_init__(self) -> None:
@@ -79,6 +91,8 @@ class ModestSettings:
             raise ValueError(f"success fraction must be in (0, 1], got {self.success_fraction}")
         if self.min_models < 1:
             raise ValueError(f"min models must be at least 1, got {self.min_models}")
+        if not self.max_round_rate > 0:
+            raise ValueError(f"max round rate must be > 0 rounds a second, got {self.max_round_rate}")
 
     @property
     def models_needed(self) -> int:
@@ -115,6 +129,7 @@ class MoDeST(Protocol):
         transport = context.transport
         self.me = transport.peer_id
         self.view = View(self.me, peers)
+        self.allowance = RoundAllowance(settings.max_round_lead, settings.max_round_rate)
         self.liveness = Liveness(self._ping)
         self.models = ModelMessages(context.learner.state(), parse_codec(context.gossip.codec))
         self._rng = random.Random(self.me)
@@ -141,6 +156,7 @@ class MoDeST(Protocol):
 
     async def run(self, rounds: int, first_round: int = 0) -> None:
         self.rounds = rounds
+        self.view.cap(rounds - 1)  # nobody has finished a run that starts now; what came before is hearsay
         self._started.set()
         self._last_heard = self.context.clock.now()
         try:
@@ -149,7 +165,7 @@ class MoDeST(Protocol):
             elif self.me in hash_order(self.view.candidates(0, self.settings.inactivity_rounds), 0)[: self.settings.sample_size]:
                 # Round 0's trainers are the first of its order: at the start every peer is up.
                 self._start_training(0, None, None)
-            progress = (self.view.estimate(), self.context.clock.now())
+            progress = (self._progress(), self.context.clock.now())
             while not self.finished.is_set():
                 if self.view.estimate() >= rounds:
                     break
@@ -159,19 +175,25 @@ class MoDeST(Protocol):
                 now = self.context.clock.now()
                 if now - self._last_heard >= self.settings.heartbeat:
                     await self._heartbeat()
-                if self.view.estimate() > progress[0]:
-                    progress = (self.view.estimate(), now)
+                if self._progress() != progress[0]:
+                    progress = (self._progress(), now)
                 elif now - progress[1] >= self._restart_delay() and not self.finished.is_set():
+                    if self.view.estimate() >= rounds - 1:
+                        break  # the last round is behind us, though word of its end is not: nothing to restart
                     await self._restart_stalled()
-                    progress = (self.view.estimate(), self.context.clock.now())
+                    progress = (self._progress(), self.context.clock.now())
         finally:
             self._stopped = True
             for task in self._tasks:
                 task.cancel()
 
+    def _progress(self) -> tuple[int, int, int]:
+        """What moves while the swarm works: the estimate, and the rounds this peer trains and averages."""
+        return self.view.estimate(), self.training_round, len(self._aggregated)
+
     def save_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The view: who the swarm's peers are, and when each was last active, joined or left."""
-        return self.view.encode(), {}
+        return self.view.encode(max_rows=None), {}
 
     def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         try:
@@ -190,9 +212,14 @@ class MoDeST(Protocol):
     async def _join(self) -> None:
         self.view.announce(left=False)
         request = self._message(JOIN, 0)
-        replies = await asyncio.gather(*(self._request(peer, request, bounded=False) for peer in self._fanout()))
-        if not any(reply is not None for reply in replies):
+        replies = [r for r in await asyncio.gather(*(self._ask(peer, request) for peer in self._fanout())) if r is not None]
+        if not replies:
             log.warning("%s: no peer answered our JOIN; waiting to be found", self.me)
+        # The swarm may be far past our estimate; a liar among those who answered cannot set it.
+        reported = sorted(reply.round for reply in replies)
+        median = reported[(len(reported) - 1) // 2] if reported else 0
+        for reply in replies:
+            self._accept(reply, max_round=max(median, self.view.estimate()) + self.settings.max_round_lead)
         self.view.touch(self.me, self.view.estimate())
 
     def _restart_delay(self) -> float:
@@ -233,30 +260,56 @@ class MoDeST(Protocol):
             meta.update(model_meta)
         return Message(kind, self.me, round_, tensors, meta=meta, codec=codec)
 
-    def _view_of(self, message: Message, *, bounded: bool = True) -> dict[PeerId, Entry] | None:
-        """The view a message carries; None (counted) when it is malformed or too far ahead."""
-        max_round = self.view.estimate() + self.settings.max_round_lead if bounded else 2**62
+    def _view_of(self, message: Message, *, max_round: int | None = None) -> dict[PeerId, Entry] | None:
+        """The view a message carries; None (counted) when it is malformed, or claims a round past
+        ``max_round`` (by default, the ceiling of our allowance)."""
         try:
-            if message.round > max_round:
-                raise ViewError(f"round {message.round} is beyond the {max_round} accepted")
-            return decode_view(message.tensors, max_round=max_round)
+            if message.round < 0:
+                raise ViewError(f"round {message.round} is negative")
+            entries = decode_view(message.tensors, max_round=MAX_CHECKPOINT_ROUND)
         except ViewError as reason:
-            self.context.transport.counters.reject("malformed")
-            log.warning("%s: refused a %s from %s: %s", self.me, message.kind, message.sender, reason)
-            return None
+            return self._refuse(message, "malformed", str(reason))
+        if max_round is None:
+            max_round = self.allowance.ceiling(self.view.estimate(), self.context.clock.now())
+        claimed = max(message.round, *(entry.active for entry in entries.values()))
+        if claimed > max_round:
+            return self._refuse(message, "implausible", f"it claims round {claimed}, past the {max_round} the swarm can be at")
+        return entries
 
-    def _accept(self, message: Message, *, bounded: bool = True) -> bool:
+    def _refuse(self, message: Message, reason: str, detail: str) -> None:
+        self.context.transport.counters.reject(reason)
+        log.warning("%s: refused a %s from %s (%s): %s", self.me, message.kind, message.sender, reason, detail)
+
+    def _accept(self, message: Message, *, max_round: int | None = None) -> bool:
         """Merge the view a message carries, and take the message as a sign of life."""
-        entries = self._view_of(message, bounded=bounded)
+        entries = self._view_of(message, max_round=max_round)
         if entries is None:
             return False
-        self.view.merge(entries)
-        self.view.touch(message.sender, message.round)
+        sender, before = message.sender, self.view.estimate()
+        capped = {peer: Entry(self._cap(sender, peer, e.active), e.index, e.left) for peer, e in entries.items()}
+        newcomers = any(peer not in self.view.entries for peer in entries)
+        self.view.hear(sender, capped, set(self.context.transport.reachable()) if newcomers else ())
+        self.view.touch(sender, self._cap(sender, sender, message.round))
+        self.allowance.spend(before, self.view.estimate())
         for peer, entry in entries.items():
             self.liveness.seen_active(peer, entry.active)
         self.liveness.heard_from(message.sender)
         self._last_heard = self.context.clock.now()
         return True
+
+    def _cap(self, sender: PeerId, peer: PeerId, active: int) -> int:
+        """An activity as far as we believe it: the run's end only from a peer that could have
+        aggregated the last round, about itself; from anyone else, the last round at most."""
+        last = self.rounds - 1
+        if not self.rounds or active <= last or (peer == sender and self._could_aggregate(sender, last)):
+            return active
+        return last
+
+    def _could_aggregate(self, peer: PeerId, round_: int) -> bool:
+        """Whether ``peer`` is early enough in ``round_``'s order to average it: one of its first
+        aggregators, or one that trainers reached past a sample's worth of dead ones."""
+        order = hash_order(self.view.candidates(round_, self.settings.inactivity_rounds), round_)
+        return peer in order[: self.settings.aggregators + self.settings.sample_size]
 
     def _model(self, message: Message) -> State | None:
         """The model a message carries, or None (counted) when it is not one we can use."""
@@ -278,13 +331,17 @@ class MoDeST(Protocol):
             log.info("%s: could not send to %s: %r", self.me, peer, reason)
             return False
 
-    async def _request(self, peer: PeerId, message: Message, *, bounded: bool = True) -> Message | None:
+    async def _ask(self, peer: PeerId, message: Message) -> Message | None:
+        """The reply to a request, not yet looked at; None when none came."""
         timeout = self.context.gossip.timeout if message.kind == TRAINED else self.settings.ping_timeout
         try:
-            reply = await self.context.transport.request(peer, message, timeout=timeout)
+            return await self.context.transport.request(peer, message, timeout=timeout)
         except (TimeoutError, PeerUnreachable):
             return None
-        return reply if self._accept(reply, bounded=bounded) else None
+
+    async def _request(self, peer: PeerId, message: Message) -> Message | None:
+        reply = await self._ask(peer, message)
+        return reply if reply is not None and self._accept(reply) else None
 
     async def _ping(self, peer: PeerId) -> bool:
         if peer == self.me:
@@ -305,8 +362,8 @@ class MoDeST(Protocol):
 
     def _merge_pending_joins(self) -> None:
         if self._pending_joins:
-            self.view.merge(self._pending_joins)
-            for peer in self._pending_joins:
+            for peer, entry in self._pending_joins.items():
+                self.view.hear(peer, {peer: entry}, known=())
                 self.view.touch(peer, self.view.estimate())
             self._pending_joins = {}
 
@@ -314,8 +371,12 @@ class MoDeST(Protocol):
         self._accept(message)
 
     async def _on_done(self, message: Message) -> None:
-        if self._accept(message):
-            self._done.setdefault(message.round, asyncio.Event()).set()
+        if not self._accept(message):
+            return
+        if not self._could_aggregate(message.sender, message.round):
+            self._refuse(message, "implausible", f"it did not aggregate round {message.round}")
+            return
+        self._done.setdefault(message.round, asyncio.Event()).set()
 
     # --- training ------------------------------------------------------------------------
 
@@ -340,16 +401,31 @@ class MoDeST(Protocol):
     async def _on_model(self, message: Message) -> None:
         if not self._accept(message) or not await self._ready():
             return
+        last = message.round >= self.rounds - 1
+        if last and not self._could_aggregate(message.sender, self.rounds - 1):
+            self._refuse(message, "implausible", "a final model from a peer that did not aggregate the last round")
+            return
         state = self._model(message)
+        if state is not None:
+            state = self._screened(message, state)
         if state is None:
             return
-        if message.round >= self.rounds - 1:
+        if last:
             async with self._learner_lock:
                 self.context.learner.load_state(state)  # the final model
             self.finished.set()
         elif message.round + 1 > self.training_round:
             self._start_training(message.round + 1, state, message.sender)
         # Otherwise a later copy of a round we already train: the first copy wins.
+
+    def _screened(self, message: Message, state: State) -> State | None:
+        """An aggregated model through the outlier guard and the mixing rule, as every model mixed
+        here; None (counted) when the guard stops it. With no weight on ours, the rule gives it back."""
+        own = exchanged(self.context.learner.state())
+        kept = screen(self.context.transport, own, {message.sender: (1.0, state)}, message.round)
+        if not kept:
+            return None
+        return {**state, **self.context.gossip.mixing.mix(own, 0.0, list(kept.values()))}
 
     async def _train(self, round_: int, state: State | None, parent: PeerId | None) -> None:
         learner = self.context.learner

@@ -16,6 +16,18 @@ neighbour, one generation up. Copies older than what a peer has seen are dropped
 (``gossip.token``), and a re-issue sends word of the new generation along the old copy's path,
 so a false alarm does not leave two copies walking. The holder of a token's last hop floods
 word that it is done; each peer's run ends once all K tokens are.
+
+Words that end or redirect a walk come from any member, and a member may lie, so each is taken
+only from a peer that could say it:
+- A token's model passes the outlier guard (``gossip.robust``) against the last model this peer
+  trained, and its generation is at most ``MAX_GENERATION_STEP`` above the newest seen here: a
+  forged copy cannot carry an absurd model, nor use up the generations a re-issue needs.
+- REVOKE counts only from the peer that last handed us that token (the custodian chain a
+  re-issue's word travels along), within the same generation step.
+- DONE names the last hop, and counts from a peer next to us on the token's path (whom we took
+  it from or handed it to), or once two peers have said it; a peer with a single neighbour takes
+  its word. Word of a token's end travels on only once it counts here, so one liar's word stays
+  where it was said.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import torch
 
 from gossip.message import Message, PeerId
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.robust import screen
 from gossip.token import Token, TokenError, TokenLedger, average_states, read_token, token_message
 from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState
@@ -47,6 +60,10 @@ HELLO, WELCOME = "srrw-hello", "srrw-welcome"  # a peer that (re)joins asks whic
 HOLDING, GONE_ON, UNKNOWN = "holding", "passed", "unknown"  # a receiver's answer to CHECK
 SUSPICION_PATIENCES = 4  # how long a peer that failed us is avoided, in patiences
 DONE_TENSOR, SEEN_TENSOR = "done", "seen"  # a WELCOME's bitmasks of token ids
+# Re-issues of a token between two sightings of it here: more than an unlucky walk makes, and few
+# enough that the generations left for re-issues (up to 2**62) cannot be used up.
+MAX_GENERATION_STEP = 64
+DONE_WITNESSES = 2  # distinct peers whose word that a token is done counts without a path to vouch for it
 
 
 @dataclass(frozen=True)
@@ -109,11 +126,14 @@ class SRRW(Protocol):
         self.me = context.transport.peer_id
         self.ledger = TokenLedger()
         self.rounds = 0
-        self._reference = context.learner.state()
+        self._reference = context.learner.state()  # the layout every token's model must have
+        self._trained = self._reference  # the last model this peer trained: what the outlier guard measures from
         self._rng = random.Random(f"{seed}:{self.me}")
         self._present: dict[int, Token] = {}  # tokens at this peer: arrived and not yet taken by a next holder
         self._custody: dict[int, _Custody] = {}
         self._successor: dict[int, PeerId] = {}  # whom we last handed each token to: where word of it goes on
+        self._predecessor: dict[int, PeerId] = {}  # whom we last took each token from
+        self._done_said: dict[int, set[PeerId]] = {}  # who said a token is done, while that does not count yet
         self._done: set[int] = set()
         self._all_done = asyncio.Event()
         self._suspected: dict[PeerId, float] = {}  # peers that did not answer, until when they are avoided
@@ -223,7 +243,7 @@ class SRRW(Protocol):
             learner.reset_optimizer()  # momentum belongs to this peer's last token, not to this one
             learner.set_progress((token.hop - 1) * steps)  # the step size beta_n follows the token's hop
             loss = await self.context.clock.compute(learner.train, steps, steps=steps)
-            token.state = learner.state()
+            token.state = self._trained = learner.state()
             await self.context.round_finished(RoundReport(token.hop - 1, loss, local_steps=steps))
         return True
 
@@ -314,14 +334,15 @@ class SRRW(Protocol):
         peer this one can reach, and each of them tells its neighbours: crashes may have cut the
         graph, not the network)."""
         self._release(token)
-        self._mark_done(token.id, also=self.context.transport.reachable())
+        self._mark_done(token.id, token.generation, also=self.context.transport.reachable())
 
-    def _mark_done(self, token_id: int, also: list[PeerId] = ()) -> None:
+    def _mark_done(self, token_id: int, generation: int, also: list[PeerId] = ()) -> None:
         if token_id in self._done:
             return
         self._done.add(token_id)
+        self._done_said.pop(token_id, None)
         self._end_custody(token_id)
-        word = self._word(DONE, token_id, self.ledger.newest.get(token_id, (0, 0)))
+        word = self._word(DONE, token_id, (generation, self.rounds))
         for peer in sorted(self.context.neighbourhood.linked(0) | set(also)):
             self._tell(peer, word)
         if len(self._done) >= self.settings.tokens:
@@ -389,6 +410,13 @@ class SRRW(Protocol):
         self._suspected.pop(message.sender, None)  # a sign of life
         return token_id, (generation, message.round)
 
+    def _plausible_generation(self, token_id: int, generation: int) -> bool:
+        return generation <= self.ledger.newest.get(token_id, (0, 0))[0] + MAX_GENERATION_STEP
+
+    def _implausible(self, message: Message, token_id: int, why: str) -> None:
+        self.context.transport.counters.reject("implausible")
+        log.warning("%s: refused a %s from %s about token %d: %s", self.me, message.kind, message.sender, token_id, why)
+
     async def _send(self, peer: PeerId, message: Message) -> None:
         try:
             async with self.context.clock.timeout(self.context.gossip.timeout):
@@ -413,12 +441,18 @@ class SRRW(Protocol):
         if not self.context.neighbourhood.admits(message.sender):
             transport.counters.reject("incompatible")
             return None
+        if not self._plausible_generation(token.id, token.generation):
+            self._implausible(message, token.id, f"generation {token.generation} is out of reach of the newest seen here")
+            return None
+        if not screen(transport, self._trained, {message.sender: (1.0, token.state)}, token.hop):
+            return None
         self._suspected.pop(message.sender, None)  # a sign of life
         if token.id in self._done or not self.ledger.note(token.id, token.key):
             transport.counters.reject("stale-token")
             log.info("%s: token %d from %s at %s is older than one seen here", self.me, token.id, message.sender, token.key)
             return Message(RECEIVED, self.me, token.hop, meta={"taken": False})
         self._end_custody(token.id)  # it came back to us: our copy of an earlier hop is moot
+        self._predecessor[token.id] = message.sender
         self._present[token.id] = token
         self._spawn(self._carry(token, visit=True))
         return Message(RECEIVED, self.me, token.hop, meta={"taken": True})
@@ -448,9 +482,17 @@ class SRRW(Protocol):
 
     async def _on_revoke(self, message: Message) -> None:
         word = self._read_word(message)
-        if word is None or not self.ledger.note(*word):
+        if word is None:
             return
-        token_id = word[0]
+        token_id, (generation, _) = word
+        if self._predecessor.get(token_id) != message.sender:
+            self._implausible(message, token_id, "it did not hand us that token")
+            return
+        if not self._plausible_generation(token_id, generation):
+            self._implausible(message, token_id, f"generation {generation} is out of reach of the newest seen here")
+            return
+        if not self.ledger.note(*word):
+            return
         here = self._present.get(token_id)
         if here is not None:
             self._dropped(here)
@@ -465,13 +507,29 @@ class SRRW(Protocol):
         word = self._read_word(message)
         if word is None:
             return
-        token_id = word[0]
+        token_id, (generation, hop) = word
+        if hop != self.rounds:
+            self._implausible(message, token_id, f"a token is done at hop {self.rounds}, not {hop}")
+        elif not self._plausible_generation(token_id, generation):
+            self._implausible(message, token_id, f"generation {generation} is out of reach of the newest seen here")
+        else:
+            self._done_word(token_id, generation, message.sender)
+
+    def _done_word(self, token_id: int, generation: int, sender: PeerId) -> None:
+        """Word from ``sender`` that a token is done; it counts from a peer next to us on the
+        token's path, or once enough peers have said it (see the module's notes)."""
         if token_id in self._done:
+            return
+        said = self._done_said.setdefault(token_id, set())
+        said.add(sender)
+        witnesses = min(DONE_WITNESSES, len(self.context.neighbourhood.linked(0)))
+        path = {self._predecessor.get(token_id), self._successor.get(token_id)}
+        if sender not in path and len(said) < witnesses:
             return
         here = self._present.get(token_id)
         if here is not None:  # a copy left behind: the token finished elsewhere
             self._release(here, stale=True)
-        self._mark_done(token_id)
+        self._mark_done(token_id, generation)
 
     async def _on_hello(self, message: Message) -> Message:
         return Message(WELCOME, self.me, 0, {DONE_TENSOR: self._bits(self._done), SEEN_TENSOR: self._bits(self.ledger.newest)})
@@ -500,7 +558,7 @@ class SRRW(Protocol):
                 continue
             for token_id in range(self.settings.tokens):
                 if int(done[token_id // 8]) >> (token_id % 8) & 1:
-                    self._mark_done(token_id)
+                    self._done_word(token_id, self.ledger.newest.get(token_id, (0, 0))[0], reply.sender)
                 if int(seen[token_id // 8]) >> (token_id % 8) & 1:
                     known.add(token_id)
         return known | self._done

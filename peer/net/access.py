@@ -11,12 +11,12 @@ restricts a swarm to listed peer ids, on records and on streams alike.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import os
 import secrets
 import struct
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,12 @@ _STAMP = struct.Struct(">d")
 STREAM_PROOF_BYTES = _STAMP.size + _NONCE_BYTES + hashlib.sha256().digest_size
 # Clocks of members may differ by this much; a stream proof older than this is refused.
 PROOF_WINDOW_SECONDS = 120.0
+# How far ahead of ours a sender's clock may run. A proof stays valid until its stamp is
+# PROOF_WINDOW_SECONDS old, so a stamp from the future would make a proof usable (and its nonce
+# worth remembering) for longer; tight, because clocks kept by NTP agree within a second. The
+# trade-off: a member whose clock runs further ahead than this is refused (stale-proof) by the
+# others until it is set right, though it still accepts theirs.
+PROOF_FUTURE_SECONDS = 10.0
 # Nonces remembered against replay: at one stream per message this is hundreds per second for the window.
 MAX_REMEMBERED_NONCES = 1 << 17
 
@@ -183,12 +189,17 @@ PUBLIC = Access()
 
 
 class StreamProofs:
-    """Checks the proof that opens each incoming stream, and remembers nonces against replay."""
+    """Checks the proof that opens each incoming stream, and remembers nonces against replay.
+
+    A nonce is remembered until its proof's stamp is too old to be accepted, so a replay is
+    refused as ``replayed`` for as long as it would otherwise pass.
+    """
 
     def __init__(self, access: Access, me: PeerId):
         self.access = access
         self.me = me
-        self._nonces: OrderedDict[bytes, float] = OrderedDict()
+        self._nonces: set[bytes] = set()
+        self._expiries: list[tuple[float, bytes]] = []  # a heap: the nonce to forget first on top
 
     def check(self, sender: PeerId, proof: bytes, now: float | None = None) -> str | None:
         """None when the proof holds; otherwise the reason to count: not-member, stale-proof, replayed, over-capacity."""
@@ -201,16 +212,18 @@ class StreamProofs:
         if not hmac.compare_digest(mac, self.access._mac(b"stream", sender.encode(), self.me.encode(), stamp, nonce)):
             return "not-member"
         (sent,) = _STAMP.unpack(stamp)
-        if not abs(now - sent) <= PROOF_WINDOW_SECONDS:  # NaN fails this too
+        if not now - PROOF_WINDOW_SECONDS <= sent <= now + PROOF_FUTURE_SECONDS:  # NaN fails this too
             return "stale-proof"
-        self._forget_before(now - PROOF_WINDOW_SECONDS)
+        self._forget_expired(now)
         if nonce in self._nonces:
             return "replayed"
         if len(self._nonces) >= MAX_REMEMBERED_NONCES:
             return "over-capacity"
-        self._nonces[nonce] = now
+        self._nonces.add(nonce)
+        heapq.heappush(self._expiries, (sent + PROOF_WINDOW_SECONDS, nonce))
         return None
 
-    def _forget_before(self, oldest: float) -> None:
-        while self._nonces and next(iter(self._nonces.values())) < oldest:
-            self._nonces.popitem(last=False)
+    def _forget_expired(self, now: float) -> None:
+        """Forget the nonces of proofs whose stamps are too old to be accepted any more."""
+        while self._expiries and self._expiries[0][0] < now:
+            self._nonces.remove(heapq.heappop(self._expiries)[1])

@@ -28,7 +28,7 @@ from gossip.settings import GossipSettings
 from gossip.transport import Clock
 from gossip.view import Entry
 from gossip.wire import Limits
-from peer.checkpoint import Checkpoint, CheckpointError, check_fits, read_checkpoint, write_checkpoint
+from peer.checkpoint import Checkpoint, CheckpointError, check_fits, check_progress, read_checkpoint, write_checkpoint
 from peer.config import ConfigError, RunConfig
 from peer.curve import LatestAccuracies, time_to_target
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
@@ -119,6 +119,8 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
     if config.out:
         prepare_out(config.out)
     resumed = read_checkpoint(config.out) if config.resume else None  # before any work, should there be none
+    if resumed:
+        check_progress(resumed, config.out / "metrics.jsonl", config.rounds)
     start_reaper()  # the DHT process and its daemon die with this process, even when it is killed outright
     live = None
     if config.metrics_port is not None:
@@ -181,7 +183,7 @@ async def _run_peer(
         )
         transport = P2PTransport(
             p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view, access=access,
-            addresses=membership.addresses,
+            addresses=membership.addresses, admits=membership.is_member, exchange_timeout=config.exchange_timeout,
         )
         if live:
             live.counters = transport.counters
@@ -197,7 +199,7 @@ async def _run_peer(
         # MoDeST does not catch up (a newcomer JOINs and waits to be sampled), nor does a token walk
         # (a newcomer waits for a token), so they serve no snapshots.
         snapshots = (
-            None if modest or config.algorithm == "srrw" else SnapshotServer(transport, state, admits=membership.is_member)
+            None if modest or config.algorithm == "srrw" else SnapshotServer(transport, state)
         )
         neighbourhood: OverlayNeighbourhood | None = None
         aggregated: set[int] = set()  # rounds this peer recorded (with MoDeST: the rounds it averaged)
@@ -344,6 +346,7 @@ async def _run_peer(
             "bytes_sent": transport.counters.bytes_sent,
             "bytes_received": transport.counters.bytes_received,
             "rejected": transport.counters.rejected,
+            "rejections": dict(transport.counters.rejections),
             "missed_exchanges": metrics.missed_exchanges,
             "local_steps_total": metrics.local_steps,
             "slowdown": config.slowdown,
@@ -401,7 +404,8 @@ async def _leave(membership: Membership | None, transport: P2PTransport | None, 
 
 def resume_training(checkpoint: Checkpoint, trainer: Trainer, task_name: str, algorithm: str, digest: str) -> None:
     """Load ``checkpoint`` into ``trainer``; CheckpointError, with nothing loaded, when it is another
-    run's. The protocol's part is loaded once the protocol exists."""
+    run's or its model is far from any that training reaches from the trainer's fresh one. The
+    protocol's part is loaded once the protocol exists."""
     check_fits(checkpoint, fingerprint=digest, task=task_name, algorithm=algorithm, model=trainer.state())
     try:
         trainer.load_training_state(checkpoint.training)

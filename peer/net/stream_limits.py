@@ -2,9 +2,18 @@
 
 Anyone who can reach our p2p daemon can open streams to us, so the transport admits a stream
 only within caps on open streams (per peer and in all), gives its header a short deadline and
-its payload one that follows the payload's size, makes a payload reserve its bytes from a
-budget before they are buffered, and ignores for a while a peer whose streams keep being
-refused. Every table here is bounded, so made-up identities cannot grow one.
+its payload one that follows the payload's size, makes a header and then a payload reserve
+their bytes from a budget before they are buffered, and ignores for a while a peer whose
+streams keep being refused. Every table here is bounded, so made-up identities cannot grow one.
+
+The budget of buffered bytes (``ByteBudget``) has a fixed share per sender: one sender's
+streams together hold at most ``buffered_messages_per_sender`` messages of the largest size,
+all senders together at most ``buffered_messages``. A header reserves the length its prefix
+announces before it is read, and keeps it while its payload's size is reserved and read. So
+however many streams a few senders keep stalled, a sender holding nothing finds room at once
+while at most (buffered_messages - 1) // buffered_messages_per_sender others (7 by default)
+hold their whole share. The share does not grow while few senders hold bytes: room a sender
+took while it was alone could not be taken back from it when others came.
 """
 
 from __future__ import annotations
@@ -26,9 +35,11 @@ class StreamLimits:
 
     max_streams: int = 256  # open incoming streams, all peers together
     max_streams_per_peer: int = 8
-    # Payload bytes buffered across all incoming streams, in payloads of the largest size that
-    # Limits allows; a payload past the budget waits (within its deadline) for others to finish.
-    buffered_payloads: int = 16
+    # Bytes buffered across all incoming streams, headers and payloads, in messages of the largest
+    # size that Limits allows (its largest header and payload); a header or payload past the budget,
+    # or past its sender's share of it, waits (within its deadline) for others to finish.
+    buffered_messages: int = 16
+    buffered_messages_per_sender: int = 2
     header_timeout: float = 5.0  # seconds from admission until the header has arrived
     # The payload's deadline, counted from its header: a grace plus its size at this rate
     # (125 kB/s = 1 Mbit/s, well below any link a peer trains over).
@@ -48,6 +59,11 @@ class StreamLimits:
         if self.max_streams_per_peer > self.max_streams:
             raise ValueError(
                 f"StreamLimits.max_streams_per_peer ({self.max_streams_per_peer}) exceeds max_streams ({self.max_streams})"
+            )
+        if self.buffered_messages_per_sender > self.buffered_messages:
+            raise ValueError(
+                f"StreamLimits.buffered_messages_per_sender ({self.buffered_messages_per_sender}) exceeds "
+                f"buffered_messages ({self.buffered_messages})"
             )
 
     def payload_timeout(self, size: int) -> float:
@@ -83,32 +99,52 @@ class OpenStreams:
 
 
 class ByteBudget:
-    """Payload bytes that incoming streams hold at once. A payload reserves its announced size
-    before its buffer exists, waiting while the budget is spent, and returns it when read."""
+    """Bytes that incoming streams hold at once: at most ``share`` for one sender's streams
+    together and ``capacity`` for all. A header or payload reserves its announced size before its
+    buffer exists, waiting while its sender's share or the budget is spent, and returns it when
+    done with."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, share: int):
+        if share > capacity:
+            raise ValueError(f"a sender's share of {share} bytes exceeds the budget of {capacity}")
         self.capacity = capacity
+        self.share = share
         self.used = 0
         self.peak = 0  # the most ever reserved at once
+        # Only senders that hold bytes now, so at most one entry per open stream.
+        self._held: Counter[PeerId] = Counter()
         self._waiters: list[asyncio.Future[None]] = []
 
+    def held_by(self, sender: PeerId) -> int:
+        return self._held[sender]
+
+    def within_share(self, sender: PeerId, size: int) -> bool:
+        return self._held[sender] + size <= self.share
+
+    def _fits(self, sender: PeerId, size: int) -> bool:
+        return self.within_share(sender, size) and self.used + size <= self.capacity
+
     @asynccontextmanager
-    async def reserve(self, size: int) -> AsyncIterator[None]:
-        if size > self.capacity:
-            raise ValueError(f"a payload of {size} bytes can never fit a budget of {self.capacity}")
-        while self.used + size > self.capacity:
+    async def reserve(self, sender: PeerId, size: int) -> AsyncIterator[None]:
+        if size > self.share:
+            raise ValueError(f"{size} bytes can never fit a sender's share of {self.share}")
+        while not self._fits(sender, size):
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
                 await waiter
             finally:
                 self._waiters.remove(waiter)
+        self._held[sender] += size
         self.used += size
         self.peak = max(self.peak, self.used)
         try:
             yield
         finally:
             self.used -= size
+            self._held[sender] -= size
+            if not self._held[sender]:
+                del self._held[sender]
             for waiter in self._waiters:  # each checks again whether it fits now
                 if not waiter.done():
                     waiter.set_result(None)

@@ -7,6 +7,9 @@ sees it. What incoming streams may cost, whoever opens them, is bounded by ``Str
 messages, is closed before anything is read from it. In a private swarm (``Access``, see
 peer.net.access) every stream opens with a proof of the swarm key, checked before the message's
 header is read, and with a list of allowed peers, any other peer's stream is closed at once.
+Then the transport's admission (``admits``: the swarm's membership records) must hold for the
+stream's peer, whatever the message's kind: libp2p names the peer when the stream opens, so
+nothing of a stranger's message is read.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from gossip.message import Message, PeerId
-from gossip.transport import Handler, PeerUnreachable, TrafficCounters, Transport
-from gossip.wire import Limits, WireError, read_header, read_message, read_payload, write_message
+from gossip.transport import Admission, Handler, PeerUnreachable, TrafficCounters, Transport, admit_everyone
+from gossip.wire import (
+    Limits, WireError, read_header_body, read_header_length, read_message, read_payload, write_message,
+)
+from peer.config import RunConfig
 from peer.net.access import PUBLIC, STREAM_PROOF_BYTES, Access, StreamProofs
 from peer.net.stream_limits import ByteBudget, Offenders, OpenStreams, StreamLimits
 
@@ -43,16 +49,28 @@ class P2PTransport(Transport):
         stream_limits: StreamLimits | None = None,
         access: Access = PUBLIC,
         addresses: Callable[[PeerId], list[str]] | None = None,
+        admits: Admission = admit_everyone,
+        exchange_timeout: float = RunConfig.model_fields["exchange_timeout"].default,
     ):
+        """``admits`` is the swarm's admission, asked of every incoming stream's peer (by default
+        everyone is a member: a transport without membership records, in a test or a benchmark).
+        ``exchange_timeout`` is how long the peer's protocol waits for a neighbour's model: no
+        payload's deadline is longer, as a model that comes later is of no use to the exchange."""
         self.p2p = p2p
         self.peer_id = p2p.peer_id.to_base58()
         self.access = access
         self.proofs = StreamProofs(access, self.peer_id)
+        self.admits = admits
         self.limits = limits
         self.stream_limits = stream_limits or StreamLimits()
+        self.exchange_timeout = exchange_timeout
         self.counters = TrafficCounters()
         self.open_streams = OpenStreams(self.stream_limits)
-        self.buffered = ByteBudget(self.stream_limits.buffered_payloads * limits.max_payload_bytes)
+        largest_message = limits.max_header_bytes + limits.max_payload_bytes
+        self.buffered = ByteBudget(
+            self.stream_limits.buffered_messages * largest_message,
+            share=self.stream_limits.buffered_messages_per_sender * largest_message,
+        )
         self.offenders = Offenders(self.stream_limits)
         self._handlers: dict[str, Handler] = {}
         self._reachable = reachable or list
@@ -183,12 +201,29 @@ class P2PTransport(Transport):
         try:
             # Admitted: the peer is not ignored, its stream is within the caps, and nothing has
             # been read from it yet.
-            if await self._proves_membership(remote, reader, writer):
+            if await self._proves_swarm_key(remote, reader, writer) and await self._is_member(remote, writer):
                 await self._serve_stream(remote, reader, writer)
         finally:
             self.open_streams.close(remote)
 
-    async def _proves_membership(self, remote: PeerId, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _is_member(self, remote: PeerId, writer: asyncio.StreamWriter) -> bool:
+        """Whether the transport's admission holds for the stream's peer; the stream is refused
+        otherwise, before its header is read. No strike: a member whose record we cannot read
+        yet must not end up ignored. The check may wait for a re-read of the records, within the
+        header's deadline, which bounds how long a stranger holds a place among the open streams."""
+        try:
+            async with asyncio.timeout(self.stream_limits.header_timeout):
+                if await self.admits(remote):
+                    return True
+            detail = "it has no membership record in this swarm"
+        except TimeoutError:
+            detail = "its membership could not be checked in time"
+        except Exception as error:  # a failed read of the records must not leave the stream open
+            detail = f"its membership could not be checked: {error!r}"
+        self._refuse(writer, remote, "not-member", detail, strike=False)
+        return False
+
+    async def _proves_swarm_key(self, remote: PeerId, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """In a private swarm, whether the stream opens with a valid proof of the swarm key; the
         stream is refused otherwise. A public swarm asks for none."""
         if not self.access.private:
@@ -208,30 +243,53 @@ class P2PTransport(Transport):
             return False
         return True
 
+    def payload_deadline(self, size: int) -> float:
+        """Seconds a payload of ``size`` bytes may take from its header, waiting for room included."""
+        return min(self.stream_limits.payload_timeout(size), self.exchange_timeout)
+
     async def _read(self, remote: PeerId, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Message | None:
-        """The stream's message, or None once the stream has been refused or has broken."""
+        """The stream's message, or None once the stream has been refused or has broken.
+
+        The header's bytes, then the payload's, are reserved from the sender's share of the budget
+        of buffered bytes before they are read; both stay reserved until the message is read."""
         limits = self.stream_limits
-        # What a deadline that passes means, and whether the sender is to blame for it (not when
-        # the budget is spent by others).
-        late, senders_fault = "its header did not arrive in time", True
+        # What a deadline that passes was waiting for: bytes from the sender, or room for ``waiting``.
+        late, waiting = "its header", 0
         try:
-            async with asyncio.timeout(limits.header_timeout):
-                header = await read_header(reader, self.limits)
-            size = header.payload_size
-            late, senders_fault = f"no room for its {size}-byte payload in the budget of buffered bytes", False
-            # A sender that stops halfway must not hold this task and its buffer for ever.
-            async with asyncio.timeout(limits.payload_timeout(size)):
-                async with self.buffered.reserve(size):
-                    late, senders_fault = f"its {size}-byte payload did not arrive in time", True
+            async with contextlib.AsyncExitStack() as reserved:
+                async with asyncio.timeout(limits.header_timeout):
+                    length = waiting = await read_header_length(reader, self.limits)
+                    await reserved.enter_async_context(self.buffered.reserve(remote, length))
+                    waiting = 0
+                    header = await read_header_body(reader, length, self.limits)
+                size = waiting = header.payload_size
+                late = f"its {size}-byte payload"
+                # A sender that stops halfway must not hold this task and its buffer for ever.
+                async with asyncio.timeout(self.payload_deadline(size)):
+                    await reserved.enter_async_context(self.buffered.reserve(remote, size))
+                    waiting = 0
                     return await read_payload(reader, header)
         except WireError as reason:
             self._refuse(writer, remote, "malformed", str(reason))
         except TimeoutError:
-            self._refuse(writer, remote, "too-slow" if senders_fault else "over-capacity", late, strike=senders_fault)
+            if waiting:
+                self._refuse_for_room(remote, writer, waiting)
+            else:
+                self._refuse(writer, remote, "too-slow", f"{late} did not arrive in time")
         except (ConnectionError, OSError) as error:
             log.info("stream from %s broke: %r", remote, error)
             writer.close()
         return None
+
+    def _refuse_for_room(self, remote: PeerId, writer: asyncio.StreamWriter, size: int) -> None:
+        """Refuse a stream that found no room for ``size`` more bytes in time: the peer's fault
+        when its own streams hold its share, not when others hold the rest of the budget."""
+        if not self.buffered.within_share(remote, size):
+            detail = f"its streams hold their share of buffered bytes; no room for {size} more"
+            self._refuse(writer, remote, "over-capacity", detail)
+        else:
+            detail = f"no room for {size} bytes in the budget of buffered bytes"
+            self._refuse(writer, remote, "over-capacity", detail, strike=False)
 
     async def _serve_stream(self, remote: PeerId, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         message = await self._read(remote, reader, writer)

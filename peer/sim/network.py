@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gossip.message import Message, PeerId
-from gossip.transport import Handler, PeerUnreachable, TrafficCounters, Transport
+from gossip.transport import Admission, Handler, PeerUnreachable, TrafficCounters, Transport, admit_everyone
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,12 @@ class SimNetwork:
         self._cut_off: frozenset[PeerId] = frozenset()  # one side of a partition; the rest is the other
         self._bytes_sent = 0  # a running total: every record of a run reads it
 
-    def attach(self, peer_id: PeerId) -> SimTransport:
+    def attach(self, peer_id: PeerId, admits: Admission = admit_everyone) -> SimTransport:
+        """A new peer's endpoint. The simulator's peers are all members of one swarm, so by default
+        it admits everyone; a scenario with outsiders gives it the admission of its swarm."""
         if peer_id in self._endpoints:
             raise ValueError(f"peer id {peer_id!r} is already attached to this network")
-        transport = SimTransport(self, peer_id)
+        transport = SimTransport(self, peer_id, admits)
         self._endpoints[peer_id] = transport
         return transport
 
@@ -69,8 +71,9 @@ class SimNetwork:
         if peer_id not in self._down:
             raise ValueError(f"peer {peer_id!r} is not down")
         self._down.discard(peer_id)
-        transport = SimTransport(self, peer_id)
-        transport.counters = self._endpoints[peer_id].counters  # the network's tally of the peer goes on
+        previous = self._endpoints[peer_id]
+        transport = SimTransport(self, peer_id, previous.admits)
+        transport.counters = previous.counters  # the network's tally of the peer goes on
         self._endpoints[peer_id] = transport
         return transport
 
@@ -134,9 +137,10 @@ class SimNetwork:
 
 
 class SimTransport(Transport):
-    def __init__(self, network: SimNetwork, peer_id: PeerId):
+    def __init__(self, network: SimNetwork, peer_id: PeerId, admits: Admission = admit_everyone):
         self.network = network
         self.peer_id = peer_id
+        self.admits = admits
         self.counters = TrafficCounters()
         self._handlers: dict[str, Handler] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -164,16 +168,23 @@ class SimTransport(Transport):
             return await reply
 
     def _dispatch(self, message: Message, reply: asyncio.Future[Message] | None) -> None:
-        handler = self._handlers.get(message.kind)
+        task = asyncio.get_running_loop().create_task(self._handle(self._handlers.get(message.kind), message, reply))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, handler: Handler | None, message: Message, reply: asyncio.Future[Message] | None) -> None:
+        """Admit the message, as the real transport does before it even reads the kind, then run its
+        handler (the one served when it arrived). The admission is asked in this task because it
+        may wait (one that re-reads membership records); the default one does not, so no handler
+        starts later for it."""
+        if not await self.admits(message.sender):
+            self.counters.reject("not-member")
+            log.info("%s: refused a %r message from %s, which is not a member", self.peer_id, message.kind, message.sender)
+            return
         if handler is None:
             self.counters.reject("unknown-kind")
             log.warning("%s: no handler for message kind %r from %s", self.peer_id, message.kind, message.sender)
             return
-        task = asyncio.get_running_loop().create_task(self._handle(handler, message, reply))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle(self, handler: Handler, message: Message, reply: asyncio.Future[Message] | None) -> None:
         try:
             answer = await handler(message)
         except Exception:

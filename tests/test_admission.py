@@ -1,0 +1,74 @@
+"""One admission for every message kind: a transport drops a message from a peer that is not a
+member of the swarm before any handler sees it, whatever its kind. In the simulator, and between
+real p2p daemons whose membership records live in a real DHT."""
+
+import asyncio
+
+import pytest
+
+from gossip.message import Message
+from peer.net.transport import P2PTransport
+from peer.sim import SimNetwork
+from tests.sim_swarm import run
+from tests.test_access import dhts, membership  # noqa: F401 - dhts is a fixture
+from tests.test_net_limits import LIMITS, eventually
+
+
+def members_only(*members: str):
+    async def admits(peer: str) -> bool:
+        return peer in members
+
+    return admits
+
+
+def test_a_message_of_a_served_kind_from_a_non_member_is_dropped_before_its_handler_runs():
+    network = SimNetwork()
+    server = network.attach("server", admits=members_only("member"))
+    handled = []
+
+    async def on_leave(message):
+        handled.append(message.sender)
+        return Message("ack", "server", 0)
+
+    server.serve("modest-leave", on_leave)
+    stranger, member = network.attach("stranger"), network.attach("member")
+
+    async def main():
+        await stranger.send("server", Message("modest-leave", "stranger", 0))
+        with pytest.raises(TimeoutError):
+            await stranger.request("server", Message("modest-leave", "stranger", 0), timeout=2)
+        return await member.request("server", Message("modest-leave", "member", 0), timeout=2)
+
+    assert run(main()).kind == "ack"
+    assert handled == ["member"] and server.counters.rejections == {"not-member": 2}
+
+
+def test_a_restarted_peer_keeps_its_admission():
+    network = SimNetwork()
+    admits = members_only()
+    network.attach("server", admits=admits)
+    network.crash("server")
+    assert network.restart("server").admits is admits
+
+
+async def test_a_stream_from_a_peer_without_a_membership_record_is_refused_before_its_message_is_read(dhts):  # noqa: F811
+    victim_node, member_node, _, stranger_node = dhts  # the stranger signs its records, but has none in this swarm
+    records = membership(victim_node, "admission")
+    await membership(member_node, "admission").announce(1)
+    victim = P2PTransport(await victim_node[0].replicate_p2p(), LIMITS, admits=records.is_member)
+    handled = []
+
+    async def on_leave(message):
+        handled.append(message.sender)
+
+    victim.serve("modest-leave", on_leave)
+    await victim.start()
+    try:
+        senders = [P2PTransport(await node[0].replicate_p2p(), LIMITS) for node in (stranger_node, member_node)]
+        await asyncio.gather(*(s.send(victim.peer_id, Message("modest-leave", s.peer_id, 3)) for s in senders))
+        await eventually(lambda: handled and victim.counters.rejected)
+        stranger, member = (s.peer_id for s in senders)
+        assert handled == [member] and victim.counters.rejections == {"not-member": 1}
+        assert not victim.offenders.ignored(stranger) and len(victim.offenders) == 0  # refused without a strike
+    finally:
+        await victim.stop()

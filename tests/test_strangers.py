@@ -49,19 +49,18 @@ async def refused(transport: P2PTransport, victim: str, message: Message) -> Non
         await transport.send(victim, message)
 
 
-async def send_as_stranger(addresses: list[str], victims: list[str], attack) -> int:
+async def send_as_stranger(addresses: list[str], victims: list[str], attack) -> None:
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addresses)
     try:
         transport = P2PTransport(await dht.replicate_p2p(), Limits(max_payload_bytes=1 << 20))
         messages = attack(transport.peer_id, victims)
         for message in messages:
             await asyncio.gather(*(refused(transport, victim, message) for victim in victims))
-        return len(messages)
     finally:
         dht.shutdown()
 
 
-def run_under_attack(tmp_path, algorithm_args, rounds, attack) -> tuple[list[dict], int]:
+def run_under_attack(tmp_path, algorithm_args, rounds, attack) -> list[dict]:
     common = ["run", "--swarm", "attacked", *FAST, "--rounds", str(rounds), "--shards", "2", "--pace", "0.3",
               "--join-timeout", "90", "--min-peers", "2", *algorithm_args]
     processes, addresses = [], []
@@ -72,35 +71,35 @@ def run_under_attack(tmp_path, algorithm_args, rounds, attack) -> tuple[list[dic
                 processes.append(start([*common, "--shard", str(shard), *initial, "--out", str(tmp_path / name)], log))
             addresses.append(wait_for_line(tmp_path / f"{name}.log", r"--initial-peers (\S+)", processes[-1], timeout=90).group(1))
         victims = [address.rsplit("/p2p/", 1)[1] for address in addresses]
-        sent = asyncio.run(send_as_stranger(addresses, victims, attack))
+        asyncio.run(send_as_stranger(addresses, victims, attack))
         wait_for_exits(processes, 240)
         logs = [(tmp_path / f"{name}.log").read_text()[-3000:] for name in "ab"]
         assert [process.returncode for process in processes] == [0, 0], logs
     finally:
         stop_all(processes)
-    return [json.loads((tmp_path / name / "summary.json").read_text()) for name in "ab"], sent
+    return [json.loads((tmp_path / name / "summary.json").read_text()) for name in "ab"]
 
 
-def assert_all_refused(summary: dict, sent: int) -> None:
-    """The stranger's streams were refused unread, and nothing else was: as a non-member, and, once
-    it held its share of open streams waiting for a re-read of the records, as one over capacity
-    and then ignored. (On a loaded host some of its streams fail to open at all.)"""
-    assert 0 < summary["rejected"] <= sent, summary["rejections"]
-    assert summary["rejections"]["not-member"] >= 1
-    assert set(summary["rejections"]) <= {"not-member", "over-capacity", "ignored"}
+def assert_all_refused(summary: dict) -> None:
+    """The stranger's streams were refused unread (as a non-member, and, once it held its share of
+    open streams waiting for a re-read of the records, as one over capacity and then ignored): none
+    of its words or models reached a protocol, which would have counted them otherwise."""
+    assert summary["rejections"].get("not-member", 0) >= 1, summary["rejections"]
+    reached = {"implausible", "outlier", "invalid-model", "stale-token", "unknown-kind", "wrong-sender"}
+    assert not reached & set(summary["rejections"]), summary["rejections"]
 
 
 def test_a_stranger_cannot_end_stall_or_poison_a_modest_run(tmp_path):
-    summaries, sent = run_under_attack(tmp_path, ["--algorithm", "modest", "--sample-size", "2"], 40, modest_attack)
+    summaries = run_under_attack(tmp_path, ["--algorithm", "modest", "--sample-size", "2"], 40, modest_attack)
     for summary in summaries:
         assert summary["rounds_completed"] == 40 and summary["final_model"], summary
-        assert_all_refused(summary, sent)
+        assert_all_refused(summary)
         assert summary["accuracy"] > 0.3, summary
 
 
 def test_a_stranger_cannot_end_or_redirect_a_walk(tmp_path):
-    summaries, sent = run_under_attack(tmp_path, ["--algorithm", "srrw"], 30, srrw_attack)
+    summaries = run_under_attack(tmp_path, ["--algorithm", "srrw"], 30, srrw_attack)
     assert sum(summary["hops_visited"] for summary in summaries) == 30
     for summary in summaries:
         assert summary["rounds_completed"] == 30, summary
-        assert_all_refused(summary, sent)
+        assert_all_refused(summary)

@@ -5,6 +5,7 @@ import contextlib
 import json
 import struct
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import hivemind
 import pytest
@@ -342,3 +343,36 @@ async def test_a_list_of_allowed_peers_closes_every_other_peers_streams():
                 await sender.send(victim.peer_id, Message("model", sender.peer_id, 0, MODEL))
             await eventually(lambda: len(victim.received) == 1 and victim.counters.rejections["not-member"] == 1)
             assert victim.received[0].sender == member_p2p.peer_id.to_base58()
+
+
+class ForgetfulDHT:
+    """A DHT whose readings come from nodes that missed some stores: each reading returns the
+    records listed for it, one after another."""
+
+    def __init__(self, readings):
+        self.readings = list(readings)
+
+    async def get(self, key, latest, return_future):
+        entries = self.readings.pop(0)
+        return SimpleNamespace(value={subkey: SimpleNamespace(value=value, expiration_time=expiry)
+                                      for subkey, (value, expiry) in entries.items()})
+
+
+def test_a_record_that_one_reading_misses_stays_until_it_expires(tmp_path):
+    keys = [RSASignatureValidator(load_identity(tmp_path / name)) for name in ("alice", "bob", "carol")]
+    alice, bob, carol = (peer_id_of(key._private_key.get_public_key()) for key in keys)
+    expiries = [get_dht_time() + 60, get_dht_time() + 60, get_dht_time() - 1]  # carol's record has just expired
+    first = {
+        key.local_public_key: (asdict(PeerRecord(peer, [], "fp", 0)), expiry)
+        for key, peer, expiry in zip(keys, (alice, bob, carol), expiries)
+    }
+    second = {keys[0].local_public_key: first[keys[0].local_public_key]}  # from a node that missed bob and carol
+    view = Membership(ForgetfulDHT([first, second]), "swarm", PeerRecord(alice, [], "fp", 0), ttl=30)
+
+    async def main():
+        await view.refresh()
+        await view.refresh()
+        assert await view.is_member(bob)
+
+    asyncio.run(main())
+    assert sorted(view.seen) == sorted([alice, bob]) and sorted(view.live) == sorted([alice, bob])

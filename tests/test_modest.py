@@ -377,3 +377,13 @@ def test_a_newcomer_starts_from_the_median_of_the_rounds_it_is_told():
     run(main())
     assert newcomer.view.estimate() == 0
     assert newcomer.context.transport.counters.rejections["implausible"] == 1
+
+
+def test_the_last_rounds_aggregator_is_believed_though_its_goodbye_came_first():
+    swarm = Swarm(16, rounds=3, sample_size=2)
+    target = swarm.protocols["p00"]
+    order = [peer for peer in hash_order(swarm.ids, 2) if peer != "p00"]
+    aggregator, last_in_order = order[0], order[-1]
+    target.view.merge({aggregator: Entry(2, 1, True)})  # it left right after sending the final model
+    assert target._could_aggregate(aggregator, 2)
+    assert not target._could_aggregate(last_in_order, 2)

@@ -307,9 +307,10 @@ class MoDeST(Protocol):
 
     def _could_aggregate(self, peer: PeerId, round_: int) -> bool:
         """Whether ``peer`` is early enough in ``round_``'s order to average it: one of its first
-        aggregators, or one that trainers reached past a sample's worth of dead ones."""
-        order = hash_order(self.view.candidates(round_, self.settings.inactivity_rounds), round_)
-        return peer in order[: self.settings.aggregators + self.settings.sample_size]
+        aggregators, or one that trainers reached past a sample's worth of dead ones. It counts as
+        a candidate though it may have left since (its goodbye can overtake its last model)."""
+        candidates = {*self.view.candidates(round_, self.settings.inactivity_rounds), peer}
+        return peer in hash_order(candidates, round_)[: self.settings.aggregators + self.settings.sample_size]
 
     def _model(self, message: Message) -> State | None:
         """The model a message carries, or None (counted) when it is not one we can use."""

@@ -158,6 +158,12 @@ class Membership:
                 self._reject("not-member", owner)
             else:
                 records[owner] = (record, entry.expiration_time)
+        # A reading may come from a DHT node that missed some peers' latest stores: a record read
+        # before stays until it expires (a peer that left says so with a tombstone, which is read).
+        now = get_dht_time()
+        records = {
+            **{peer: seen for peer, seen in self.seen.items() if seen[1] > now}, **records
+        }
         self.seen = records
         self._suspects = {
             peer: expiry for peer, expiry in self._suspects.items() if peer in records and records[peer][1] <= expiry

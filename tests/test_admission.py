@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from gossip.message import Message
+from peer.net.stream_limits import StreamLimits
 from peer.net.transport import P2PTransport
 from peer.sim import SimNetwork
 from tests.sim_swarm import run
@@ -70,5 +71,50 @@ async def test_a_stream_from_a_peer_without_a_membership_record_is_refused_befor
         stranger, member = (s.peer_id for s in senders)
         assert handled == [member] and victim.counters.rejections == {"not-member": 1}
         assert not victim.offenders.ignored(stranger) and len(victim.offenders) == 0  # refused without a strike
+    finally:
+        await victim.stop()
+
+
+async def test_a_burst_from_a_member_we_cannot_place_yet_waits_for_its_record_and_is_served_whole(dhts):  # noqa: F811
+    _, member_node, victim_node, _ = dhts  # a node that has served no stream in this module yet
+    victim_p2p, member_p2p = [await node[0].replicate_p2p() for node in (victim_node, member_node)]
+    known = asyncio.Event()  # our readings find the member's record only after its burst has begun
+
+    async def admits(peer: str) -> bool:
+        return known.is_set()
+
+    victim = P2PTransport(victim_p2p, LIMITS, admits=admits)
+    handled = []
+
+    async def on_model(message):
+        handled.append(message.round)
+
+    victim.serve("model", on_model)
+    await victim.start()
+    try:
+        member = P2PTransport(member_p2p, LIMITS)
+        burst = 3 * victim.stream_limits.max_streams_per_peer
+        await asyncio.gather(*(member.send(victim.peer_id, Message("model", member.peer_id, r)) for r in range(burst)))
+        # More of its streams wait than it may have open, and none is refused.
+        await eventually(lambda: sum(victim._unverified.values()) > victim.stream_limits.max_streams_per_peer)
+        known.set()
+        await eventually(lambda: len(handled) == burst)
+        assert sorted(handled) == list(range(burst)) and victim.counters.rejected == 0
+    finally:
+        await victim.stop()
+
+
+async def test_streams_from_a_stranger_wait_apart_and_no_longer_than_a_header_may_take(dhts):  # noqa: F811
+    _, stranger_node, _, victim_node = dhts  # whom the admission below calls a stranger, and a fresh server
+    limits = StreamLimits(header_timeout=1.0, max_unverified_per_peer=4)
+    victim = P2PTransport(await victim_node[0].replicate_p2p(), LIMITS, admits=members_only(), stream_limits=limits)
+    victim.serve("model", lambda message: asyncio.sleep(0))
+    await victim.start()
+    try:
+        stranger = P2PTransport(await stranger_node[0].replicate_p2p(), LIMITS)
+        sends = (stranger.send(victim.peer_id, Message("model", stranger.peer_id, r)) for r in range(6))
+        await asyncio.gather(*sends, return_exceptions=True)  # those refused at once may break off
+        await eventually(lambda: victim.counters.rejections["not-member"] == 6, seconds=10)
+        assert victim._unverified == {} and len(victim.offenders) == 0
     finally:
         await victim.stop()

@@ -1,7 +1,6 @@
 """Asynchronous gossip between real peer processes on loopback: a peer slowed down 4x holds
 nobody back. Bounded in time; every process is cleaned up."""
 
-import itertools
 import json
 
 from peer.config import SwarmConfig
@@ -22,6 +21,10 @@ def test_a_local_swarm_gives_each_peer_its_slowdown_and_adaptive_steps(tmp_path)
     assert "--adaptive-steps" not in swarm._common
 
 
+def peer_summary(tmp_path, peer: str) -> dict:
+    return json.loads((tmp_path / "run" / peer / "summary.json").read_text())
+
+
 def test_fast_peers_finish_their_iterations_without_waiting_for_a_slowed_down_one(tmp_path):
     speeds = tmp_path / "speeds.txt"
     speeds.write_text("1\n4\n1\n")
@@ -37,16 +40,19 @@ def test_fast_peers_finish_their_iterations_without_waiting_for_a_slowed_down_on
     assert summary["slowdowns"] == [1, 4, 1] and summary["rejected_total"] == 0
     assert summary["mean_accuracy_slow"] is not None and summary["mean_accuracy_fast"] is not None
     slow = records(tmp_path / "run" / "peer-1")
-    assert json.loads((tmp_path / "run" / "peer-1" / "summary.json").read_text())["slowdown"] == 4
+    assert peer_summary(tmp_path, "peer-1")["slowdown"] == 4
     for fast in ("peer-0", "peer-2"):
         lines = records(tmp_path / "run" / fast)
         iterations = [line["round"] for line in lines]
-        # To the end, in order: it may skip iterations to keep up with the other fast peer, its last one
-        # included when that peer had already reached it; the last is evaluated either way.
-        assert iterations[-1] >= rounds - 3 and iterations == sorted(set(iterations))
+        # To the end, in order: it may skip iterations to keep up with the other fast peer, its last
+        # ones included when that peer had already reached them (how many depends on the host's
+        # load); the last is evaluated either way.
+        assert peer_summary(tmp_path, fast)["rounds_completed"] == rounds and iterations == sorted(set(iterations))
         assert lines[-1]["accuracy"] is not None
         # At its own pace: more iterations of its own than the slow peer did.
         assert len(lines) > len(slow)
         assert "Traceback" not in (tmp_path / "run" / fast / "log.txt").read_text()
-    # The slow peer jumped to where the others were instead of being waited for, and ended with them.
-    assert len(slow) < rounds / 2 and slow[-1]["round"] >= rounds - 8 and any(b["round"] - a["round"] > 1 for a, b in itertools.pairwise(slow))
+    # The slow peer jumped to where the others were instead of being waited for, and ended with them:
+    # it finished the run in fewer than half its iterations (where its last jump came from depends on
+    # how far the others got while it trained, which the host's load decides).
+    assert len(slow) < rounds / 2 and peer_summary(tmp_path, "peer-1")["rounds_completed"] == rounds

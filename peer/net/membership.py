@@ -181,11 +181,13 @@ class Membership:
         log.debug("ignored a membership record (%s): %.80r", reason, who)
 
     async def is_member(self, peer: PeerId) -> bool:
-        """Whether ``peer`` has a compatible record and has not left.
+        """Whether ``peer`` has a compatible record, its own signed word that it is of this swarm.
 
-        An unknown peer may have joined since our last reading (a newcomer's first pull comes right
-        after its first announcement), so it waits for a reading that started after it asked;
-        strangers share those readings, and there is at most one a second.
+        A peer that left is still who it was: what it sent before its tombstone was read (its last
+        models, its goodbye) is its own. An unknown peer may have joined since our last reading (a
+        newcomer's first pull comes right after its first announcement), so it waits for a reading
+        that started after it asked; strangers share those readings, and there is at most one a
+        second.
         """
         if self._member(peer):
             return True
@@ -198,7 +200,7 @@ class Membership:
 
     def _member(self, peer: PeerId) -> bool:
         seen = self.seen.get(peer)
-        return seen is not None and not seen[0].left and seen[0].fingerprint == self.record.fingerprint
+        return seen is not None and seen[0].fingerprint == self.record.fingerprint
 
     def compatible(self, peer: PeerId) -> bool:
         """False for a peer whose record shows another task or model; unknown peers get the benefit of the doubt."""

@@ -35,6 +35,9 @@ class StreamLimits:
 
     max_streams: int = 256  # open incoming streams, all peers together
     max_streams_per_peer: int = 8
+    # Streams from one peer that wait for its membership to be confirmed (a newcomer, or a member
+    # whose record the last readings missed), apart from its admitted ones.
+    max_unverified_per_peer: int = 32
     # Bytes buffered across all incoming streams, headers and payloads, in messages of the largest
     # size that Limits allows (its largest header and payload); a header or payload past the budget,
     # or past its sender's share of it, waits (within its deadline) for others to finish.

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 PROTOCOL = "gossip-peer/1"
 CONNECT_TIMEOUT = 10.0
 LINGER_TIMEOUT = 30.0  # how long a reply's stream stays open for the requester to read it
+# Seconds between two checks of a stream's peer that is not known to be a member yet (each check of
+# the swarm's records waits for a fresh reading of them, at most one a second).
+ADMISSION_RETRY_SECONDS = 0.5
 MAX_COUNTED_PEERS = 1024  # peers whose failed dials are counted one by one, and that we remember connecting to
 
 
@@ -66,6 +69,7 @@ class P2PTransport(Transport):
         self.exchange_timeout = exchange_timeout
         self.counters = TrafficCounters()
         self.open_streams = OpenStreams(self.stream_limits)
+        self._unverified: Counter[PeerId] = Counter()  # streams waiting for their peer's admission, by peer
         largest_message = limits.max_header_bytes + limits.max_payload_bytes
         self.buffered = ByteBudget(
             self.stream_limits.buffered_messages * largest_message,
@@ -188,38 +192,60 @@ class P2PTransport(Transport):
         if not self.access.admits_peer(remote):
             self._refuse(writer, remote, "not-member", "it is not in the list of allowed peers")
             return
+        if self._all_full(writer, remote) or not await self._is_member(remote, writer):
+            return
         if self.open_streams.full_for(remote):
             detail = f"{self.open_streams.of(remote)} streams from this peer are open already"
             self._refuse(writer, remote, "over-capacity", detail)
             return
-        if self.open_streams.full():
-            # Not the peer's fault, so no strike: the streams filling the cap may be others'.
-            detail = f"{self.open_streams.total} incoming streams are open already"
-            self._refuse(writer, remote, "over-capacity", detail, strike=False)
+        if self._all_full(writer, remote):
             return
         self.open_streams.open(remote)
         try:
-            # Admitted: the peer is not ignored, its stream is within the caps, and nothing has
-            # been read from it yet.
-            if await self._proves_swarm_key(remote, reader, writer) and await self._is_member(remote, writer):
+            # Admitted: the peer is a member and not ignored, its stream is within the caps, and
+            # nothing has been read from it yet.
+            if await self._proves_swarm_key(remote, reader, writer):
                 await self._serve_stream(remote, reader, writer)
         finally:
             self.open_streams.close(remote)
 
+    def _all_full(self, writer: asyncio.StreamWriter, remote: PeerId) -> bool:
+        """Whether the incoming streams, admitted and waiting for admission, fill the cap; the stream
+        is then refused. Not the peer's fault, so no strike: the streams filling the cap may be others'."""
+        total = self.open_streams.total + self._unverified.total()
+        if total < self.stream_limits.max_streams:
+            return False
+        self._refuse(writer, remote, "over-capacity", f"{total} incoming streams are open already", strike=False)
+        return True
+
     async def _is_member(self, remote: PeerId, writer: asyncio.StreamWriter) -> bool:
         """Whether the transport's admission holds for the stream's peer; the stream is refused
-        otherwise, before its header is read. No strike: a member whose record we cannot read
-        yet must not end up ignored. The check may wait for a re-read of the records, within the
-        header's deadline, which bounds how long a stranger holds a place among the open streams."""
+        otherwise, before anything is read from it, with no strike: a member whose record we have
+        not read yet must not end up ignored.
+
+        A peer we have no record of may be a newcomer, or a member whose record our readings have
+        missed so far (a DHT node that missed its store), so its streams wait for readings until
+        the header's deadline. They wait apart from its admitted streams, at most
+        ``max_unverified_per_peer`` of them, so that a burst from a member we cannot place yet is
+        not refused as over capacity, and a stranger holds no more than that, for no longer."""
+        if self._unverified[remote] >= self.stream_limits.max_unverified_per_peer:
+            detail = f"{self._unverified[remote]} of its streams wait for its membership already"
+            self._refuse(writer, remote, "not-member", detail, strike=False)
+            return False
+        self._unverified[remote] += 1
         try:
             async with asyncio.timeout(self.stream_limits.header_timeout):
-                if await self.admits(remote):
-                    return True
-            detail = "it has no membership record in this swarm"
+                while not await self.admits(remote):
+                    await asyncio.sleep(ADMISSION_RETRY_SECONDS)
+                return True
         except TimeoutError:
-            detail = "its membership could not be checked in time"
+            detail = "it has no membership record in this swarm"
         except Exception as error:  # a failed read of the records must not leave the stream open
             detail = f"its membership could not be checked: {error!r}"
+        finally:
+            self._unverified[remote] -= 1
+            if not self._unverified[remote]:
+                del self._unverified[remote]
         self._refuse(writer, remote, "not-member", detail, strike=False)
         return False
 

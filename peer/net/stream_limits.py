@@ -80,6 +80,17 @@ class OpenStreams:
         self._limits = limits
         self._per_peer: Counter[PeerId] = Counter()
         self.total = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def room_for(self, peer: PeerId) -> None:
+        """Wait until ``peer`` has fewer streams open than its cap."""
+        while self.full_for(peer):
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
 
     def of(self, peer: PeerId) -> int:
         return self._per_peer[peer]
@@ -99,6 +110,9 @@ class OpenStreams:
         self._per_peer[peer] -= 1
         if not self._per_peer[peer]:
             del self._per_peer[peer]
+        for waiter in self._waiters:  # each checks again whether its peer has room now
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class ByteBudget:

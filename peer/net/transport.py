@@ -226,20 +226,27 @@ class P2PTransport(Transport):
         A peer we have no record of may be a newcomer, or a member whose record our readings have
         missed so far (a DHT node that missed its store), so its streams wait for readings until
         the header's deadline. They wait apart from its admitted streams, at most
-        ``max_unverified_per_peer`` of them, so that a burst from a member we cannot place yet is
-        not refused as over capacity, and a stranger holds no more than that, for no longer."""
+        ``max_unverified_per_peer`` of them, and then for room among them, so that a burst from a
+        member we cannot place yet is not refused as over capacity, and a stranger holds no more
+        than that, for no longer."""
         if self._unverified[remote] >= self.stream_limits.max_unverified_per_peer:
             detail = f"{self._unverified[remote]} of its streams wait for its membership already"
             self._refuse(writer, remote, "not-member", detail, strike=False)
             return False
         self._unverified[remote] += 1
+        detail = "it has no membership record in this swarm"  # what the deadline ends, unless found
         try:
             async with asyncio.timeout(self.stream_limits.header_timeout):
+                if await self.admits(remote):
+                    return True
                 while not await self.admits(remote):
                     await asyncio.sleep(ADMISSION_RETRY_SECONDS)
+                detail = "no room among its open streams in time"
+                # Found at last: its streams that waited take their turns among its admitted ones.
+                await self.open_streams.room_for(remote)
                 return True
         except TimeoutError:
-            detail = "it has no membership record in this swarm"
+            pass
         except Exception as error:  # a failed read of the records must not leave the stream open
             detail = f"its membership could not be checked: {error!r}"
         finally:

@@ -73,6 +73,27 @@ class StreamLimits:
         return self.payload_grace + size / self.min_payload_rate
 
 
+class Waiters:
+    """Tasks waiting for a condition on shared counts, woken to check it again whenever one changes."""
+
+    def __init__(self) -> None:
+        self._futures: list[asyncio.Future[None]] = []
+
+    async def until(self, holds: Callable[[], bool]) -> None:
+        while not holds():
+            future = asyncio.get_running_loop().create_future()
+            self._futures.append(future)
+            try:
+                await future
+            finally:
+                self._futures.remove(future)
+
+    def wake(self) -> None:
+        for future in self._futures:
+            if not future.done():
+                future.set_result(None)
+
+
 class OpenStreams:
     """How many incoming streams each peer has open; entries go when their count drops to zero."""
 
@@ -80,17 +101,11 @@ class OpenStreams:
         self._limits = limits
         self._per_peer: Counter[PeerId] = Counter()
         self.total = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters = Waiters()
 
     async def room_for(self, peer: PeerId) -> None:
         """Wait until ``peer`` has fewer streams open than its cap."""
-        while self.full_for(peer):
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                self._waiters.remove(waiter)
+        await self._waiters.until(lambda: not self.full_for(peer))
 
     def of(self, peer: PeerId) -> int:
         return self._per_peer[peer]
@@ -110,9 +125,7 @@ class OpenStreams:
         self._per_peer[peer] -= 1
         if not self._per_peer[peer]:
             del self._per_peer[peer]
-        for waiter in self._waiters:  # each checks again whether its peer has room now
-            if not waiter.done():
-                waiter.set_result(None)
+        self._waiters.wake()
 
 
 class ByteBudget:
@@ -130,7 +143,7 @@ class ByteBudget:
         self.peak = 0  # the most ever reserved at once
         # Only senders that hold bytes now, so at most one entry per open stream.
         self._held: Counter[PeerId] = Counter()
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters = Waiters()
 
     def held_by(self, sender: PeerId) -> int:
         return self._held[sender]
@@ -145,13 +158,7 @@ class ByteBudget:
     async def reserve(self, sender: PeerId, size: int) -> AsyncIterator[None]:
         if size > self.share:
             raise ValueError(f"{size} bytes can never fit a sender's share of {self.share}")
-        while not self._fits(sender, size):
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                self._waiters.remove(waiter)
+        await self._waiters.until(lambda: self._fits(sender, size))
         self._held[sender] += size
         self.used += size
         self.peak = max(self.peak, self.used)
@@ -162,9 +169,7 @@ class ByteBudget:
             self._held[sender] -= size
             if not self._held[sender]:
                 del self._held[sender]
-            for waiter in self._waiters:  # each checks again whether it fits now
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._waiters.wake()
 
 
 @dataclass

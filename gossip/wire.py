@@ -49,6 +49,10 @@ class WireError(ValueError):
     """A malformed or oversized message; str() is the reason, for logs and counters."""
 
 
+class StreamEnded(WireError):
+    """The stream ended before its first byte: no message at all (a sender that gave up)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a receiver accepts. String lengths count UTF-8 bytes."""
@@ -147,7 +151,12 @@ async def read_header(reader: asyncio.StreamReader, limits: Limits) -> Header:
 async def read_header_length(reader: asyncio.StreamReader, limits: Limits) -> int:
     """Read and check the length prefix: what the header will cost a receiver that reads it, so
     that it can make room for it first (``read_header_body``)."""
-    return _header_length(await _read_exactly(reader, HEADER_LENGTH_PREFIX, "length-prefix"), limits)
+    try:
+        prefix = await reader.readexactly(HEADER_LENGTH_PREFIX)
+    except asyncio.IncompleteReadError as error:
+        kind = WireError if error.partial else StreamEnded
+        raise kind(f"truncated: {len(error.partial)} of {HEADER_LENGTH_PREFIX} length-prefix bytes") from None
+    return _header_length(prefix, limits)
 
 
 async def read_header_body(reader: asyncio.StreamReader, length: int, limits: Limits) -> Header:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gossip.message import HEADER_LENGTH_PREFIX, Message
-from gossip.wire import Limits, encode
+from gossip.wire import Limits, StreamEnded, WireError, encode, read_header_length
 from peer.net.stream_limits import ByteBudget, Offenders, StreamLimits
 from peer.net.transport import PROTOCOL, P2PTransport
 
@@ -378,3 +378,16 @@ async def test_a_headers_bytes_count_against_its_senders_share():
 def test_stream_limits_that_make_no_sense_are_refused(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         StreamLimits(**changes)
+
+
+async def test_a_stream_that_ends_before_its_first_byte_is_told_from_a_truncated_message():
+    reader = asyncio.StreamReader()
+    reader.feed_eof()
+    with pytest.raises(StreamEnded):
+        await read_header_length(reader, LIMITS)
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"\x00")
+    reader.feed_eof()
+    with pytest.raises(WireError) as refused:  # one byte of a message: a truncated one, refused as before
+        await read_header_length(reader, LIMITS)
+    assert not isinstance(refused.value, StreamEnded)

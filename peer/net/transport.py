@@ -26,7 +26,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from gossip.message import Message, PeerId
 from gossip.transport import Admission, Handler, PeerUnreachable, TrafficCounters, Transport, admit_everyone
 from gossip.wire import (
-    Limits, WireError, read_header_body, read_header_length, read_message, read_payload, write_message,
+    Limits, StreamEnded, WireError, read_header_body, read_header_length, read_message, read_payload, write_message,
 )
 from peer.config import RunConfig
 from peer.net.access import PUBLIC, STREAM_PROOF_BYTES, Access, StreamProofs
@@ -302,6 +302,10 @@ class P2PTransport(Transport):
                     await reserved.enter_async_context(self.buffered.reserve(remote, size))
                     waiting = 0
                     return await read_payload(reader, header)
+        except StreamEnded:
+            # Nothing to refuse, like a stream that broke: its sender gave up before writing.
+            log.info("a stream from %s ended before its first byte", remote)
+            writer.close()
         except WireError as reason:
             self._refuse(writer, remote, "malformed", str(reason))
         except TimeoutError:

@@ -410,8 +410,12 @@ class SRRW(Protocol):
         self._suspected.pop(message.sender, None)  # a sign of life
         return token_id, (generation, message.round)
 
-    def _plausible_generation(self, token_id: int, generation: int) -> bool:
-        return generation <= self.ledger.newest.get(token_id, (0, 0))[0] + MAX_GENERATION_STEP
+    def _plausible_generation(self, message: Message, token_id: int, generation: int) -> bool:
+        """Whether ``generation`` is within reach of the newest seen here; refused (counted) otherwise."""
+        if generation <= self.ledger.newest.get(token_id, (0, 0))[0] + MAX_GENERATION_STEP:
+            return True
+        self._implausible(message, token_id, f"generation {generation} is out of reach of the newest seen here")
+        return False
 
     def _implausible(self, message: Message, token_id: int, why: str) -> None:
         self.context.transport.counters.reject("implausible")
@@ -441,8 +445,7 @@ class SRRW(Protocol):
         if not self.context.neighbourhood.admits(message.sender):
             transport.counters.reject("incompatible")
             return None
-        if not self._plausible_generation(token.id, token.generation):
-            self._implausible(message, token.id, f"generation {token.generation} is out of reach of the newest seen here")
+        if not self._plausible_generation(message, token.id, token.generation):
             return None
         if not screen(transport, self._trained, {message.sender: (1.0, token.state)}, token.hop):
             return None
@@ -488,10 +491,7 @@ class SRRW(Protocol):
         if self._predecessor.get(token_id) != message.sender:
             self._implausible(message, token_id, "it did not hand us that token")
             return
-        if not self._plausible_generation(token_id, generation):
-            self._implausible(message, token_id, f"generation {generation} is out of reach of the newest seen here")
-            return
-        if not self.ledger.note(*word):
+        if not self._plausible_generation(message, token_id, generation) or not self.ledger.note(*word):
             return
         here = self._present.get(token_id)
         if here is not None:
@@ -510,9 +510,7 @@ class SRRW(Protocol):
         token_id, (generation, hop) = word
         if hop != self.rounds:
             self._implausible(message, token_id, f"a token is done at hop {self.rounds}, not {hop}")
-        elif not self._plausible_generation(token_id, generation):
-            self._implausible(message, token_id, f"generation {generation} is out of reach of the newest seen here")
-        else:
+        elif self._plausible_generation(message, token_id, generation):
             self._done_word(token_id, generation, message.sender)
 
     def _done_word(self, token_id: int, generation: int, sender: PeerId) -> None:

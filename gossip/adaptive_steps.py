@@ -1,5 +1,5 @@
-"""Local work in proportion to speed (asynchronous Local-SGD's dynamic local updates, ALGORITHMS.md
-section 7): a peer takes H * v / v_max local steps per iteration, rounded and at least one, where
+"""Local work in proportion to speed (asynchronous Local-SGD's dynamic local updates,
+docs/algorithms.md#asynchronous-gossip): a peer takes H * v / v_max local steps per iteration, rounded and at least one, where
 v is its own measured speed and v_max the fastest the swarm knows of, so that slow and fast peers
 finish their iterations at about the same pace and slow peers' models are not stale.
 

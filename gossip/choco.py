@@ -1,4 +1,4 @@
-"""Compressed gossip with error feedback: CHOCO-gossip with per-link public copies (ALGORITHMS.md section 6).
+"""Compressed gossip with error feedback: CHOCO-gossip with per-link public copies (docs/algorithms.md#compressed-gossip).
 
 For each neighbour j, peer i keeps ``x̂_ij``, the copy of its own model that j holds, and
 ``x̂_ji``, its copy of j's model. A step sends ``q = C(x_i - x̂_ij)`` to j, both ends add q to

@@ -1,4 +1,4 @@
-"""Byzantine-robust mixing rules and the outlier guard (ALGORITHMS.md section 8).
+"""Byzantine-robust mixing rules and the outlier guard (docs/algorithms.md#robust-mixing).
 
 A public swarm admits peers nobody vouches for, and a model that passes validation (right
 names, shapes, dtypes, finite values) may still be hostile. Two lines of defence:

@@ -1,4 +1,4 @@
-"""Variance-corrected averaging (ALGORITHMS.md section 2; Tian, Al-Ars, Kitsak and Hofstee, 2024).
+"""Variance-corrected averaging (docs/algorithms.md#variance-corrected-averaging; Tian, Al-Ars, Kitsak and Hofstee, 2024).
 
 Averaging k weakly correlated models divides the variance of their weights by about k, which
 undoes the scale that the initialisation chose and stalls training: the vanishing variance

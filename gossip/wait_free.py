@@ -1,4 +1,4 @@
-"""Gossip without rounds (ALGORITHMS.md section 7): send each model as soon as it is trained,
+"""Gossip without rounds (docs/algorithms.md#asynchronous-gossip): send each model as soon as it is trained,
 without waiting for anyone, and mix the newest model held from each neighbour.
 
 Every model carries a stamp: its sender's iteration, kept as a logical clock. A peer counts its

@@ -27,7 +27,7 @@ from safetensors.torch import load, save
 
 from gossip.learner import State, is_finite
 from gossip.robust import OUTLIER_SIZE, distance, model_scale
-from peer.config import ConfigError
+from peer.errors import ConfigError
 from peer.metrics import START_AFRESH, kept_records
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,6 @@ log = logging.getLogger(__name__)
 FILE = "checkpoint.safetensors"
 FORMAT = "gossip-peer-checkpoint/1"
 SECTIONS = ("model", "training", "protocol")
-# Protocols whose records follow aggregations (MoDeST) or tokens' visits (a token walk), not the
-# rounds' order: a record written after a checkpoint may be of a round below it.
-UNORDERED_RECORDS = frozenset({"modest", "srrw"})
-
-
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from; the message says why and what to do."""
 
@@ -164,9 +159,10 @@ def check_fits(checkpoint: Checkpoint, *, fingerprint: str, task: str, algorithm
             f"--resume: the checkpoint was written for task {checkpoint.task!r}, and this peer trains {task!r}; "
             "give the same --task, or another --out"
         )
-    if checkpoint.algorithm != algorithm:
+    written_by = checkpoint.algorithm
+    if written_by != algorithm:
         raise CheckpointError(
-            f"--resume: the checkpoint was written by a {checkpoint.algorithm!r} peer, and this one runs {algorithm!r}; "
+            f"--resume: the checkpoint was written by a {written_by!r} peer, and this one runs {algorithm!r}; "
             "give the same --algorithm, or another --out"
         )
     layout = {name: (tuple(t.shape), t.dtype) for name, t in model.items()}
@@ -192,7 +188,7 @@ def check_fits(checkpoint: Checkpoint, *, fingerprint: str, task: str, algorithm
         )
 
 
-def check_progress(checkpoint: Checkpoint, log: Path, rounds: int) -> None:
+def check_progress(checkpoint: Checkpoint, log: Path, rounds: int, *, ordered: bool = True) -> None:
     """CheckpointError, with nothing changed on disk, unless the checkpoint's round is within the run's
     ``rounds`` and its ``metrics_bytes`` is where its rounds end in the log at ``log``.
 
@@ -214,7 +210,7 @@ def check_progress(checkpoint: Checkpoint, log: Path, rounds: int) -> None:
             f"--resume: the checkpoint goes on from round {checkpoint.round}, yet keeps line {len(kept)} of {log}, "
             f"of round {kept[-1].round}; {START_AFRESH}"
         )
-    if following and following.round < checkpoint.round and checkpoint.algorithm not in UNORDERED_RECORDS:
+    if following and following.round < checkpoint.round and ordered:
         raise CheckpointError(
             f"--resume: the checkpoint goes on from round {checkpoint.round}, yet would drop line {len(kept) + 1} "
             f"of {log}, of round {following.round}; {START_AFRESH}"

@@ -16,16 +16,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from peer.config import C, ConfigError, RunConfig, SimulationConfig, SwarmConfig, build_config, load_toml
+from gossip.protocols import protocol_named
+from peer.config import C, RunConfig, SimulationConfig, SwarmConfig, build_config, load_toml
 from peer.curve import X_AXES
+from peer.errors import ConfigError
 from peer.metrics import RoundRecord
 from peer.runs import RunError, load_run
 from peer.tasks import PartitionError, TaskError
 from topology import TOPOLOGY_NAMES, TopologyError
 
 USER_ERRORS = (ConfigError, TaskError, PartitionError, TopologyError, RunError)
+
+
+def _algorithm(name: str) -> str:
+    try:
+        protocol_named(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
 # Flags that take a spec besides their field's type: the settings parse it (--local-steps adaptive:H).
-FLAG_TYPES = {"local_steps": str}
+FLAG_TYPES = {"local_steps": str, "algorithm": _algorithm}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -134,23 +146,14 @@ def _progress(console: Console) -> Progress:
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
+    protocol = protocol_named(summary["algorithm"])
     table = Table(title=summary["label"], show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    if summary["algorithm"] == "srrw":
-        tokens = summary["tokens"]
-        layout = f"{summary['topology']}, {tokens} token{'s' if tokens != 1 else ''} walking, alpha {summary['alpha']:g}"
-    elif summary["spectral_gap"] is not None:
-        layout = f"{summary['topology']} (spectral gap {summary['spectral_gap']:.4f})"
-    else:
-        layout = f"{summary['topology']}, {summary['sample_size']} peers a round"
-        if summary["aggregators"]:
-            layout += f", {summary['aggregators']} aggregating"
     rows = [
         ("task / partition", f"{summary['task']} / {summary['partition']}"),
-        ("peers / topology", f"{summary['peers']} / {layout}"),
-        ({"srrw": "hops", "async-gossip": "iterations"}.get(summary["algorithm"], "rounds") + " x local steps",
-         f"{summary['rounds']} x {summary['local_steps']}"),
+        ("peers / topology", f"{summary['peers']} / {protocol.describe_overlay(summary)}"),
+        (f"{protocol.round_word} x local steps", f"{summary['rounds']} x {summary['local_steps']}"),
         ("codec / error feedback", f"{summary['codec']} / {summary['error_feedback']}"),
     ]
     if summary["faults"] != "none":
@@ -159,15 +162,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     if summary["attackers"]:
         attackers = ", ".join(summary["attackers"])
         rows.append(("attackers", f"{summary['byzantine']}: {attackers}; accuracy is the honest peers'"))
-    if summary["mean_accuracy"] is None:
-        rows.append(("test accuracy", "no model was evaluated"))
-    elif summary["algorithm"] in ("modest", "fedavg"):
-        rows.append(("test accuracy: last round's model", f"{summary['mean_accuracy']:.4f}"))
-    elif summary["algorithm"] == "srrw":
-        rows.append(("test accuracy: the tokens' last models", f"{summary['mean_accuracy']:.4f}"))
-    else:
-        rows.append(("test accuracy: mean", f"{summary['mean_accuracy']:.4f}"))
-        rows.append(("test accuracy: min / max", f"{summary['min_accuracy']:.4f} / {summary['max_accuracy']:.4f}"))
+    rows += _accuracy_rows(summary, protocol.final_label)
     if summary["slow_peers"]:
         slow, fast = summary["mean_accuracy_slow"], summary["mean_accuracy_fast"]
         rows.append((
@@ -176,8 +171,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         ))
     if summary["squared_error"] is not None:
         rows.append(("squared error to the optimum", f"{summary['squared_error']:.4g}"))
-    if summary["algorithm"] == "srrw":
-        rows.append(("tokens re-issued / copies at the end", f"{summary['tokens_reissued']} / {summary['token_copies']}"))
+    rows += protocol.table_rows(summary)
     if summary["consensus_distance"] is not None:
         rows.append(("consensus distance", f"{summary['consensus_distance']:.4g}"))
     rows += [
@@ -192,6 +186,15 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _accuracy_rows(summary: dict[str, Any], final_label: str) -> list[tuple[str, str]]:
+    if summary["mean_accuracy"] is None:
+        return [("test accuracy", "no model was evaluated")]
+    rows = [(f"test accuracy: {final_label}", f"{summary['mean_accuracy']:.4f}")]
+    if summary["min_accuracy"] != summary["max_accuracy"]:
+        rows.append(("test accuracy: min / max", f"{summary['min_accuracy']:.4f} / {summary['max_accuracy']:.4f}"))
+    return rows
 
 
 def _accuracy(value: float | None) -> str:
@@ -215,16 +218,13 @@ def config_from_args(args: argparse.Namespace, model: type[C]) -> C:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from peer.sim.byzantine import parse_byzantine
     from peer.simulate import simulate  # torch is imported only when a command needs it
 
     config = config_from_args(args, SimulationConfig)
     console = Console(stderr=True)
-    # A round of D-PSGD is one record per honest peer; a round of MoDeST or FedAvg ends in one
-    # model, and a hop of SRRW is one token's visit.
-    per_peer = config.algorithm not in ("modest", "fedavg", "srrw")
-    attack = parse_byzantine(config.byzantine)
-    honest = config.peers - (attack.count(config.peers) if attack else 0)
+    # A round is one record per honest peer, unless it ends in one model (an aggregate, a token's visit).
+    per_peer = not config.protocol.one_model
+    honest = config.peers - (config.attack.count(config.peers) if config.attack else 0)
     with _progress(console) as progress:
         bar = progress.add_task("simulating", total=config.rounds * (honest if per_peer else 1), status="")
 

@@ -1,33 +1,48 @@
-"""Validated settings of a simulated run; the same keys come from flags or a TOML file (flags win)."""
+"""Validated settings of a run; the same keys come from flags or a TOML file (flags win).
+
+Every spec (codec, mixing, schedule, staleness, faults, attackers, speeds) is parsed once, as the
+settings are validated, into the typed values that the rest of the program uses (``gossip``,
+``schedule``, ``fault_events``, ``attack``, ``peer_speeds``). Which settings the chosen protocol
+takes, refuses or cannot combine is the protocol's to say (``gossip.protocols.base``): a setting
+that some protocol takes and this one does not is refused with the reason, never ignored.
+"""
 
 from __future__ import annotations
 
 import os
 import tomllib
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from gossip.choco import ERROR_FEEDBACK_SPECS, default_consensus_step, parse_error_feedback
 from gossip.codecs import CodecError, parse_codec
 from gossip.mixing import MixingRule, WeightedAverage
-from gossip.protocols.modest import ModestSettings
-from gossip.protocols.srrw import WalkSettings
+from gossip.protocols import Protocol, names, protocol_named, registered
 from gossip.robust import ROBUST_SPECS, parse_robust
 from gossip.settings import GossipSettings
 from gossip.variance import TARGETS, VarianceCorrected
-from gossip.wait_free import STALENESS_HELP, Staleness, parse_staleness
-from peer.lr_schedule import CosineDecay, HopDecay, Schedule
-from peer.sim.byzantine import check_byzantine, parse_byzantine
-from peer.sim.faults import parse_faults
+from gossip.wait_free import Staleness, parse_staleness
+from peer.errors import ConfigError
+from peer.lr_schedule import CosineDecay
+from peer.sim.byzantine import ByzantineSpec, check_byzantine, parse_byzantine
+from peer.sim.faults import Fault, parse_faults
 from peer.sim.speeds import SPEEDS_HELP, Speeds, parse_speeds
 
 C = TypeVar("C", bound="TrainingConfig")
 
+__all__ = ["C", "ConfigError", "RunConfig", "SimulationConfig", "SwarmConfig", "TrainingConfig", "build_config", "load_toml"]
 
-class ConfigError(ValueError):
-    """A setting is missing, malformed or out of range; the message names it."""
+# Values that say a setting is not used, which every protocol accepts.
+NEUTRAL = {"error_feedback": "none"}
+# Settings given through another flag.
+FLAG_NAMES = {"adaptive_steps": "--local-steps adaptive:H"}
+
+
+def flag(name: str) -> str:
+    return FLAG_NAMES.get(name, f"--{name.replace('_', '-')}")
 
 
 def parse_mixing(spec: str) -> MixingRule:
@@ -60,21 +75,46 @@ def parse_lr_schedule(spec: str) -> float | None:
     raise ValueError(f"bad schedule {spec[:100]!r}; valid: constant, cosine, or cosine:START with START in [0, 1)")
 
 
-class TrainingConfig(BaseModel):
-    """What every peer needs to train, simulated or real."""
+def _either(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _unused(protocol: type[Protocol], given: set[str]) -> str | None:
+    """Why the first given setting that ``protocol`` does not use is refused, or None."""
+    for name in sorted(given & protocol.refuses.keys()):
+        return f"{protocol.name}: {protocol.refuses[name]}"
+    takers: dict[str, list[type[Protocol]]] = {}
+    for other in registered():
+        for name in other.taken():
+            takers.setdefault(name, []).append(other)
+    unused = sorted(name for name in given & takers.keys() if name not in protocol.taken())
+    if not unused:
+        return None
+    # Settings that the same protocols take are refused in one line.
+    owners = takers[unused[0]]
+    together = [name for name in unused if takers[name] == owners]
+    why = owners[0].taken()[unused[0]]
+    return (
+        f"{', '.join(flag(name) for name in together)}: only for --algorithm {_either([p.name for p in owners])}{why}; "
+        f"{protocol.name} does not use {'it' if len(together) == 1 else 'them'}"
+    )
+
+
+class CommonSettings(BaseModel):
+    """What every peer needs to train, simulated or real; ``TrainingConfig`` adds the protocols' own."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     topology: str = Field("ring", description="communication graph")
-    algorithm: Literal["dpsgd", "dfedsam", "modest", "fedavg", "srrw", "async-gossip"] = Field(
-        "dpsgd", description="training protocol"
+    algorithm: str = Field(
+        "dpsgd", description=f"training protocol: {', '.join(names())}, or module:Class for your own"
     )
     task: str = Field("mnist1d", description="mnist1d, fashion-mnist, logistic or module:function")
     partition: str = Field("dirichlet:0.5", description="iid, dirichlet:ALPHA, shards:K or natural (the task's own split)")
     rounds: int = Field(100, ge=1)
     local_steps: int = Field(
         10, ge=1,
-        description="local optimisation steps per round; async-gossip also takes adaptive:H, H for the fastest peer "
+        description="local optimisation steps per round; gossip without rounds also takes adaptive:H, H for the fastest peer "
         "and fewer in proportion to speed for the others",
     )
     # Set by --local-steps adaptive:H; not a flag of its own.
@@ -101,18 +141,13 @@ class TrainingConfig(BaseModel):
     )
     mix_point: Literal["trained", "start"] = Field(
         "trained",
-        description="dpsgd, dfedsam: the model a peer mixes: trained (x <- W (x + update)) or start, the one it "
+        description="gossip with rounds: the model a peer mixes: trained (x <- W (x + update)) or start, the one it "
         "started the round from, its own update added after (x <- W x + update)",
     )
-    sam_rho: float = Field(
-        0.05, gt=0,
-        description="dfedsam: radius of the sharpness-aware perturbation; async-gossip: sharpness-aware local steps "
-        "with this radius when given",
-    )
     gossip_steps: int = Field(
-        1, ge=1, le=64, description="gossip steps per round, each a real exchange (dfedsam: 1 is DFedSAM, more is DFedSAM-MGS)"
+        1, ge=1, le=64, description="gossip steps per round, each a real exchange (with sharpness-aware steps, more than 1 is DFedSAM-MGS)"
     )
-    data_dir: Path | None = Field(None, description="folder holding the datasets (e.g. ../shared/data)")
+    data_dir: Path | None = Field(None, description="folder holding the datasets (e.g. ~/data, which holds fashion-mnist/)")
     out: Path | None = Field(None, description="folder for metrics.jsonl and summary.json")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(1, ge=1, description="evaluate every N rounds (the last round always)")
@@ -129,43 +164,6 @@ class TrainingConfig(BaseModel):
         None, gt=0, le=1, description="report the rounds, bytes and time until the peers' mean test accuracy reached this"
     )
 
-    sample_size: int | None = Field(
-        None, ge=1, description="modest: peers that train each round (default 10); fedavg: peers the server samples (default: all)"
-    )
-    aggregators: int = Field(1, ge=1, description="modest: peers that average each round's models")
-    success_fraction: float = Field(
-        1.0, gt=0, le=1, description="modest: an aggregator averages once it holds this fraction of the sample's models"
-    )
-    min_models: int = Field(1, ge=1, description="modest: the fewest models an aggregator averages after its timeout")
-    ping_timeout: float = Field(5.0, gt=0, description="modest: seconds to wait for a pong or an acknowledgement")
-    aggregation_timeout: float = Field(30.0, gt=0, description="modest: seconds an aggregator waits for the sample's models")
-    round_timeout: float = Field(
-        120.0, gt=0, description="modest: seconds without word that a round was done before it is handed to others or restarted"
-    )
-    max_round_rate: float = Field(
-        1000.0, gt=0,
-        description="modest: rounds a second that others' claims may move a peer's round estimate, past a burst of 100; "
-        "keep it above the swarm's own pace",
-    )
-
-    alpha: float = Field(5.0, ge=0, description="srrw: how strongly the token avoids peers it visited often; 0 is a plain walk")
-    srrw_a: float = Field(
-        0.8, gt=0.5, le=1, description="srrw: the visit counts' step size is (n+1)^-A at hop n (A in (0.5, 1])"
-    )
-    srrw_b: float = Field(
-        0.9, gt=0.5, le=1, description="srrw: the model's step size is lr (n+1)^-B at hop n (B in (0.5, 1]; B > A)"
-    )
-    tokens: int = Field(1, ge=1, description="srrw: tokens walking at once; their models average where two meet")
-    srrw_stay: float = Field(
-        0.0, ge=0, lt=1, description="srrw: probability that the token stays where it is (a lazy walk: needed on an even ring)"
-    )
-
-    staleness: str = Field(
-        "poly:0.5", description=f"async-gossip: how a neighbour's model is discounted by its staleness: {STALENESS_HELP}"
-    )
-    max_staleness: int = Field(
-        32, ge=0, description="async-gossip: a neighbour's model more than this many iterations behind ours is not mixed"
-    )
     duration: float | None = Field(
         None, gt=0,
         description="seconds (simulated, or wall seconds for real peers) after which a peer starts no new round; "
@@ -185,12 +183,6 @@ class TrainingConfig(BaseModel):
             data = {**data, "local_steps": int(most), "adaptive_steps": True}
         return data
 
-    @field_validator("staleness")
-    @classmethod
-    def _known_staleness(cls, spec: str) -> str:
-        parse_staleness(spec)
-        return spec
-
     @field_validator("codec")
     @classmethod
     def _known_codec(cls, spec: str) -> str:
@@ -205,79 +197,43 @@ class TrainingConfig(BaseModel):
         parse_mixing(spec)
         return spec
 
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, name: str) -> str:
+        protocol_named(name)
+        return name
+
     @model_validator(mode="after")
-    def _compatible_gossip(self) -> TrainingConfig:
-        self.gossip_settings()  # raises ValueError for settings that do not go together
-        if self.algorithm == "srrw":
-            self._check_walk()
-        self._check_asynchrony()
-        if self.algorithm == "modest":
-            if self.error_feedback not in (None, "none"):
-                raise ValueError("modest: the peers a model goes to change every round, so there is no error feedback; use --error-feedback none")
-            self.modest_settings()
+    def _fits_the_protocol(self) -> CommonSettings:
+        """The protocol's refusals first, then settings that go together at all."""
+        given = set(self.model_fields_set) - {name for name, value in NEUTRAL.items() if getattr(self, name) == value}
+        refusal = _unused(self.protocol, given)
+        if refusal:
+            raise ValueError(refusal)
+        self.gossip  # noqa: B018 - raises ValueError for gossip settings that do not go together
+        self.protocol.check(self)
         return self
 
-    def _check_asynchrony(self) -> None:
-        """What only gossip without rounds uses is refused elsewhere, and what it cannot use is refused there."""
-        if "mix_point" in self.model_fields_set and self.algorithm not in ("dpsgd", "dfedsam"):
-            raise ValueError(
-                f"--mix-point: {self.algorithm} has no such choice (async-gossip always mixes the model a peer started from)"
-            )
-        if self.algorithm != "async-gossip":
-            given = [f"--{name.replace('_', '-')}" for name in ("staleness", "max_staleness") if name in self.model_fields_set]
-            if self.adaptive_steps:
-                given.append("--local-steps adaptive:H")
-            if given:
-                raise ValueError(f"{', '.join(given)}: only for --algorithm async-gossip, whose peers do not share rounds")
-            if self.duration is not None and self.algorithm not in ("dpsgd", "dfedsam"):
-                raise ValueError(
-                    f"--duration: {self.algorithm}'s rounds are the whole swarm's and end together; give --rounds instead"
-                )
-            return
-        if self.error_feedback not in (None, "none"):
-            raise ValueError(
-                "async-gossip: error feedback keeps per-link copies that both ends update at the same exchange, "
-                "which peers without rounds never share; use --error-feedback none"
-            )
-        if self.gossip_steps != 1:
-            raise ValueError("async-gossip: a peer mixes once per iteration with what it holds; --gossip-steps is for rounds")
+    def given(self, name: str) -> bool:
+        """Whether the setting was given (by a flag or the file), not left at its default."""
+        return name in self.model_fields_set
 
-    def _check_walk(self) -> None:
-        """What a walking token has no use for is refused, with the reason."""
-        if not parse_codec(self.codec).lossless:
-            raise ValueError(
-                "srrw: a token's model would lose precision at every hop with nothing to correct it; use --codec none"
-            )
-        if self.mixing != "plain":
-            raise ValueError("srrw: tokens that meet average their models plainly; --mixing applies to gossip, use plain")
-        if self.gossip_steps != 1:
-            raise ValueError("srrw: a token is handed on once per visit; --gossip-steps applies to gossip")
-        if "lr_schedule" in self.model_fields_set:
-            raise ValueError("srrw: the step size is lr (n+1)^-B at hop n (see --srrw-b), not --lr-schedule")
+    def with_settings(self: C, **changes: Any) -> C:
+        """These settings with ``changes``, validated anew."""
+        values = {name: getattr(self, name) for name in self.model_fields_set}
+        return type(self)(**{**values, **changes})
+
+    @cached_property
+    def protocol(self) -> type[Protocol]:
+        return protocol_named(self.algorithm)
 
     def sharpness_radius(self) -> float:
-        """SAM's radius for the local steps: DFedSAM's always, asynchronous gossip's when asked for; 0 is plain SGD."""
-        if self.algorithm == "dfedsam" or (self.algorithm == "async-gossip" and "sam_rho" in self.model_fields_set):
+        """SAM's radius for the local steps: for a sharpness-aware protocol always, for one that
+        takes it when given; 0 is plain SGD."""
+        protocol = self.protocol
+        if protocol.sharpness_aware or ("sam_rho" in protocol.taken() and self.given("sam_rho")):
             return self.sam_rho
         return 0.0
-
-    def walk_settings(self) -> WalkSettings:
-        return WalkSettings(
-            alpha=self.alpha, gamma_exponent=self.srrw_a, beta_exponent=self.srrw_b, tokens=self.tokens,
-            stay=self.srrw_stay, patience=self.exchange_timeout,
-        )
-
-    def modest_settings(self) -> ModestSettings:
-        return ModestSettings(
-            sample_size=self.sample_size or 10,
-            aggregators=self.aggregators,
-            success_fraction=self.success_fraction,
-            min_models=self.min_models,
-            ping_timeout=self.ping_timeout,
-            aggregation_timeout=self.aggregation_timeout,
-            round_timeout=self.round_timeout,
-            max_round_rate=self.max_round_rate,
-        )
 
     @field_validator("lr_schedule")
     @classmethod
@@ -285,13 +241,12 @@ class TrainingConfig(BaseModel):
         parse_lr_schedule(spec)
         return spec
 
-    def learning_rate_schedule(self) -> Schedule | None:
-        """How the rate changes over the local steps; None for a constant rate."""
-        if self.algorithm == "srrw":
-            return HopDecay(self.local_steps, self.srrw_b)
+    @cached_property
+    def schedule(self) -> Any:
+        """How the rate changes over the local steps (a ``factor(step)``); None for a constant rate."""
         start = parse_lr_schedule(self.lr_schedule)
         total = self.rounds * self.local_steps
-        return None if start is None else CosineDecay(round(start * total), total)
+        return self.protocol.learning_rate(self, None if start is None else CosineDecay(round(start * total), total))
 
     @field_validator("error_feedback")
     @classmethod
@@ -300,19 +255,31 @@ class TrainingConfig(BaseModel):
             parse_error_feedback(spec)
         return spec
 
-    def gossip_settings(self) -> GossipSettings:
+    @cached_property
+    def gossip(self) -> GossipSettings:
+        """How models are exchanged and mixed; ValueError for settings that do not go together."""
         codec = parse_codec(self.codec)
-        # Error feedback keeps a copy per link, updated by both ends at each exchange; MoDeST's links
-        # change every round, a token has no links, and peers without rounds share no exchanges.
-        default_feedback = "none" if codec.lossless or self.algorithm in ("modest", "srrw", "async-gossip") else "choco"
+        # Error feedback keeps a copy per link, updated by both ends at each exchange: by default
+        # only where a lossy codec needs it and the protocol has such links.
+        lossy_links = not codec.lossless and "error_feedback" in self.protocol.taken()
         return GossipSettings(
             timeout=self.exchange_timeout,
-            codec=codec.spec,
-            error_feedback=self.error_feedback or default_feedback,
+            codec=codec,
+            error_feedback=self.error_feedback or ("choco" if lossy_links else "none"),
             consensus_step=self.consensus_step or default_consensus_step(codec),
             mixing=parse_mixing(self.mixing),
             staleness=Staleness(parse_staleness(self.staleness), self.max_staleness),
         )
+
+
+def _protocols_own_settings() -> dict[str, tuple[Any, Any]]:
+    """Every registered protocol's own settings, as fields (a setting two protocols share is declared once)."""
+    return {name: setting for protocol in registered() for name, setting in protocol.own_settings.items()}
+
+
+TrainingConfig = create_model(
+    "TrainingConfig", __base__=CommonSettings, __module__=__name__, **_protocols_own_settings()
+)
 
 
 def usable_cores() -> int:
@@ -320,11 +287,20 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def check_swarm_size(config: TrainingConfig, peers: int) -> None:
-    if config.sample_size is not None and config.sample_size > peers:
-        raise ValueError(f"--sample-size {config.sample_size} is larger than the swarm of --peers {peers}")
-    if config.algorithm == "srrw" and config.tokens > peers:
-        raise ValueError(f"--tokens {config.tokens} is more than the {peers} peers they would walk between")
+def fitted(config: C, peers: int) -> C:
+    """The settings as a swarm of ``peers`` runs them (see ``Protocol.for_swarm``); ValueError when they
+    do not fit it."""
+    changes = config.protocol.for_swarm(config, peers)
+    return config.with_settings(**changes) if changes else config
+
+
+def real_peers_run_it(config: TrainingConfig) -> None:
+    if config.protocol.real_peers:
+        raise ValueError(config.protocol.real_peers)
+
+
+def _pulling_protocols() -> str:
+    return _either([protocol.name for protocol in registered() if protocol.pulls])
 
 
 class SimulationConfig(TrainingConfig):
@@ -363,12 +339,17 @@ class SimulationConfig(TrainingConfig):
         parse_byzantine(spec)
         return spec
 
+    @cached_property
+    def attack(self) -> ByzantineSpec | None:
+        return parse_byzantine(self.byzantine)
+
     @model_validator(mode="after")
     def _attackers_fit(self) -> SimulationConfig:
-        spec = parse_byzantine(self.byzantine)
-        if spec is not None:
-            feedback = self.gossip_settings().error_feedback
-            check_byzantine(spec, peers=self.peers, algorithm=self.algorithm, error_feedback=feedback)
+        if self.attack is not None:
+            check_byzantine(
+                self.attack, peers=self.peers, algorithm=self.algorithm, attackable=self.protocol.attackers,
+                error_feedback=self.gossip.error_feedback, simulated_for=[protocol.name for protocol in registered() if protocol.attackers],
+            )
         return self
 
     @model_validator(mode="after")
@@ -377,20 +358,25 @@ class SimulationConfig(TrainingConfig):
             raise ValueError("--plot writes OUT/run.png: give --out DIR too")
         if self.stop_at_target and self.target_accuracy is None:
             raise ValueError("--stop-at-target needs --target-accuracy")
-        check_swarm_size(self, self.peers)
-        parse_faults(self.faults, rounds=self.rounds, algorithm=self.algorithm)
-        self.peer_speeds()
+        self.protocol.for_swarm(self, self.peers)
+        self.fault_events  # noqa: B018 - parsed now: a bad spec is an error before anything runs
+        self.peer_speeds  # noqa: B018
         return self
 
     def compute_threads(self, batched: bool) -> int:
         """--threads, or its default for the engine that trains the peers."""
         return self.threads or (usable_cores() if batched else 1)
 
+    @cached_property
+    def fault_events(self) -> tuple[Fault, ...]:
+        holders = [protocol.name for protocol in registered() if protocol.holders]
+        return parse_faults(self.faults, rounds=self.rounds, holders=holders, has_holders=self.protocol.holders)
+
     def newcomers(self) -> int:
         """The peers that --faults brings in during the run."""
-        faults = parse_faults(self.faults, rounds=self.rounds, algorithm=self.algorithm)
-        return sum(int(fault.amount) for fault in faults if fault.kind == "join")
+        return sum(int(fault.amount) for fault in self.fault_events if fault.kind == "join")
 
+    @cached_property
     def peer_speeds(self) -> Speeds:
         """Each peer's seconds per local step, the newcomers' included."""
         return parse_speeds(self.speeds, self.peers + self.newcomers(), self.step_time, self.seed)
@@ -406,7 +392,9 @@ class RunConfig(TrainingConfig):
     swarm: str = Field("gossip", min_length=1, max_length=64, description="name of the swarm to join")
     shard: int = Field(0, ge=0, description="which part of the partition this peer trains on")
     shards: int = Field(1, ge=1, description="how many parts the training set is partitioned into")
-    min_peers: int = Field(1, ge=1, description="wait until this many peers are live before training")
+    min_peers: int = Field(
+        1, ge=1, description="wait until this many peers (this one included) have joined before training"
+    )
     join_timeout: float = Field(60.0, gt=0, description="seconds to wait for --min-peers and for the bootstrap peers")
     record_ttl: float = Field(20.0, ge=2, description="seconds a peer's DHT record lives unless refreshed")
     pace: float = Field(0.0, ge=0, description="minimum seconds per round: a faster peer waits, sparing a shared machine")
@@ -432,7 +420,7 @@ class RunConfig(TrainingConfig):
     )
     checkpoint_every: int = Field(
         0, ge=0,
-        description="write a checkpoint to --out every N rounds (iterations for async-gossip; 0: only at the end)",
+        description="write a checkpoint to --out every N rounds (iterations without rounds; 0: only at the end)",
     )
     resume: bool = Field(
         False, description="go on from the checkpoint in --out, as the same peer (after a crash, a kill or a stop)"
@@ -447,17 +435,16 @@ class RunConfig(TrainingConfig):
                 raise ValueError(
                     "--client-mode needs --initial-peers: a peer that accepts no connections cannot start a swarm"
                 )
-            if self.algorithm not in ("dpsgd", "dfedsam") or self.gossip_settings().error_feedback != "none":
+            if not self.protocol.pulls or self.gossip.error_feedback != "none":
                 raise ValueError(
-                    "--client-mode works with --algorithm dpsgd or dfedsam and --error-feedback none: the others "
+                    f"--client-mode works with --algorithm {_pulling_protocols()} and --error-feedback none: the others "
                     "deliver models by dialling the peer (sampling, token walks, gossip without rounds) or keep "
                     "per-link copies in step by request and reply"
                 )
         if (self.resume or self.checkpoint_every) and self.out is None:
             flag = "--resume" if self.resume else "--checkpoint-every"
             raise ValueError(f"{flag} needs --out, the folder that holds the run's checkpoint")
-        if self.algorithm == "fedavg":
-            raise ValueError("fedavg needs a central server and is offered by `peer simulate` only; use --algorithm dpsgd")
+        real_peers_run_it(self)
         return self
 
 
@@ -482,16 +469,15 @@ class SwarmConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
-        check_swarm_size(self, self.peers)
+        self.protocol.for_swarm(self, self.peers)
         if self.client_peers >= self.peers:
             raise ValueError(f"--client-peers {self.client_peers} leaves no peer that others can dial; give fewer")
-        if self.client_peers and (self.algorithm not in ("dpsgd", "dfedsam") or self.gossip_settings().error_feedback != "none"):
-            raise ValueError("--client-peers works with --algorithm dpsgd or dfedsam and --error-feedback none")
+        if self.client_peers and (not self.protocol.pulls or self.gossip.error_feedback != "none"):
+            raise ValueError(f"--client-peers works with --algorithm {_pulling_protocols()} and --error-feedback none")
         self.slowdowns()
         if self.metrics_port is not None and self.metrics_port + self.peers - 1 > 65535:
             raise ValueError(f"--metrics-port {self.metrics_port} leaves no port for the last of {self.peers} peers")
-        if self.algorithm == "fedavg":
-            raise ValueError("fedavg needs a central server and is offered by `peer simulate` only; use --algorithm dpsgd")
+        real_peers_run_it(self)
         return self
 
     def slowdowns(self) -> list[float]:

@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 # What a curve can be drawn against: rounds completed, bytes sent by all peers, time.
 X_AXES = ("round", "bytes", "time")
-# Protocols whose peers are each at their own iteration: their curve is LatestAccuracies.
-UNROUNDED = ("async-gossip",)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -18,17 +19,7 @@ class CosineDecay:
         return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@dataclass(frozen=True)
-class HopDecay:
-    """A walking token's step size beta_n = lr (n+1)^-b at its hop n >= 1, where the holder of
-    hop n takes steps (n-1) * steps_per_hop onwards (ALGORITHMS.md section 5)."""
+class Schedule(Protocol):
+    """A factor of the base rate for each local step (a protocol may bring its own, e.g. a token walk's)."""
 
-    steps_per_hop: int
-    exponent: float
-
-    def factor(self, step: int) -> float:
-        hop = step // self.steps_per_hop + 1
-        return (hop + 1) ** -self.exponent
-
-
-Schedule = CosineDecay | HopDecay
+    def factor(self, step: int) -> float: ...

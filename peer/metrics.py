@@ -13,7 +13,7 @@ import torch
 
 from gossip.learner import State
 from gossip.mixing import average
-from peer.config import ConfigError
+from peer.errors import ConfigError
 from peer.curve import CurveBuilder, LatestAccuracies
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from matplotlib.figure import Figure
 
-from peer.config import ConfigError
+from peer.errors import ConfigError
 from peer.curve import X_AXES, CurvePoint
 from peer.runs import Run
 from topology import Topology, parse_topology

@@ -15,7 +15,9 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from peer.curve import UNROUNDED, CurveBuilder, CurvePoint, LatestAccuracies
+from gossip.protocols import registered_as
+from peer.curve import CurveBuilder, CurvePoint, LatestAccuracies
+from peer.summary import renamed
 from peer.metrics import RoundRecord
 
 
@@ -92,7 +94,9 @@ def load_run(folder: Path) -> Run:
         raise RunError(f"{summary_path} cannot be read ({error}); rerun, or remove that folder from the list") from None
     if not isinstance(summary, dict):
         raise RunError(f"{summary_path} is not a JSON object; rerun, or remove that folder from the list")
-    curve = read_curve(metrics_files(folder), unrounded=summary.get("algorithm") in UNROUNDED)
+    summary = renamed(summary)
+    protocol = registered_as(str(summary.get("algorithm")))
+    curve = read_curve(metrics_files(folder), unrounded=protocol is not None and not protocol.rounds_shared)
     return Run(folder, summary, curve.points(), curve.wall_clock, _consensus(summary, summary_path))
 
 

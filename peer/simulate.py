@@ -6,40 +6,28 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from gossip.neighbourhood import GraphNeighbourhood
-from gossip.protocols import GOSSIP_PROTOCOLS, SRRW, AsyncGossip, FedAvgClient, FedAvgServer, MoDeST, ProtocolContext
-from peer.config import SimulationConfig
+from gossip.protocols import Protocol, ProtocolContext
+from gossip.protocols.base import COORDINATOR
+from peer.config import SimulationConfig, fitted
 from peer.curve import LatestAccuracies, time_to_target
 from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
 from peer.sim.batched import CHUNK_PEERS, BatchedTraining, BatchingError, StackedTrainer, batching_refusal
-from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers, parse_byzantine
-from peer.sim.faults import parse_faults
+from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers
+from peer.summary import summary as common_summary
 from peer.tasks import Task, load_task, partition
 from peer.trainer import Trainer, peer_trainer, resolve_device, split_optimum
 from topology import parse_topology
 
 log = logging.getLogger(__name__)
-
-SERVER_ID = "server"
-LABELS = {
-    "dpsgd": "D-PSGD (decentralised gossip)",
-    "dfedsam": "DFedSAM (sharpness-aware local steps, decentralised gossip)",
-    "modest": "MoDeST (decentralised sampling)",
-    "fedavg": "FedAvg (centralised reference, simulation only)",
-    "srrw": "SRRW (self-repellent random-walk token)",
-    "async-gossip": "Asynchronous gossip (no rounds, staleness-weighted mixing)",
-}
-# Protocols whose round ends in one model (the aggregate, or a token's), which is what their records report.
-ROUND_MODEL_PROTOCOLS = ("modest", "fedavg", "srrw")
-
 
 @dataclass
 class SimulationResult:
@@ -104,54 +92,39 @@ class World:
 
     def __init__(self, config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None):
         self.config = config
+        self.settings = fitted(config, config.peers)  # what the protocol reads: fitted to the swarm's size
+        self.protocol = config.protocol
         self.on_record = on_record
-        self.faults = parse_faults(config.faults, rounds=config.rounds, algorithm=config.algorithm)
+        self.faults = config.fault_events
         self.device = resolve_device(config.device)
         self.ids = peer_ids(config.peers + config.newcomers())
         self.initial, self.newcomers = self.ids[: config.peers], list(self.ids[config.peers :])
-        attack = parse_byzantine(config.byzantine)
+        attack = config.attack
         self.attackers = choose_attackers(attack, self.initial, config.seed) if attack else frozenset()
-        self.gossiping = config.algorithm in GOSSIP_PROTOCOLS
-        self.walking = config.algorithm == "srrw"
-        self.asynchronous = config.algorithm == "async-gossip"
-        self.mixing_neighbours = self.gossiping or self.asynchronous  # with or without rounds
         # Newcomers have their place on the graph and their share of the data from the start.
         self.topology = parse_topology(config.topology, len(self.ids), weights=config.weights, seed=config.seed)
-        if self.walking:
-            self.topology.walk_row(0, config.srrw_stay)  # a graph the token cannot walk is refused now
+        self.protocol.check_topology(self.topology, config)
         self.task = load_task(config.task, config.data_dir, peers=len(self.ids))
-        self.per_peer_reason = training_engine(config, self.task)
-        batched = self.per_peer_reason is None
-        trainers = build_trainers(
-            config, self.task, self.device, len(self.ids), StackedTrainer if batched else Trainer
-        )
-        # The batched engine splits the stack over the threads, each computing alone; one model trains on all.
-        self.threads = config.compute_threads(batched)
-        torch.set_num_threads(1 if batched else self.threads)
-        # A GPU takes the whole stack at once, from one thread.
-        on_cpu = self.device.type == "cpu"
-        self.engine = BatchedTraining(
-            trainers, workers=self.threads if on_cpu else 1, chunk=CHUNK_PEERS if on_cpu else len(trainers)
-        ) if batched else None
+        trainers = self._trainers()
         self.trainers = dict(zip(self.ids, trainers))
         honest = config.peers - len(self.attackers)
         self.metrics = MetricsLog(
             config.out / "metrics.jsonl" if config.out else None,
-            curve=LatestAccuracies(honest) if self.asynchronous else None,
+            curve=None if self.protocol.rounds_shared else LatestAccuracies(honest),
         )
         self.consensus = ConsensusByRound(None if self.faults else honest)
         self.network = SimNetwork(
             LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
         )
-        self.speeds = config.peer_speeds()
+        self.speeds = config.peer_speeds
         self.slow = frozenset(self.ids[i] for i in self.speeds.slow())
-        # Each peer computes at its own speed; the server (FedAvg) at --step-time.
+        # Each peer computes at its own speed; a coordinator (FedAvg's server) at --step-time.
         self.clock = SimClock(SpeedProfile(config.step_time))
-        self.clocks = {SERVER_ID: self.clock} | {
+        self.clocks = {COORDINATOR: self.clock} | {
             peer: SimClock(SpeedProfile(seconds, self.speeds.jitter), seed=f"{config.seed}:{peer}", engine=self.engine)
             for peer, seconds in zip(self.ids, self.speeds.step_times)
         }
-        self.gossip = config.gossip_settings()
+        self.gossip = config.gossip
         self.nodes: dict[str, PeerNode] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.gone: set[str] = set()  # crashed or left
@@ -161,13 +134,29 @@ class World:
         self.stopped_at_target = False
         self._fired = 0  # faults applied so far, in round order
         self._background: set[asyncio.Task] = set()
-        self.walkers: list[SRRW] = []  # every token-walk protocol started, restarted peers' included
-        # A round cannot take longer than its training plus this, so it bounds a FedAvg round.
+        self.built: list[tuple[str, Protocol]] = []  # every peer's protocol, restarted peers' earlier ones included
+        # A round cannot take longer than its training plus this: the stall watchdog's unit.
         self.round_timeout = config.exchange_timeout + config.local_steps * max(self.speeds.step_times)
         self.adversary = Adversary(
             attack, self.attackers, self.topology, self.ids, HonestModels(self.trainers[self.ids[0]].state()),
             live=lambda peer: peer in self.nodes and peer not in self.gone, seed=config.seed,
         ) if attack else None
+
+    def _trainers(self) -> list[Trainer]:
+        """Every peer's trainer, newcomers' included, and the engine that trains them (batched or one by one)."""
+        config = self.config
+        self.per_peer_reason = training_engine(config, self.task)
+        batched = self.per_peer_reason is None
+        trainers = build_trainers(config, self.task, self.device, len(self.ids), StackedTrainer if batched else Trainer)
+        # The batched engine splits the stack over the threads, each computing alone; one model trains on all.
+        self.threads = config.compute_threads(batched)
+        torch.set_num_threads(1 if batched else self.threads)
+        # A GPU takes the whole stack at once, from one thread.
+        on_cpu = self.device.type == "cpu"
+        self.engine = BatchedTraining(
+            trainers, workers=self.threads if on_cpu else 1, chunk=CHUNK_PEERS if on_cpu else len(trainers)
+        ) if batched else None
+        return trainers
 
     def close(self) -> None:
         self.metrics.close()
@@ -181,36 +170,12 @@ class World:
             transport, clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every,
             on_record=self._recorded, swarm_bytes=self.network.bytes_sent,
         )
+        neighbourhood = self._neighbourhood(peer_id) if self.protocol.needs_neighbourhood() else None
         context = ProtocolContext(
-            transport, clock, trainer, None, node.round_finished, self.gossip, deadline=config.duration
+            transport, clock, trainer, neighbourhood, node.round_finished, self.gossip, deadline=config.duration
         )
-        if self.asynchronous:
-            context.neighbourhood = self._neighbourhood(peer_id)
-            node.protocol = AsyncGossip(
-                context, local_steps=config.local_steps, adaptive=config.adaptive_steps, joining=joining
-            )
-        elif self.gossiping:
-            context.neighbourhood = self._neighbourhood(peer_id)
-            node.protocol = GOSSIP_PROTOCOLS[config.algorithm](
-                context, local_steps=config.local_steps, gossip_steps=config.gossip_steps, joining=joining,
-                mix_start=config.mix_point == "start",
-            )
-        elif self.walking:
-            context.neighbourhood = self._neighbourhood(peer_id)
-            node.protocol = SRRW(
-                context, local_steps=config.local_steps, settings=config.walk_settings(), peers=self.initial,
-                seed=config.seed, joining=joining,
-            )
-            self.walkers.append(node.protocol)
-        elif config.algorithm == "modest":
-            settings = config.modest_settings()
-            if config.sample_size is None:
-                settings = replace(settings, sample_size=min(settings.sample_size, config.peers))
-            node.protocol = MoDeST(
-                context, local_steps=config.local_steps, settings=settings, peers=self.initial, joining=joining
-            )
-        else:
-            node.protocol = FedAvgClient(context, server=SERVER_ID, local_steps=config.local_steps, joining=joining)
+        node.protocol = self.protocol.build(context, self.settings, peers=self.initial, joining=joining)
+        self.built.append((peer_id, node.protocol))
         return node
 
     def _neighbourhood(self, peer_id: str) -> GraphNeighbourhood:
@@ -242,25 +207,22 @@ class World:
         self.nodes[peer_id] = node
         self.tasks[peer_id] = asyncio.get_running_loop().create_task(node.run())
 
-    def _start_server(self) -> None:
+    def _start_coordinator(self, coordinator: type[Protocol]) -> None:
         config = self.config
-        # The server holds the global model; it starts as the peers' model does with --init same.
+        # It holds the global model, which starts as the peers' model does with --init same.
         trainer = peer_trainer(config, self.task, np.arange(0), 0, self.device)
-        transport = self.network.attach(SERVER_ID)
+        transport = self.network.attach(COORDINATOR)
         node = PeerNode(
             transport, self.clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every,
             on_record=self._recorded, swarm_bytes=self.network.bytes_sent,
         )
         context = ProtocolContext(transport, self.clock, trainer, None, node.round_finished, self.gossip)
-        node.protocol = FedAvgServer(
-            context, clients=self.initial, sample_size=config.sample_size, local_steps=config.local_steps,
-            round_timeout=2 * self.round_timeout, seed=config.seed,
-        )
-        self.tasks[SERVER_ID] = asyncio.get_running_loop().create_task(node.run())
+        node.protocol = coordinator.build(context, self.settings, peers=self.initial, joining=False)
+        self.tasks[COORDINATOR] = asyncio.get_running_loop().create_task(node.run())
 
     def _recorded(self, record: RoundRecord) -> None:
         # Called as the peer finishes its round, before it trains again: its model is the round's.
-        if self.gossiping and record.accuracy is not None:
+        if self.protocol.mixes_neighbours and self.protocol.rounds_shared and record.accuracy is not None:
             self.consensus.add(record.round, self.trainers[record.peer].state())
         self.last_round = max(self.last_round, record.round)
         self.last_record_at = self.clock.now()
@@ -273,12 +235,12 @@ class World:
                 task.cancel()
 
     def _reached_target(self, round_: int) -> bool:
-        if self.asynchronous:
+        if not self.protocol.rounds_shared:
             latest = self.metrics.curve.latest()
             return latest is not None and latest.mean_accuracy >= self.config.target_accuracy
         point = self.metrics.curve.point(round_)
-        # A gossip round counts once every live peer has evaluated it; an aggregate counts at once.
-        complete = not self.gossiping or point.peers >= len(self._honest_up())
+        # A round counts once every live peer has evaluated it; a round's one model counts at once.
+        complete = self.protocol.one_model or point.peers >= len(self._honest_up())
         return complete and point.mean_accuracy >= self.config.target_accuracy
 
     def _fire_faults(self, completed: int, recorder: str | None = None) -> None:
@@ -333,8 +295,8 @@ class World:
     async def run(self) -> float:
         for peer_id in self.initial:
             self._start(peer_id, joining=False)
-        if self.config.algorithm == "fedavg":
-            self._start_server()
+        if self.protocol.coordinator:
+            self._start_coordinator(self.protocol.coordinator)
         self._fire_faults(completed=0)
         watchdog = asyncio.get_running_loop().create_task(self._watch_for_stall())
         try:
@@ -362,106 +324,60 @@ class World:
         return [peer for peer in self.nodes if peer not in self.gone and peer not in self.attackers]
 
     def summary(self, virtual_seconds: float, wall_seconds: float) -> tuple[dict[str, Any], list[RoundRecord]]:
-        config, gossip = self.config, self.gossip
-        points = self.metrics.curve.points()
+        config, protocol = self.config, self.protocol
         live = self._honest_up()
-        if config.algorithm in ROUND_MODEL_PROTOCOLS:
+        if protocol.one_model:
             final = [record for record in self.metrics.latest.values() if record.round == self.last_round]
         else:
             final = [self.metrics.latest[peer] for peer in live if peer in self.metrics.latest]
-        accuracies = [record.accuracy for record in final if record.accuracy is not None]
-        summary = {
-            "algorithm": config.algorithm,
-            "label": LABELS[config.algorithm],
-            "task": config.task,
-            "topology": config.topology if self.mixing_neighbours or self.walking else (
-                "sampled" if config.algorithm == "modest" else "server"
+        mixing = protocol.mixes_neighbours
+        summary = common_summary(
+            self.settings, peers=config.peers, rounds_completed=self.last_round + 1,
+            accuracies=[record.accuracy for record in final if record.accuracy is not None],
+            losses=[record.loss for record in final if record.loss is not None],
+            bytes_sent=self.network.bytes_sent(), bytes_received=None, rejected=self.network.rejected(),
+            missed_exchanges=self.metrics.missed_exchanges, local_steps=self.metrics.local_steps,
+            wall_seconds=wall_seconds,
+            to_target=time_to_target(self.metrics.curve.points(), config.target_accuracy, wall_clock=False),
+            spectral_gap=self.topology.spectral_gap() if mixing else None,
+        )
+        summary.update(
+            batch_size=config.batch_size,
+            lr=self.trainers[self.ids[0]].lr,
+            speeds=config.speeds,
+            slow_peers=sorted(self.slow),
+            faults=config.faults,
+            byzantine=config.byzantine,
+            attackers=sorted(self.attackers),
+            peers_up_at_end=len(live),
+            stalled=self.stalled,
+            stopped_at_target=self.stopped_at_target,
+            consensus_step=self.gossip.consensus_step,
+            device=str(self.device),
+            engine="per-peer" if self.per_peer_reason else "batched",
+            engine_notice=self.per_peer_reason,
+            threads=self.threads,
+            mean_accuracy_slow=_mean([r.accuracy for r in final if r.peer in self.slow and r.accuracy is not None]),
+            mean_accuracy_fast=_mean([r.accuracy for r in final if r.peer not in self.slow and r.accuracy is not None]),
+            squared_error=_mean([record.squared_error for record in final if record.squared_error is not None]),
+            consensus_distance=(
+                consensus_distance([self.trainers[peer].state() for peer in live]) if mixing and live else None
             ),
-            "spectral_gap": self.topology.spectral_gap() if self.mixing_neighbours else None,
-            "partition": config.partition,
-            "peers": config.peers,
-            "rounds": config.rounds,
-            "rounds_completed": self.last_round + 1,
-            "local_steps": f"adaptive:{config.local_steps}" if config.adaptive_steps else config.local_steps,
-            "local_steps_total": self.metrics.local_steps,
-            "batch_size": config.batch_size,
-            "lr": self.trainers[self.ids[0]].lr,
-            "seed": config.seed,
-            "init": config.init,
-            "mixing": config.mixing,
-            "gossip_steps": config.gossip_steps if self.gossiping else None,
-            "mix_point": config.mix_point if self.gossiping else None,
-            "sam_rho": config.sharpness_radius() or None,
-            "sample_size": self._sample_size(),
-            "aggregators": config.aggregators if config.algorithm == "modest" else None,
-            "success_fraction": config.success_fraction if config.algorithm == "modest" else None,
-            "speeds": config.speeds,
-            "slow_peers": sorted(self.slow),
-            "duration": config.duration,
-            "faults": config.faults,
-            "byzantine": config.byzantine,
-            "attackers": sorted(self.attackers),
-            "peers_up_at_end": len(live),
-            "stalled": self.stalled,
-            "stopped_at_target": self.stopped_at_target,
-            "codec": gossip.codec,
-            "error_feedback": gossip.error_feedback,
-            "consensus_step": gossip.consensus_step,
-            "device": str(self.device),
-            "engine": "per-peer" if self.per_peer_reason else "batched",
-            "engine_notice": self.per_peer_reason,
-            "threads": self.threads,
-            "mean_accuracy": _mean(accuracies),
-            "mean_accuracy_slow": _mean([r.accuracy for r in final if r.peer in self.slow and r.accuracy is not None]),
-            "mean_accuracy_fast": _mean([r.accuracy for r in final if r.peer not in self.slow and r.accuracy is not None]),
-            "min_accuracy": min(accuracies, default=None),
-            "max_accuracy": max(accuracies, default=None),
-            "mean_loss": _mean([record.loss for record in final if record.loss is not None]),
-            "squared_error": _mean([record.squared_error for record in final if record.squared_error is not None]),
-            "consensus_distance": (
-                consensus_distance([self.trainers[peer].state() for peer in live])
-                if self.mixing_neighbours and live else None
-            ),
-            "bytes_sent_total": self.network.bytes_sent(),
-            "missed_exchanges_total": self.metrics.missed_exchanges,
-            "rejected_total": self.network.rejected(),
-            "rollbacks_total": sum(trainer.rollbacks for trainer in self.trainers.values()),
-            "virtual_seconds": virtual_seconds,
-            "wall_seconds": wall_seconds,
-            **time_to_target(points, config.target_accuracy, wall_clock=False),
-            "consensus_by_round": [[round_, distance] for round_, distance in self.consensus.distances()],
-        }
-        if self.walking:
-            summary.update(self._walk_summary())
-        if self.asynchronous:
-            summary.update(staleness=config.staleness, max_staleness=config.max_staleness)
+            virtual_seconds=virtual_seconds,
+            consensus_by_round=[[round_, distance] for round_, distance in self.consensus.distances()],
+            **protocol.combine(self._figures(), self.settings),
+        )
         return summary, final
 
-    def _walk_summary(self) -> dict[str, Any]:
-        config = self.config
-        copies = [0] * config.tokens
-        for peer, node in self.nodes.items():
-            if peer not in self.gone:
-                for token in node.protocol.held():
-                    copies[token] += 1
-        return {
-            "alpha": config.alpha,
-            "srrw_a": config.srrw_a,
-            "srrw_b": config.srrw_b,
-            "srrw_stay": config.srrw_stay,
-            "tokens": config.tokens,
-            # Live copies of each token at the end: one each, unless a token was lost or duplicated.
-            "token_copies": copies,
-            "tokens_reissued": sum(walker.reissued for walker in self.walkers),
-            "stale_tokens_dropped": sum(walker.stale_dropped for walker in self.walkers),
-        }
-
-    def _sample_size(self) -> int | None:
-        if self.config.algorithm == "modest":
-            return self.config.sample_size or min(10, self.config.peers)
-        if self.config.algorithm == "fedavg":
-            return self.config.sample_size or self.config.peers
-        return None
+    def _figures(self) -> list[dict[str, Any]]:
+        """Every protocol's figures; ``up``: its peer runs it still at the end."""
+        return [
+            {
+                **built.figures(), "final_model": built.holds_final_model(),
+                "up": peer not in self.gone and self.nodes[peer].protocol is built,
+            }
+            for peer, built in self.built
+        ]
 
 
 def _mean(values: list[float]) -> float | None:

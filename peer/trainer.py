@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gossip.learner import Learner, State, is_finite
-from peer.config import ConfigError, TrainingConfig
+from peer.config import TrainingConfig
+from peer.errors import ConfigError
 from peer.lr_schedule import Schedule
 from peer.tasks import Task
 
@@ -291,7 +292,7 @@ def peer_trainer(
         batch_size=config.batch_size,
         seed=config.seed * 100_003 + index,
         device=device,
-        schedule=config.learning_rate_schedule(),
+        schedule=config.schedule,
         sam_rho=config.sharpness_radius(),
         optimum=optimum,
     )

@@ -38,7 +38,8 @@ CONFIGS = [
 
 def settings(config: str, scenario: dict) -> dict:
     codec, error_feedback, *step = config.split("/")
-    return {**scenario, "codec": codec, "error_feedback": error_feedback, "consensus_step": float(step[0]) if step else None}
+    # A consensus step is given only where the configuration names one: it is CHOCO's, refused without error feedback.
+    return {**scenario, "codec": codec, "error_feedback": error_feedback, **({"consensus_step": float(step[0])} if step else {})}
 
 
 def main() -> None:

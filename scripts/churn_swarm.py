@@ -96,7 +96,7 @@ def main() -> None:
     finally:
         swarm.stop()
     summaries = swarm.summaries()
-    survivor_final = [summaries[i]["accuracy"] for i in survivors if i in summaries]
+    survivor_final = [summaries[i]["mean_accuracy"] for i in survivors if i in summaries]
     result = {
         "benchmark": "churn_swarm",
         "peers": args.peers, "rounds": args.rounds, "killed": victims, "killed_at_round": killed_at,
@@ -106,14 +106,14 @@ def main() -> None:
         "survivor_exit_codes": [swarm.processes[i].returncode for i in survivors],
         "survivor_accuracy_when_killed": [accuracy_at(swarm, i, killed_at) for i in survivors],
         "survivor_accuracy_final": survivor_final,
-        "survivor_missed_exchanges": [summaries[i]["missed_exchanges"] for i in survivors if i in summaries],
+        "survivor_missed_exchanges": [summaries[i]["missed_exchanges_total"] for i in survivors if i in summaries],
         "resumed": [
             {
                 "peer": index,
                 "exit_code": swarm.processes[index].returncode,
                 "resumed_from_round": summaries.get(index, {}).get("resumed_from_round"),
                 "rounds_completed": summaries.get(index, {}).get("rounds_completed"),
-                "accuracy_final": summaries.get(index, {}).get("accuracy"),
+                "accuracy_final": summaries.get(index, {}).get("mean_accuracy"),
             }
             for index in returning
         ],
@@ -123,7 +123,7 @@ def main() -> None:
                 "started_at_round": args.join_at,
                 "first_round": first_round(swarm, index),
                 "exit_code": swarm.processes[index].returncode,
-                "accuracy_final": summaries.get(index, {}).get("accuracy"),
+                "accuracy_final": summaries.get(index, {}).get("mean_accuracy"),
             }
             for index in newcomers
         ],

@@ -194,7 +194,7 @@ def main() -> None:
         "wall_seconds": round(time.monotonic() - started, 1),
         "exit_codes": [swarm.processes[i].returncode for i in range(args.peers)],
         "rounds_completed": [summaries.get(i, {}).get("rounds_completed") for i in range(args.peers)],
-        "accuracy": [summaries.get(i, {}).get("accuracy") for i in range(args.peers)],
+        "accuracy": [summaries.get(i, {}).get("mean_accuracy") for i in range(args.peers)],
         "restarts": restarts,
         "resumed_from_round": summaries.get(restarted, {}).get("resumed_from_round"),
         "growth_after_warmup": report(samples, args.peers, args.warmup_rounds),

@@ -1,3 +1,12 @@
+"""Tests of the gossip node. Most run in this process (the simulator, in-memory transports); those
+that start real processes (``peer`` subprocesses, p2p daemons, hivemind DHT nodes) are marked
+``network``: ``pytest -m "not network"`` runs everything else (about half a minute on 2 cores),
+and ``pytest -m network`` only them.
+
+Test modules share helpers through ``tests.helpers`` (real processes, daemons, small data),
+``tests.sim_swarm`` (protocols on the simulator) and ``tests.vector_learner``, never through one another.
+"""
+
 import pytest
 
 
@@ -10,15 +19,30 @@ def _dataset_cache(tmp_path_factory):
     patch.undo()
 
 
-# Tests that start swarms of real peer processes run one after another on one worker: two side by
-# side would crowd a 2-core machine and stretch their timeouts. Everything else runs beside them.
-REAL_PEER_MODULES = {
-    "test_access", "test_async_network", "test_drift", "test_modest_network", "test_network", "test_reaper",
-    "test_srrw_network", "test_strangers",
-}
+@pytest.fixture(scope="module")
+def dhts(tmp_path_factory):
+    """Four hivemind DHT nodes on loopback, for the module that asks (a ``network`` test): (node, signer)
+    for alice, bob, mallory and trudy. Honest nodes sign their records with their identities; mallory
+    runs hivemind as it comes, without the validator that honest peers use; trudy signs her own
+    records properly but is not a member. See ``tests.helpers.membership``."""
+    import hivemind
+    from hivemind.dht.crypto import RSASignatureValidator
 
+    from peer.net.access import load_identity
 
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in REAL_PEER_MODULES:
-            item.add_marker(pytest.mark.xdist_group("real-peers"))
+    folder = tmp_path_factory.mktemp("identities")
+    nodes = []
+    try:
+        for name in ("alice", "bob", "mallory", "trudy"):
+            key = load_identity(folder / name)
+            initial = [str(a) for a in nodes[0][0].get_visible_maddrs()] if nodes else []
+            validators = [] if name == "mallory" else [RSASignatureValidator(key)]
+            dht = hivemind.DHT(
+                initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=str(folder / name),
+                record_validators=validators, start=True, startup_timeout=60,
+            )
+            nodes.append((dht, RSASignatureValidator(key)))
+        yield nodes
+    finally:
+        for dht, _ in nodes:
+            dht.shutdown()

@@ -7,7 +7,6 @@ import struct
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
-import hivemind
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
@@ -32,6 +31,9 @@ from peer.net.access import (
 from peer.net.membership import Membership, PeerRecord
 from peer.net.status import swarm_status
 from peer.net.transport import PROTOCOL, P2PTransport
+from tests.helpers import (
+    FAST, LIMITS, MODEL, buffered_size, daemons, eventually, membership, start, stop_all, wait_for_line, wire,
+)
 
 KEY = bytes(range(32))
 
@@ -58,6 +60,7 @@ def test_a_file_that_is_not_a_swarm_key_is_a_clear_error(tmp_path, content):
         load_swarm_key(tmp_path / "missing.key")
 
 
+@pytest.mark.network  # the peer's reaper process starts before the key is read
 def test_a_run_with_a_bad_swarm_key_exits_2_before_starting(tmp_path, capsys):
     bad = tmp_path / "bad.key"
     bad.write_text("secret")
@@ -161,32 +164,7 @@ def test_a_proof_stamped_further_ahead_than_clocks_may_run_is_stale():
 # without the validator that honest peers use; trudy signs her own records properly but is not a member.
 
 
-@pytest.fixture(scope="module")
-def dhts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("identities")
-    nodes = []
-    try:
-        for name in ("alice", "bob", "mallory", "trudy"):
-            key = load_identity(folder / name)
-            initial = [str(a) for a in nodes[0][0].get_visible_maddrs()] if nodes else []
-            validators = [] if name == "mallory" else [RSASignatureValidator(key)]
-            dht = hivemind.DHT(
-                initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=str(folder / name),
-                record_validators=validators, start=True, startup_timeout=60,
-            )
-            nodes.append((dht, RSASignatureValidator(key)))
-        yield nodes
-    finally:
-        for dht, _ in nodes:
-            dht.shutdown()
-
-
-def membership(node, swarm, access=PUBLIC):
-    dht, signer = node
-    record = PeerRecord(dht.peer_id.to_base58(), [], "fp", 0)
-    return Membership(dht, swarm, record, ttl=30, signer=signer, access=access)
-
-
+@pytest.mark.network
 def test_nobody_can_write_or_withdraw_another_peers_record(dhts):
     alice, bob, mallory, _ = (membership(node, "forged") for node in dhts)
 
@@ -206,6 +184,7 @@ def test_nobody_can_write_or_withdraw_another_peers_record(dhts):
     assert bob.rejected["unsigned-record"] >= 1
 
 
+@pytest.mark.network
 def test_a_copied_fingerprint_does_not_make_a_member_of_a_private_swarm(dhts):
     access = Access(KEY)
     alice, bob = membership(dhts[0], "private", access), membership(dhts[1], "private", access)
@@ -232,6 +211,7 @@ def test_a_copied_fingerprint_does_not_make_a_member_of_a_private_swarm(dhts):
     assert asyncio.run(swarm_status(dhts[3][0], "private", 30))["peers"] == []
 
 
+@pytest.mark.network
 def test_peers_outside_the_list_are_not_members(dhts):
     alice_id = dhts[0][0].peer_id.to_base58()
     access = Access(allowed=frozenset({alice_id}))
@@ -249,9 +229,8 @@ def test_peers_outside_the_list_are_not_members(dhts):
 # Real peers of a private swarm, with an outsider that has everything but the key.
 
 
+@pytest.mark.network
 def test_a_private_swarm_trains_as_before_and_an_outsider_gets_no_place_in_it(tmp_path):
-    from tests.test_network import FAST, start, stop_all, wait_for_line
-
     key = tmp_path / "lab.key"
     generate_swarm_key(key)
     common = ["run", "--swarm", "lab", *FAST, "--shards", "2", "--join-timeout", "90"]
@@ -278,9 +257,9 @@ def test_a_private_swarm_trains_as_before_and_an_outsider_gets_no_place_in_it(tm
     a, b, outsider = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("a", "b", "outsider"))
     assert a["private_swarm"] and b["private_swarm"] and not outsider["private_swarm"]
     assert sorted(a["peers_seen"]) == sorted(b["peers_seen"]) == sorted([a["peer"], b["peer"]])
-    assert outsider["peers_seen"] == [outsider["peer"]] and outsider["bytes_received"] == 0
+    assert outsider["peers_seen"] == [outsider["peer"]] and outsider["bytes_received_total"] == 0
     for member in (a, b):
-        assert member["rounds_completed"] == 3 and member["missed_exchanges"] == 0 and member["rejected"] == 0
+        assert member["rounds_completed"] == 3 and member["missed_exchanges_total"] == 0 and member["rejected_total"] == 0
 
 
 # Streams between real p2p daemons: a member, a victim that is a member, and an outsider.
@@ -289,8 +268,6 @@ def test_a_private_swarm_trains_as_before_and_an_outsider_gets_no_place_in_it(tm
 @contextlib.asynccontextmanager
 async def serving(p2p, access):
     """A transport of ``access`` that keeps every model its handler gets."""
-    from tests.test_net_limits import LIMITS
-
     transport = P2PTransport(p2p, LIMITS, access=access)
     transport.received = []
 
@@ -305,9 +282,9 @@ async def serving(p2p, access):
         await transport.stop()
 
 
+@pytest.mark.network
 async def test_streams_without_a_valid_proof_of_the_swarm_key_are_refused_before_their_header():
     from gossip.message import Message
-    from tests.test_net_limits import LIMITS, MODEL, buffered_size, daemons, eventually, wire
 
     async with daemons(3) as (victim_p2p, member_p2p, outsider_p2p), serving(victim_p2p, Access(KEY)) as victim:
         member = P2PTransport(member_p2p, LIMITS, access=Access(KEY))
@@ -331,9 +308,9 @@ async def test_streams_without_a_valid_proof_of_the_swarm_key_are_refused_before
         assert victim.buffered.peak == buffered_size(model)  # nothing was buffered for a refused stream
 
 
+@pytest.mark.network
 async def test_a_list_of_allowed_peers_closes_every_other_peers_streams():
     from gossip.message import Message
-    from tests.test_net_limits import LIMITS, MODEL, daemons, eventually
 
     async with daemons(3) as (victim_p2p, member_p2p, outsider_p2p):
         members = Access(allowed=frozenset({member_p2p.peer_id.to_base58()}))

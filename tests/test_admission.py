@@ -10,9 +10,8 @@ from gossip.message import Message
 from peer.net.stream_limits import StreamLimits
 from peer.net.transport import P2PTransport
 from peer.sim import SimNetwork
+from tests.helpers import LIMITS, eventually, membership
 from tests.sim_swarm import run
-from tests.test_access import dhts, membership  # noqa: F401 - dhts is a fixture
-from tests.test_net_limits import LIMITS, eventually
 
 
 def members_only(*members: str):
@@ -52,7 +51,8 @@ def test_a_restarted_peer_keeps_its_admission():
     assert network.restart("server").admits is admits
 
 
-async def test_a_stream_from_a_peer_without_a_membership_record_is_refused_before_its_message_is_read(dhts):  # noqa: F811
+@pytest.mark.network
+async def test_a_stream_from_a_peer_without_a_membership_record_is_refused_before_its_message_is_read(dhts):
     victim_node, member_node, _, stranger_node = dhts  # the stranger signs its records, but has none in this swarm
     records = membership(victim_node, "admission")
     await membership(member_node, "admission").announce(1)
@@ -75,7 +75,8 @@ async def test_a_stream_from_a_peer_without_a_membership_record_is_refused_befor
         await victim.stop()
 
 
-async def test_a_burst_from_a_member_we_cannot_place_yet_waits_for_its_record_and_is_served_whole(dhts):  # noqa: F811
+@pytest.mark.network
+async def test_a_burst_from_a_member_we_cannot_place_yet_waits_for_its_record_and_is_served_whole(dhts):
     _, member_node, victim_node, _ = dhts  # a node that has served no stream in this module yet
     victim_p2p, member_p2p = [await node[0].replicate_p2p() for node in (victim_node, member_node)]
     known = asyncio.Event()  # our readings find the member's record only after its burst has begun
@@ -104,7 +105,8 @@ async def test_a_burst_from_a_member_we_cannot_place_yet_waits_for_its_record_an
         await victim.stop()
 
 
-async def test_streams_from_a_stranger_wait_apart_and_no_longer_than_a_header_may_take(dhts):  # noqa: F811
+@pytest.mark.network
+async def test_streams_from_a_stranger_wait_apart_and_no_longer_than_a_header_may_take(dhts):
     _, stranger_node, _, victim_node = dhts  # whom the admission below calls a stranger, and a fresh server
     limits = StreamLimits(header_timeout=1.0, max_unverified_per_peer=4)
     victim = P2PTransport(await victim_node[0].replicate_p2p(), LIMITS, admits=members_only(), stream_limits=limits)

@@ -47,9 +47,25 @@ def test_no_peer_waits_for_one_100_times_slower_nor_for_one_that_crashed(tmp_pat
     for peer in ("peer-2", "peer-3", "peer-4", "peer-5"):
         assert lines[peer][-1]["round"] == 11
     # The slow peer did one iteration of its own while the others did the whole run, and its
-    # neighbours were at the end by then: so was it, with its model evaluated.
-    assert [line["round"] for line in lines["peer-1"]] == [0] and lines["peer-1"][0]["accuracy"] is not None
-    assert lines["peer-1"][0]["virtual_time"] == pytest.approx(2.0)
+    # neighbours were at the end by then: it went on to the last iteration, from their final models,
+    # and ended there with its model evaluated.
+    assert [line["round"] for line in lines["peer-1"]] == [0, 11] and lines["peer-1"][-1]["accuracy"] is not None
+    assert [line["virtual_time"] for line in lines["peer-1"]] == pytest.approx([2.0, 4.0])
+
+
+def test_a_peer_whose_neighbours_reached_the_last_iteration_still_takes_it(tmp_path):
+    # peer-1 is 4.7 times slower; in a complete graph it goes on from the fast peers' iteration after
+    # each of its own. When its third ends theirs have all ended: it goes on to the last iteration, not
+    # past it (which would end its run with the iteration it jumped from as its last record).
+    speeds = tmp_path / "speeds.txt"
+    speeds.write_text("0.01\n0.047\n0.01\n")
+    out = tmp_path / "run"
+    simulate(SimulationConfig(**{**SMALL, "peers": 3, "topology": "complete", "speeds": f"file:{speeds}"}, out=out))
+    lines = by_peer(records(out))
+    assert [line["round"] for line in lines["peer-1"]] == [0, 4, 8, 11]
+    assert lines["peer-1"][-1]["virtual_time"] == pytest.approx(4 * 2 * 0.047)  # four iterations of its own
+    for peer_lines in lines.values():
+        assert peer_lines[-1]["round"] == 11 and peer_lines[-1]["accuracy"] is not None
 
 
 def test_a_slow_peer_moves_on_to_its_neighbours_iteration_and_ends_with_them(tmp_path):
@@ -153,7 +169,7 @@ def test_settings_that_do_not_go_together_are_refused_with_the_reason(settings, 
 
 def test_a_lossy_codec_without_error_feedback_and_a_robust_rule_work_without_rounds():
     config = build_config(SimulationConfig, {}, {**SMALL, "codec": "int8", "mixing": "clipped", "rounds": 4})
-    assert config.gossip_settings().error_feedback == "none"
+    assert config.gossip.error_feedback == "none"
     summary = simulate(config).summary
     assert summary["codec"] == "int8" and summary["mean_accuracy"] > 0.1
 

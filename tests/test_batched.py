@@ -189,7 +189,7 @@ def test_a_model_with_batchnorm_trains_per_peer_with_a_notice_or_is_refused(tmp_
         simulate(SimulationConfig(**settings, engine="batched"))
 
 
-SMALL = {"peers": 6, "topology": "ring", "partition": "dirichlet:0.5", "rounds": 6, "local_steps": 3, "seed": 1}
+SMALL = {"peers": 6, "partition": "dirichlet:0.5", "rounds": 6, "local_steps": 3, "seed": 1}
 
 
 @pytest.mark.parametrize(

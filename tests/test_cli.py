@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from peer.cli import main
+from peer.config import SimulationConfig
 
 FAST = ["--peers", "3", "--rounds", "2", "--local-steps", "1", "--partition", "iid"]
 
@@ -133,6 +134,7 @@ def test_missing_config_file(capsys, tmp_path):
     assert code == 2 and "does not exist" in err
 
 
+@pytest.mark.network
 def test_console_script_reports_errors_without_a_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "peer.cli", "simulate", "--topology", "nope"],
@@ -164,3 +166,36 @@ def test_network_commands_check_their_settings_first(capsys, command, keyword):
     code = main(command)
     err = capsys.readouterr().err
     assert code == 2 and keyword in err and len(err.strip().splitlines()) == 1
+
+
+UNUSED_FLAGS = {
+    "sam radius with plain gossip": (["--algorithm", "dpsgd", "--sam-rho", "0.1"], "--sam-rho: only for --algorithm dfedsam or async-gossip; dpsgd does not use it"),
+    "a topology with sampling": (["--algorithm", "modest", "--topology", "star"], "--topology: only for --algorithm dpsgd, dfedsam, srrw or async-gossip; modest does not use it"),
+    "gossip steps with sampling": (["--algorithm", "modest", "--gossip-steps", "3"], "--gossip-steps: only for --algorithm dpsgd or dfedsam; modest does not use it"),
+    "error feedback with a token": (["--algorithm", "srrw", "--error-feedback", "choco"], "--error-feedback: only for --algorithm dpsgd or dfedsam; srrw does not use it"),
+    "tokens with plain gossip": (["--tokens", "2"], "--tokens: only for --algorithm srrw; dpsgd does not use it"),
+    "alpha with plain gossip": (["--alpha", "2"], "--alpha: only for --algorithm srrw; dpsgd does not use it"),
+    "a sample with plain gossip": (["--sample-size", "3"], "--sample-size: only for --algorithm modest or fedavg; dpsgd does not use it"),
+    "aggregators with plain gossip": (["--aggregators", "2"], "--aggregators: only for --algorithm modest; dpsgd does not use it"),
+    "a consensus step without error feedback": (["--consensus-step", "0.5"], "--consensus-step is CHOCO's step, which only error feedback takes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSED_FLAGS))
+def test_a_flag_the_method_does_not_use_is_refused_in_one_line(capsys, case):
+    args, message = UNUSED_FLAGS[case]
+    code, _, err = run_cli(capsys, *FAST, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+def test_fedavg_with_a_lossy_codec_sends_compressed_uploads():
+    from peer.simulate import simulate
+
+    settings = {"algorithm": "fedavg", "peers": 4, "rounds": 2, "local_steps": 2, "partition": "iid"}
+    plain = simulate(SimulationConfig(**settings)).summary
+    compressed = simulate(SimulationConfig(**settings, codec="int8")).summary
+    assert compressed["codec"] == "int8"
+    # Uploads (half of the traffic) shrink to about a quarter; the global model goes out whole.
+    assert 0.55 < compressed["bytes_sent_total"] / plain["bytes_sent_total"] < 0.7
+    assert compressed["mean_accuracy"] > 0.1

@@ -164,6 +164,7 @@ def poll(what, condition, deadline):
     return found
 
 
+@pytest.mark.network
 def test_real_peers_meet_again_after_one_was_paused_far_behind(tmp_path):
     # Two real peers at a fast pace; one is stopped (as a laptop that sleeps) until the other,
     # which stops waiting for it and trains alone, is far ahead; once it wakes they mix again.

@@ -13,7 +13,7 @@ from peer.sim.faults import Fault, FaultError, parse_faults
 from peer.simulate import simulate
 from tests.sim_swarm import run
 
-SMALL = dict(peers=8, topology="ring", task="mnist1d", partition="iid", rounds=6, local_steps=2, seed=0, eval_every=3)
+SMALL = dict(peers=8, task="mnist1d", partition="iid", rounds=6, local_steps=2, seed=0, eval_every=3)
 
 
 def test_a_spec_lists_its_events_in_round_order():

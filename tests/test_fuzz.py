@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import hivemind
 import msgpack
+import pytest
 import torch
 from hivemind.p2p import PeerID
 
@@ -40,10 +41,7 @@ from peer.net.transport import PROTOCOL, P2PTransport
 from peer.sim.clock import SimClock
 from peer.sim.loop import VirtualTimeLoop
 from peer.sim.network import LinkModel, SimNetwork
-from tests.sim_swarm import run
-from tests.test_modest import Swarm as ModestSwarm
-from tests.test_modest import evil_member
-from tests.test_srrw import Walk, assert_walk_unaffected
+from tests.sim_swarm import ModestSwarm, Walk, assert_walk_unaffected, evil_member, run
 from topology import parse_topology
 from topology.walk import VisitCounts
 
@@ -400,6 +398,7 @@ def test_mutated_messages_through_the_stream_handler_never_touch_the_model_unles
 # -- over real libp2p streams --------------------------------------------------------------------
 
 
+@pytest.mark.network
 async def test_mutated_messages_over_real_streams_leave_the_exchange_with_the_honest_neighbour_exact(caplog):
     caplog.set_level(logging.WARNING)
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])

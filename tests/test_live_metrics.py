@@ -1,14 +1,11 @@
 """Prometheus metrics of a running peer: what a scrape shows, and a busy port."""
 
-import socket
-import urllib.request
-
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from peer.config import ConfigError
 from peer.metrics import RoundRecord
 from peer.net.live_metrics import LiveMetrics
+from tests.helpers import free_port, scrape
 
 
 def record(round_, accuracy, *, expected=2, heard=2, exchange=0.03):
@@ -17,22 +14,6 @@ def record(round_, accuracy, *, expected=2, heard=2, exchange=0.03):
         bytes_sent=0, bytes_received=0, virtual_time=0.0, neighbours_expected=expected, neighbours_heard=heard,
         rejected=0, local_steps=10, exchange_seconds=exchange,
     )
-
-
-def scrape(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from gossip.message import Message
-from gossip.protocols import MoDeST, ModestSettings, ProtocolContext
+from gossip.protocols import ModestSettings
 from gossip.protocols.modest import LEAVE, MODEL, PING
 from gossip.sampling import hash_order
-from gossip.settings import GossipSettings
 from gossip.view import MAX_SENT_ROWS, Entry, View, decode_view
-from peer.sim import LinkModel, SimClock, SimNetwork
-from tests.sim_swarm import run
-from tests.vector_learner import VectorLearner
-
-FAST = {"ping_timeout": 1.0, "aggregation_timeout": 3.0, "round_timeout": 6.0, "heartbeat": 2.0}
+from peer.config import SimulationConfig
+from peer.sim import LinkModel, SimNetwork
+from tests.sim_swarm import ModestSwarm as Swarm
+from tests.sim_swarm import evil_member, run
 
 
 class CountingNetwork(SimNetwork):
@@ -28,55 +26,6 @@ class CountingNetwork(SimNetwork):
     def transmit(self, src, dst, message, on_arrival):
         self.addressed[dst] = self.addressed.get(dst, 0) + 1
         super().transmit(src, dst, message, on_arrival)
-
-
-class Swarm:
-    def __init__(self, n, *, rounds, network=None, known=None, codec="none", size=1, **settings):
-        self.network = network or SimNetwork(LinkModel(latency=0.01))
-        self.rounds = rounds
-        self.ids = [f"p{i:02d}" for i in range(n)]
-        self.settings = ModestSettings(**{**FAST, **settings})
-        self.clock = SimClock()
-        self.reports = []  # (aggregator, report)
-        self.learners, self.protocols, self.tasks = {}, {}, {}
-        self.on_report = None
-        self.gossip = GossipSettings(timeout=5.0, codec=codec)
-        self.size = size  # of each peer's vector model
-        for peer in self.ids:
-            self.add(peer, peers=known or self.ids)
-
-    def add(self, peer, *, peers, joining=False):
-        learner = VectorLearner(torch.full((self.size,), float(int(peer[1:]))), drift=1.0)
-
-        async def finished(report, peer=peer):
-            self.reports.append((peer, report))
-            if self.on_report:
-                self.on_report(peer, report)
-
-        context = ProtocolContext(self.network.attach(peer), self.clock, learner, None, finished, self.gossip)
-        self.learners[peer] = learner
-        self.protocols[peer] = MoDeST(context, local_steps=1, settings=self.settings, peers=peers, joining=joining)
-
-    def start(self, peer):
-        self.tasks[peer] = asyncio.get_running_loop().create_task(self.protocols[peer].run(self.rounds))
-
-    def crash(self, peer):
-        self.network.crash(peer)
-        self.tasks[peer].cancel()
-
-    async def run(self):
-        for peer in self.protocols:
-            if peer not in self.tasks:
-                self.start(peer)
-        async with asyncio.timeout(100_000):
-            while pending := [t for t in self.tasks.values() if not t.done()]:
-                await asyncio.wait(pending)
-
-    def rounds_reported(self):
-        return sorted({report.round for _, report in self.reports})
-
-    def live(self):
-        return [peer for peer in self.ids if self.network.is_up(peer)]
 
 
 def test_each_round_averages_its_sample_and_every_peer_ends_with_the_final_model():
@@ -237,13 +186,8 @@ def test_settings_out_of_range_are_refused():
 
 
 def test_error_feedback_is_refused():
-    network = SimNetwork()
-    context = ProtocolContext(
-        network.attach("a"), SimClock(), VectorLearner(torch.zeros(1)), None, None,
-        GossipSettings(codec="int8", error_feedback="choco"),
-    )
-    with pytest.raises(ValueError, match="error feedback"):
-        MoDeST(context, local_steps=1, settings=ModestSettings(), peers=["a"])
+    with pytest.raises(ValueError, match="there is no error feedback; use --error-feedback none"):
+        SimulationConfig(algorithm="modest", codec="int8", error_feedback="choco")
 
 
 def test_a_lossy_codec_carries_the_models():
@@ -276,16 +220,6 @@ def test_a_peer_that_is_not_sampled_keeps_its_view_fresh():
 
 
 # --- a member that lies --------------------------------------------------------------------
-
-
-def evil_member(swarm, rounds):
-    """A peer of the swarm's world, left out of every sample (it said it left), and not among the
-    peers that could aggregate the last round: everything it claims about the run's end is a lie."""
-    name = next(f"p{i}" for i in range(90, 100) if f"p{i}" not in hash_order([*swarm.ids, f"p{i}"], rounds - 1)[:3])
-    swarm.add(name, peers=swarm.ids)
-    evil = swarm.protocols[name]
-    evil.view.announce(left=True)
-    return evil
 
 
 def test_a_goodbye_counts_only_from_the_peer_that_leaves():

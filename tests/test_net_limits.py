@@ -6,60 +6,22 @@ sender), in this process; the accounting itself is tested on its own at the end.
 import asyncio
 import contextlib
 
-import hivemind
 import pytest
 import torch
 
 from gossip.message import HEADER_LENGTH_PREFIX, Message
-from gossip.wire import Limits, StreamEnded, WireError, encode, read_header_length
+from gossip.wire import StreamEnded, WireError, read_header_length
 from peer.net.stream_limits import ByteBudget, Offenders, StreamLimits
 from peer.net.transport import PROTOCOL, P2PTransport
+from tests.helpers import LIMITS, MODEL, buffered_size, daemons, eventually, wire
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
-MODEL = {"x": torch.zeros(16_384)}  # 64 KiB of float32: the largest payload the victim accepts
-LIMITS = Limits(max_payload_bytes=1 << 16, max_header_bytes=1 << 12)  # a model of one tensor has a ~100-byte header
 LARGEST_MESSAGE = LIMITS.max_header_bytes + LIMITS.max_payload_bytes  # the unit of the budget of buffered bytes
 # Stalled streams hold what they reserved for as long as a test runs.
 PATIENT = {"stream_limits": StreamLimits(payload_grace=1000.0), "exchange_timeout": 1000.0}
 
 
-async def eventually(condition, seconds: float = 30.0) -> None:
-    """Wait until ``condition()`` holds; the deadline only bounds a failing test."""
-    for _ in range(int(seconds / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the condition did not come true within the deadline")
-
-
-def wire(message: Message) -> bytes:
-    return b"".join(bytes(frame) for frame in encode(message))
-
-
-def buffered_size(message: Message) -> int:
-    """What reading the message reserves from the budget: its header and its payload."""
-    return len(wire(message)) - HEADER_LENGTH_PREFIX
-
-
 def header_size(message: Message) -> int:
     return buffered_size(message) - sum(t.nbytes for t in message.tensors.values())
-
-
-@contextlib.asynccontextmanager
-async def daemons(count: int):
-    """The p2p of ``count`` fresh peers: the victim's first, then the attacker's and the honest sender's.
-
-    Fresh for each test: a daemon's handler does not survive the replica that registered it
-    shutting down, so daemons are not shared between tests."""
-    first = hivemind.DHT(start=True, host_maddrs=LOOPBACK)
-    started = [first]
-    try:
-        for _ in range(count - 1):
-            started.append(hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=first.get_visible_maddrs()))
-        yield [await dht.replicate_p2p() for dht in started]
-    finally:
-        for dht in started:
-            dht.shutdown()
 
 
 @pytest.fixture
@@ -130,6 +92,7 @@ async def stall(attacker, victim: Victim, streams: int):
     return await asyncio.gather(*(one() for _ in range(streams)))
 
 
+@pytest.mark.network
 async def test_slow_streams_from_one_peer_are_capped_and_an_honest_sender_still_gets_through(trio):
     victim_p2p, attacker, honest = trio
     async with victim_on(victim_p2p, **PATIENT) as victim:
@@ -160,6 +123,7 @@ async def test_slow_streams_from_one_peer_are_capped_and_an_honest_sender_still_
         assert victim.rejected("malformed") == limits.max_streams_per_peer
 
 
+@pytest.mark.network
 async def test_an_honest_sender_is_read_at_once_while_three_others_stall_maximal_payloads_on_all_their_streams():
     async with daemons(5) as (victim_p2p, *attackers, honest), victim_on(victim_p2p, **PATIENT) as victim:
         limits = victim.transport.stream_limits
@@ -181,6 +145,7 @@ async def test_an_honest_sender_is_read_at_once_while_three_others_stall_maximal
                 writer.close()
 
 
+@pytest.mark.network
 async def test_a_header_reserves_its_announced_length_from_its_senders_share_before_it_is_read(pair):
     victim_p2p, attacker = pair
     async with victim_on(victim_p2p, stream_limits=StreamLimits(header_timeout=1000.0)) as victim:
@@ -196,6 +161,7 @@ async def test_a_header_reserves_its_announced_length_from_its_senders_share_bef
         assert victim.rejected("malformed") == 1  # the header never came
 
 
+@pytest.mark.network
 async def test_a_payload_waits_while_others_hold_the_budget_of_buffered_bytes(trio):
     victim_p2p, attacker, honest = trio
     stream_limits = StreamLimits(buffered_messages=1, buffered_messages_per_sender=1)
@@ -218,6 +184,7 @@ async def test_a_payload_waits_while_others_hold_the_budget_of_buffered_bytes(tr
         assert dict(victim.transport.counters.rejections) == {"malformed": 1}  # the stalled one, cut short
 
 
+@pytest.mark.network
 async def test_a_header_or_payload_that_stops_coming_is_dropped_at_its_deadline(pair):
     victim_p2p, attacker = pair
     # A payload deadline long enough for a header to be read first, much shorter than the default.
@@ -238,6 +205,7 @@ async def test_a_header_or_payload_that_stops_coming_is_dropped_at_its_deadline(
                 writer.close()
 
 
+@pytest.mark.network
 async def test_a_payload_that_stops_coming_is_dropped_once_the_exchange_would_have_given_up_on_it(pair):
     victim_p2p, attacker = pair
     # Without the exchange timeout, this payload's deadline would be 1000 s.
@@ -251,6 +219,7 @@ async def test_a_payload_that_stops_coming_is_dropped_once_the_exchange_would_ha
             writer.close()
 
 
+@pytest.mark.network
 async def test_a_garbage_sender_is_ignored_and_an_honest_one_still_gets_through(trio):
     victim_p2p, attacker, honest = trio
     async with victim_on(victim_p2p) as victim:

@@ -17,6 +17,8 @@ from peer.net.clock import WallClock
 from peer.net.transport import PROTOCOL, P2PTransport
 from topology import parse_topology
 
+pytestmark = pytest.mark.network  # every test here talks between two real p2p daemons
+
 REFERENCE = {"x": torch.zeros(4)}
 
 

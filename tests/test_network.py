@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -12,24 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from peer.net.swarm import kill_group
 from peer.runs import load_run
-from tests.test_live_metrics import free_port, scrape
+from tests.helpers import FAST, free_port, run, scrape, start, stop_all, wait_for_line
 
-PEER = [sys.executable, "-m", "peer.cli"]
-FAST = ["--rounds", "3", "--local-steps", "2", "--partition", "iid", "--exchange-timeout", "10"]
-
-
-def run(args, timeout):
-    process = subprocess.Popen(PEER + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(process)
-        out, err = process.communicate()
-        raise AssertionError(f"{args} did not finish in {timeout} s:\n{out}\n{err}") from None
-    kill_group(process)  # the peer's DHT process and daemon too, should any have outlived it
-    return process.returncode, out, err
+pytestmark = pytest.mark.network
 
 
 @pytest.mark.parametrize(
@@ -62,12 +47,12 @@ def test_a_swarm_of_real_peers_trains_together(tmp_path, codec, error_feedback, 
     # mode pulled its neighbours' models, and nobody tried to dial it.
     assert not any(client in peer["failed_dials"] for client in clients for peer in peers)
     for client in (peer for peer in peers if peer["client_mode"]):
-        others = [peer["accuracy"] for peer in peers if not peer["client_mode"]]
-        assert abs(client["accuracy"] - sum(others) / len(others)) <= 0.03
+        others = [peer["mean_accuracy"] for peer in peers if not peer["client_mode"]]
+        assert abs(client["mean_accuracy"] - sum(others) / len(others)) <= 0.03
     for index, peer in enumerate(peers):
         assert len(peer["peers_seen"]) == 3
         assert (peer["codec"], peer["error_feedback"], peer["algorithm"]) == (codec, error_feedback, algorithm[1])
-        assert peer["bytes_sent"] > 0 and peer["bytes_received"] > 0
+        assert peer["bytes_sent_total"] > 0 and peer["bytes_received_total"] > 0
         assert (tmp_path / f"peer-{index}" / "checkpoint.safetensors").exists()
         log = (tmp_path / f"peer-{index}" / "log.txt").read_text()
         assert f"metrics at http://127.0.0.1:{base_port + index}/metrics" in log
@@ -92,42 +77,6 @@ def test_a_malformed_bootstrap_address_is_a_clear_error():
 def test_fedavg_is_refused_outside_simulation():
     code, _, err = run(["run", "--algorithm", "fedavg", *FAST], timeout=60)
     assert code == 2 and "simulate" in err
-
-
-def start(args, log):
-    return subprocess.Popen(
-        PEER + args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-    )
-
-
-def stop_all(processes, timeout=30):
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-    for process in processes:
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_group(process)
-
-
-def wait_for_line(path, pattern, process, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if match := re.search(pattern, path.read_text()):
-            return match
-        assert process.poll() is None, path.read_text()
-        time.sleep(0.2)
-    raise AssertionError(f"{pattern!r} did not appear in {path} within {timeout} s")
-
-
-def wait_for_exits(processes, timeout, what="the peers"):
-    """Wait until every process has exited (they finish their run on their own)."""
-    deadline = time.monotonic() + timeout
-    while any(process.poll() is None for process in processes):
-        assert time.monotonic() < deadline, f"{what} did not finish within {timeout} s"
-        time.sleep(0.2)
 
 
 def test_peers_join_a_swarm_whose_only_bootstrap_node_is_a_plain_hivemind_dht(tmp_path):
@@ -160,7 +109,7 @@ def test_peers_join_a_swarm_whose_only_bootstrap_node_is_a_plain_hivemind_dht(tm
         summary = json.loads((tmp_path / f"peer-{shard}" / "summary.json").read_text())
         assert summary["rounds_completed"] == 3
         assert len(summary["peers_seen"]) == 2  # each other; the DHT node is not a peer
-        assert summary["bytes_received"] > 0 and summary["missed_exchanges"] == 0
+        assert summary["bytes_received_total"] > 0 and summary["missed_exchanges_total"] == 0
 
 
 def test_survivors_go_on_after_crashes_a_killed_peer_resumes_and_a_newcomer_catches_up(tmp_path):

@@ -9,9 +9,13 @@ import time
 import pytest
 
 from peer.net.reaper import descendants, kill_all, process_table
-from tests.test_network import PEER, kill_group, wait_for_line
+from peer.net.swarm import kill_group
+from tests.helpers import PEER, wait_for_line
 
-pytestmark = pytest.mark.skipif(not process_table(), reason="the watcher reads /proc, which this system lacks")
+pytestmark = [
+    pytest.mark.network,
+    pytest.mark.skipif(not process_table(), reason="the watcher reads /proc, which this system lacks"),
+]
 
 
 def alive(processes: dict[int, str]) -> dict[int, str]:

@@ -203,7 +203,7 @@ def test_a_fedavg_client_sending_a_huge_model_is_left_out_of_the_global_model():
 
 def test_a_modest_trainer_sending_a_huge_model_is_left_out_of_each_aggregate():
     from gossip.sampling import hash_order
-    from tests.test_modest import Swarm
+    from tests.sim_swarm import ModestSwarm as Swarm
 
     rounds = 4
     swarm = Swarm(8, rounds=rounds, sample_size=8)
@@ -225,7 +225,7 @@ def test_a_modest_trainer_sending_a_huge_model_is_left_out_of_each_aggregate():
 @pytest.mark.parametrize("spec", ["clipped", "clipped:2.5", "trimmed-mean:1", "trimmed-mean:3", "median"])
 def test_robust_specs_are_accepted(spec):
     config = build_config(SimulationConfig, {}, {"mixing": spec})
-    assert config.gossip_settings().mixing.spec == spec
+    assert config.gossip.mixing.spec == spec
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 from peer.config import SimulationConfig
 from peer.simulate import simulate
 
-SMALL = dict(peers=4, topology="ring", task="mnist1d", partition="iid", rounds=3, local_steps=2, seed=0)
+SMALL = dict(peers=4, task="mnist1d", partition="iid", rounds=3, local_steps=2, seed=0)
 SUMMARY_KEYS = {
     "algorithm", "task", "topology", "peers", "rounds", "seed", "mean_accuracy", "min_accuracy",
     "max_accuracy", "consensus_distance", "bytes_sent_total", "wall_seconds", "virtual_seconds",
@@ -57,7 +57,7 @@ def test_fedavg_reference_reports_the_global_model():
     assert summary["consensus_distance"] is None  # one model, the server's
     assert summary["min_accuracy"] == summary["max_accuracy"] == summary["mean_accuracy"]
     assert "centralised reference" in summary["label"]
-    assert summary["topology"] == "server" and summary["sample_size"] == 4
+    assert summary["topology"] == "server" and summary["sample_size"] is None  # every client, each round
 
 
 def test_lossy_network_costs_timeouts_but_finishes():
@@ -67,7 +67,7 @@ def test_lossy_network_costs_timeouts_but_finishes():
 
 
 def test_fashion_mnist_runs_end_to_end_from_idx_files(tmp_path):
-    from tests.test_tasks import write_fashion_files
+    from tests.helpers import write_fashion_files
 
     write_fashion_files(tmp_path / "fashion-mnist", train=400, test=200)
     config = SimulationConfig(

@@ -18,19 +18,11 @@ import pytest
 import torch
 
 from gossip.message import Message
-from gossip.neighbourhood import GraphNeighbourhood
-from gossip.protocols import ProtocolContext
-from gossip.protocols.srrw import DONE, RECEIVED, REVOKE, SRRW, STATUS, TOKEN, UNKNOWN, WalkSettings, start_peer
-from gossip.settings import GossipSettings
+from gossip.protocols.srrw import DONE, RECEIVED, REVOKE, STATUS, TOKEN, UNKNOWN, WalkSettings, start_peer
 from gossip.token import COUNTS_TENSOR, PEERS_TENSOR, Token, token_message
-from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile
-from tests.sim_swarm import run
-from tests.vector_learner import VectorLearner
-from topology import parse_topology
+from peer.sim import LinkModel, SimNetwork
+from tests.sim_swarm import Walk, assert_walk_unaffected, run
 from topology.walk import VisitCounts
-
-# Virtual seconds within which every walk here ends; past them a test fails rather than spins.
-DEADLINE = 3_600.0
 
 
 class RecordingNetwork(SimNetwork):
@@ -43,94 +35,6 @@ class RecordingNetwork(SimNetwork):
     def transmit(self, src, dst, message, on_arrival):
         self.sent.append((src, dst, message))
         super().transmit(src, dst, message, on_arrival)
-
-
-class Walk:
-    """One SRRW per peer of a topology on the simulator; ``visits`` lists (peer, round) in the order of visits."""
-
-    def __init__(
-        self, spec="ring", n=5, *, rounds, seed=0, timeout=1.0, network=None, seconds_per_step=0.01, **walk
-    ):
-        self.network = network or SimNetwork(LinkModel(latency=0.01))
-        self.topology = parse_topology(spec, n)
-        self.ids = [f"p{i}" for i in range(n)]
-        self.rounds = rounds
-        self.seed = seed
-        self.settings = WalkSettings(**{"patience": 2.0, **walk})
-        self.gossip = GossipSettings(timeout=timeout)
-        self.clock = SimClock(SpeedProfile(seconds_per_step))
-        self.learners = {peer: VectorLearner(torch.tensor([self.initial(peer)]), drift=1.0) for peer in self.ids}
-        self.visits: list[tuple[str, int]] = []
-        self.on_visit = None  # called with (peer, round) after each visit is recorded
-        self.protocols: dict[str, SRRW] = {}  # each peer's current protocol (a restarted peer's new one)
-        self.neighbourhoods: dict[str, GraphNeighbourhood] = {}
-        self.tasks: dict[str, asyncio.Task] = {}
-        for peer in self.ids:
-            self._add(peer, self.network.attach(peer), joining=False)
-
-    def _add(self, peer, transport, *, joining):
-        async def finished(report, peer=peer):
-            self.visits.append((peer, report.round))
-            if self.on_visit:
-                self.on_visit(peer, report.round)
-
-        neighbourhood = self.neighbourhoods.setdefault(peer, GraphNeighbourhood(self.topology, self.ids, peer))
-        context = ProtocolContext(transport, self.clock, self.learners[peer], neighbourhood, finished, self.gossip)
-        self.protocols[peer] = SRRW(
-            context, local_steps=1, settings=self.settings, peers=self.ids, seed=self.seed, joining=joining
-        )
-
-    def start(self, peer):
-        self.tasks[peer] = asyncio.get_running_loop().create_task(self.protocols[peer].run(self.rounds))
-
-    def crash(self, peer):
-        """The peer's process dies: it neither sends nor receives, and its protocol stops."""
-        self.network.crash(peer)
-        self.tasks[peer].cancel()
-
-    def restart(self, peer):
-        """The peer comes back as a fresh process, its memory of the walk gone (its model kept)."""
-        self._add(peer, self.network.restart(peer), joining=True)
-        self.start(peer)
-
-    async def run(self, *also):
-        """Run every peer (and the coroutines ``also``) until every live peer's run has ended."""
-        for peer in self.ids:
-            self.start(peer)
-        extras = [asyncio.get_running_loop().create_task(coroutine) for coroutine in also]
-        async with asyncio.timeout(DEADLINE):
-            while pending := [task for task in self.tasks.values() if not task.done()]:
-                await asyncio.wait(pending)
-            await asyncio.gather(*extras)
-        for task in self.tasks.values():
-            if not task.cancelled():
-                task.result()  # a protocol that failed fails the test
-
-    def live(self):
-        return [peer for peer in self.ids if self.network.is_up(peer)]
-
-    def live_copies(self):
-        """Every (peer, token id, (generation, hop)) held now by a live peer."""
-        return [
-            (peer, token_id, key)
-            for peer in self.live()
-            for token_id, key in self.protocols[peer].held().items()
-        ]
-
-    def holders(self):
-        return [peer for peer, _ in self.visits]
-
-    def initial(self, peer):
-        return 1000.0 + 100.0 * self.ids.index(peer)
-
-    def start_value(self, token_id=0):
-        return self.initial(start_peer(self.ids, token_id, self.seed))
-
-    def value(self, peer):
-        return self.learners[peer].value.item()
-
-    def rejections(self, peer):
-        return self.network._endpoints[peer].counters.rejections
 
 
 def walked(walk: Walk) -> Walk:
@@ -264,12 +168,6 @@ def forged(token_id=0, generation=0, hop=1, *, model=None, log_counts=None):
     if log_counts is not None:
         message.tensors[COUNTS_TENSOR] = torch.tensor(log_counts, dtype=torch.float64)
     return message
-
-
-def assert_walk_unaffected(walk: Walk):
-    assert [round_ for _, round_ in walk.visits] == list(range(walk.rounds))
-    assert walk.value(walk.holders()[-1]) == walk.start_value() + walk.rounds
-    assert walk.live_copies() == [(walk.holders()[-1], 0, (0, walk.rounds))]
 
 
 def test_malformed_tokens_are_refused_counted_and_leave_the_walk_alone():

@@ -6,9 +6,11 @@ import json
 import re
 import time
 
+import pytest
+
 from peer.config import SwarmConfig
 from peer.net.swarm import LocalSwarm
-from tests.test_network import run, wait_for_exits
+from tests.helpers import run, wait_for_exits
 
 HOP_LINE = re.compile(r"^round (\d+)/\d+", re.MULTILINE)
 
@@ -25,6 +27,7 @@ def test_a_local_swarm_passes_its_peers_only_the_settings_given(tmp_path):
     assert "--alpha" not in args  # the peer's default is the same
 
 
+@pytest.mark.network
 def test_a_swarm_walks_two_tokens_to_their_last_hop(tmp_path):
     rounds = 6
     code, _, err = run(
@@ -43,7 +46,7 @@ def test_a_swarm_walks_two_tokens_to_their_last_hop(tmp_path):
     for index in range(5):
         peer = json.loads((tmp_path / f"peer-{index}" / "summary.json").read_text())
         assert peer["rounds_completed"] == rounds and peer["tokens_reissued"] == 0, peer
-        assert 0 <= peer["accuracy"] <= 1  # the last token model it trained, evaluated at the end
+        assert 0 <= peer["mean_accuracy"] <= 1  # the last token model it trained, evaluated at the end
         finished += [(int(token), key) for token, key in peer["tokens_held"].items()]
         assert "Traceback" not in (tmp_path / f"peer-{index}" / "log.txt").read_text()
     assert sorted(finished) == [(0, [0, rounds]), (1, [0, rounds])]  # each token rests where it made its last hop
@@ -53,6 +56,7 @@ def hops_logged(swarm: LocalSwarm, index: int) -> list[int]:
     return [int(hop) for hop in HOP_LINE.findall((swarm.folder(index) / "log.txt").read_text())]
 
 
+@pytest.mark.network
 def test_a_token_whose_holder_is_killed_is_reissued_and_the_survivors_finish(tmp_path):
     rounds, patience, pace = 8, 3, 2
     # --exchange-timeout is also the custodian's patience; --pace makes each visit last 2 s, so the
@@ -92,7 +96,7 @@ def test_a_token_whose_holder_is_killed_is_reissued_and_the_survivors_finish(tmp
     held = []
     for index in survivors:
         summary = summaries[index]
-        assert summary["rounds_completed"] == rounds and 0 <= summary["accuracy"] <= 1, summary
+        assert summary["rounds_completed"] == rounds and 0 <= summary["mean_accuracy"] <= 1, summary
         held += list(summary["tokens_held"].values())
     assert sum(s["tokens_reissued"] for s in summaries.values()) >= 1
     (generation, last_hop), = held  # one copy walked on to the end, a generation up

@@ -16,14 +16,9 @@ import torch
 from peer.tasks import TASK_NAMES, Task, TaskError, load_task
 from peer.tasks import fashion_mnist
 from peer.tasks.fashion_mnist import load_fashion_mnist
+from tests.helpers import idx_bytes, write_fashion_files
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-FASHION_FILES = {
-    "train-images-idx3-ubyte.gz": (3, (20, 28, 28)),
-    "train-labels-idx1-ubyte.gz": (1, (20,)),
-    "t10k-images-idx3-ubyte.gz": (3, (10, 28, 28)),
-    "t10k-labels-idx1-ubyte.gz": (1, (10,)),
-}
 USER_TASK_MODULE = "tiny_user_tasks"
 USER_TASK_SOURCE = """
 import torch
@@ -69,31 +64,6 @@ def user_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (module_dir / f"{USER_TASK_MODULE}.py").write_text(textwrap.dedent(USER_TASK_SOURCE))
     monkeypatch.syspath_prepend(str(module_dir))
     monkeypatch.delitem(sys.modules, USER_TASK_MODULE, raising=False)
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_fashion_files(folder: Path, train: int = 20, test: int = 10) -> dict[str, bytes]:
-    """Write small, well-formed Fashion-MNIST files that can be learnt: an image of class c is
-    noise with a bright square at a place that depends on c. Returns their gzipped bytes by name."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    written = {}
-    for prefix, count in (("train", train), ("t10k", test)):
-        labels = rng.integers(0, 10, size=count)
-        images = rng.integers(0, 100, size=(count, 28, 28))
-        for image, label in zip(images, labels):
-            row, column = divmod(int(label), 5)
-            image[2 + 12 * row : 12 + 12 * row, 1 + 5 * column : 6 + 5 * column] = 255
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            name = f"{prefix}-{kind}-ubyte.gz"
-            written[name] = gzip.compress(idx_bytes(array))
-            (folder / name).write_bytes(written[name])
-    assert written.keys() == FASHION_FILES.keys()
-    return written
 
 
 def test_task_names_are_the_builtins() -> None:

@@ -6,25 +6,9 @@ import torch
 from peer.config import ConfigError
 from peer.lr_schedule import CosineDecay
 from peer.trainer import Trainer, resolve_device
+from tests.helpers import blobs, make_trainer
 
 torch.set_num_threads(1)  # the models here are tiny: more threads only contend on a shared machine
-
-
-def blobs(n=400, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, 2, generator=g) + 4 * torch.nn.functional.one_hot(y, 3)[:, :2].float()
-    return x, y
-
-
-def make_trainer(seed=0, schedule=None, lr=0.1):
-    torch.manual_seed(0)
-    x, y = blobs()
-    return Trainer(
-        torch.nn.Linear(2, 3), (x[:300], y[:300]), (x[300:], y[300:]),
-        lr=lr, momentum=0.9, weight_decay=0.0, batch_size=32, seed=seed, device=torch.device("cpu"),
-        schedule=schedule,
-    )
 
 
 @pytest.mark.parametrize(

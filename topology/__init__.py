@@ -1,4 +1,10 @@
-"""Graphs, mixing weights and round schedules for gossip between peers."""
+"""Graphs, mixing weights and round schedules for gossip between peers.
+
+- ``graphs.py``: graph generators on peers 0..n-1, parsed from a spec such as ``erdos:0.1``.
+- ``weights.py``: mixing matrices (Metropolis-Hastings, uniform) and their spectral gap.
+- ``schedule.py``: the ``Topology`` object: who mixes with whom, with what weights, in each round.
+- ``walk.py``: a token's random walk: the base chain, the self-repellent kernel and lazy visit counts.
+"""
 
 from topology.graphs import TOPOLOGY_NAMES, TopologyError
 from topology.schedule import Topology, parse_topology

@@ -1,4 +1,14 @@
-"""Training protocols: each one file, each a small subclass of ``Protocol``."""
+"""Training protocols: each one file, each a small subclass of ``Protocol``.
+
+- ``base.py``: the ``Protocol`` base class, what it tells the program running it, its context and round reports.
+- ``registry.py``: protocols by ``--algorithm`` name (and ``module:Class`` for a user's own).
+- ``dpsgd.py``: D-PSGD: K local steps, then one or more gossip steps with the neighbours.
+- ``dfedsam.py``: DFedSAM and DFedSAM-MGS: sharpness-aware local steps, then Q gossip steps.
+- ``modest.py``: MoDeST: each round a hash-chosen sample trains and a few aggregators average.
+- ``srrw.py``: SRRW: self-repellent random-walk tokens carry the model from peer to peer.
+- ``async_gossip.py``: asynchronous gossip: no rounds, staleness-weighted mixing, nobody waits.
+- ``fedavg.py``: FedAvg, the centralised reference (simulation only): a server samples and averages.
+"""
 
 from gossip.protocols.async_gossip import AsyncGossip
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
@@ -6,12 +16,15 @@ from gossip.protocols.dfedsam import DFedSAM
 from gossip.protocols.dpsgd import DPSGD
 from gossip.protocols.fedavg import FedAvgClient, FedAvgServer
 from gossip.protocols.modest import MoDeST, ModestSettings
+from gossip.protocols.registry import build_protocol, names, protocol_named, register, registered, registered_as
 from gossip.protocols.srrw import SRRW, WalkSettings
 
-# The protocols that gossip with a neighbourhood, by their command-line name.
-GOSSIP_PROTOCOLS: dict[str, type[DPSGD]] = {"dpsgd": DPSGD, "dfedsam": DFedSAM}
+# The registry: a protocol is one file above and one line here.
+for _protocol in (DPSGD, DFedSAM, MoDeST, FedAvgClient, SRRW, AsyncGossip):
+    register(_protocol)
 
 __all__ = [
-    "DPSGD", "GOSSIP_PROTOCOLS", "SRRW", "AsyncGossip", "DFedSAM", "FedAvgClient", "FedAvgServer", "MoDeST", "ModestSettings",
-    "Protocol", "ProtocolContext", "RoundReport", "WalkSettings",
+    "DPSGD", "SRRW", "AsyncGossip", "DFedSAM", "FedAvgClient", "FedAvgServer", "MoDeST", "ModestSettings", "Protocol",
+    "ProtocolContext", "RoundReport", "WalkSettings", "build_protocol", "names", "protocol_named", "register",
+    "registered", "registered_as",
 ]

@@ -1,4 +1,4 @@
-"""Asynchronous gossip: no rounds, nobody waits (ALGORITHMS.md section 7; SWIFT's wait-free
+"""Asynchronous gossip: no rounds, nobody waits (docs/algorithms.md#asynchronous-gossip; SWIFT's wait-free
 mixing, FedBuff's staleness weight, asynchronous Local-SGD's local work in proportion to speed).
 
 An iteration: K local steps; then the model the peer started the iteration from is mixed with
@@ -16,19 +16,62 @@ iteration as its speed allows next to the fastest (``gossip.adaptive_steps``).
 
 The iteration is a logical clock: after a mix a peer goes on from the iteration that most of
 its neighbours have reached, if that is ahead of its own, and its learning rate follows the
-schedule at that iteration. A model stamped past the run's last iteration is refused.
+schedule at that iteration. A jump goes no further than the last iteration: a peer whose
+neighbours have finished still takes it, from their final models. A model stamped past the run's
+last iteration is refused.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
 from gossip.adaptive_steps import AdaptiveSteps
 from gossip.greeting import Greeting
 from gossip.learner import with_update
-from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.message import PeerId
+from gossip.protocols.base import Protocol, ProtocolContext, RoundReport, Settings
+from gossip.wait_free import STALENESS_HELP, parse_staleness
+
+WITHOUT_ROUNDS = ", whose peers do not share rounds"
+
+
+def _known_staleness(spec: str) -> str:
+    parse_staleness(spec)
+    return spec
 
 
 class AsyncGossip(Protocol):
     name = "async-gossip"
+    label = "Asynchronous gossip (no rounds, staleness-weighted mixing)"
+    own_settings = {
+        "staleness": (Annotated[str, AfterValidator(_known_staleness)], Field(
+            "poly:0.5", description=f"async-gossip: how a neighbour's model is discounted by its staleness: {STALENESS_HELP}"
+        )),
+        "max_staleness": (int, Field(
+            32, ge=0, description="async-gossip: a neighbour's model more than this many iterations behind ours is not mixed"
+        )),
+    }
+    takes = {
+        "topology": "", "weights": "", "duration": "", "sam_rho": "", "staleness": WITHOUT_ROUNDS,
+        "max_staleness": WITHOUT_ROUNDS, "adaptive_steps": WITHOUT_ROUNDS,
+    }
+    refuses = {
+        "gossip_steps": "a peer mixes once per iteration with what it holds; --gossip-steps is for rounds",
+        "mix_point": "--mix-point has no choice here: a peer always mixes the model it started the iteration from",
+        "error_feedback": "error feedback keeps per-link copies that both ends update at the same exchange, "
+        "which peers without rounds never share; use --error-feedback none",
+    }
+    rounds_shared = False
+    round_word = "iterations"
+
+    @classmethod
+    def build(cls, context: ProtocolContext, settings: Settings, *, peers: list[PeerId], joining: bool) -> AsyncGossip:
+        return cls(context, local_steps=settings.local_steps, adaptive=settings.adaptive_steps, joining=joining)
+
+    def position(self, recorded: int, rounds: int) -> int:
+        return min(self.iteration, rounds)  # past the iterations it jumped over
 
     def __init__(self, context: ProtocolContext, *, local_steps: int, adaptive: bool = False, joining: bool = False):
         super().__init__(context)
@@ -64,7 +107,9 @@ class AsyncGossip(Protocol):
                 learner.load_state(model)
                 self.exchange.publish(stamp, model, self.pace.fastest())
                 self.pace.heard(result.fastest)
-                self.iteration = max(stamp, result.reached) + 1
+                # On to the iteration most neighbours have reached, but no further than the last: a peer
+                # that jumps there still takes the last iteration (from their final models) and records it.
+                self.iteration = max(stamp + 1, min(result.reached + 1, rounds - 1))
                 last = self.iteration >= rounds or self.context.past_deadline()
                 await self.context.round_finished(RoundReport(
                     stamp, loss, result.expected, result.heard, exchange_seconds=clock.now() - mixing_started,

@@ -1,20 +1,73 @@
-"""The small base every protocol extends: it gets a context and runs rounds."""
+"""The base every protocol extends, and what it tells the program that runs it.
+
+A protocol gets a context (transport, clock, learner, neighbourhood) and runs rounds. The
+program around it, a simulated swarm or a real peer, never asks which protocol it runs: it
+reads the answers below instead.
+
+Class attributes (a subclass sets what differs from the default):
+
+====================  =======================================================================
+``name``              its ``--algorithm`` name
+``label``             one line for result tables
+``family``            peers mix only with peers of the same family (default: ``name``)
+``own_settings``      settings that only it brings: name -> (type, ``pydantic.Field``); each
+                      becomes a flag and a TOML key of every command
+``takes``             settings it shares with others, by name, each with why they are not for
+                      everyone (or ""): a setting that some protocol takes or owns is refused
+                      for every protocol that does neither
+``refuses``           common settings it cannot use, each with the reason
+``catches_up``        a newcomer starts from a running peer's model and round
+                      (``gossip.catchup``); False: it enters the swarm through ``enter``
+``rounds_shared``     the peers number their rounds alike (False: each counts its own
+                      iterations, and curves follow each peer's latest)
+``one_model``         a round ends in one model (an aggregate, a token's), recorded by the
+                      peer that holds it; False: every peer records every round
+``mixes_neighbours``  it averages with its neighbours on the topology (a spectral gap applies)
+``overlay``           what result tables show for the overlay (None: the ``--topology``)
+``round_word``        what a round is called in tables ("rounds", "hops", "iterations")
+``final_label``       what the reported accuracy is of
+``sharpness_aware``   its local steps are SAM's always (with ``sam_rho`` taken: when given)
+``pulls``             a peer that accepts no connections can take part (client mode)
+``attackers``         the simulator can put attackers among its peers
+``holders``           a round has a holder that a ``crash-holder`` fault can take
+``real_peers``        why real peers cannot run it (None: they can)
+``coordinator``       a peer of its own that the simulator starts besides the swarm's
+``stops_serving``     at the end of a real run, stop serving before ``finish``, so that a late
+                      message cannot change the model that is evaluated and saved
+====================  =======================================================================
+
+Class methods: ``build`` makes one from the run's settings in either world; ``check`` refuses
+settings that do not go together; ``for_swarm`` fits the settings to a swarm of known size;
+``learning_rate`` may replace the run's schedule; ``check_topology`` refuses a graph it cannot use; ``combine``, ``describe_overlay`` and
+``table_rows`` turn the peers' ``figures`` into a run's summary and its result table.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from gossip.exchange import Exchange
 from gossip.learner import Learner
+from gossip.message import PeerId
 from gossip.neighbourhood import Neighbourhood
 from gossip.settings import GossipSettings
 from gossip.transport import Clock, Transport
 from gossip.wait_free import WaitFreeExchange
+
+# The run's settings as a protocol reads them (``peer.config.TrainingConfig``): the settings as
+# attributes, each spec already parsed (``gossip``: a GossipSettings), and ``given(name)``, whether
+# a setting was given rather than left at its default. A protocol reads the common settings and
+# those it ``takes``.
+Settings = Any
+# The peer id of a protocol's coordinator in a simulation (see ``Protocol.coordinator``).
+COORDINATOR = "server"
+# Why protocols whose rounds are the swarm's refuse --duration.
+ROUNDS_OF_THE_SWARM = "the rounds are the whole swarm's and end together; give --rounds instead of --duration"
 
 
 @dataclass(frozen=True)
@@ -59,10 +112,95 @@ class ProtocolContext:
 
 
 class Protocol(ABC):
-    name: str
+    name: ClassVar[str]
+    label: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    own_settings: ClassVar[Mapping[str, tuple[Any, Any]]] = {}
+    takes: ClassVar[Mapping[str, str]] = {}
+    refuses: ClassVar[Mapping[str, str]] = {}
+    catches_up: ClassVar[bool] = True
+    rounds_shared: ClassVar[bool] = True
+    one_model: ClassVar[bool] = False
+    mixes_neighbours: ClassVar[bool] = True
+    overlay: ClassVar[str | None] = None
+    round_word: ClassVar[str] = "rounds"
+    final_label: ClassVar[str] = "mean"
+    sharpness_aware: ClassVar[bool] = False
+    pulls: ClassVar[bool] = False
+    attackers: ClassVar[bool] = False
+    holders: ClassVar[bool] = False
+    real_peers: ClassVar[str | None] = None
+    coordinator: ClassVar[type[Protocol] | None] = None
+    stops_serving: ClassVar[bool] = False
 
     def __init__(self, context: ProtocolContext):
         self.context = context
+
+    # --- what the program asks of the class -------------------------------------------------
+
+    @classmethod
+    def family_name(cls) -> str:
+        return cls.family or cls.name
+
+    @classmethod
+    def taken(cls) -> dict[str, str]:
+        """Every setting it reads beyond the common ones, with why it is not everyone's."""
+        return {**dict.fromkeys(cls.own_settings, ""), **cls.takes}
+
+    @classmethod
+    def needs_neighbourhood(cls) -> bool:
+        """Whether it works on the topology (its peers get a neighbourhood)."""
+        return cls.overlay is None
+
+    @classmethod
+    def build(
+        cls, context: ProtocolContext, settings: Settings, *, peers: list[PeerId], joining: bool
+    ) -> Protocol:
+        """One peer's protocol for a run with ``settings``. ``peers`` are the swarm's first peers
+        where the world knows them (a simulation), or none yet (a real peer learns them in
+        ``enter``); ``joining``: the peer joins a run under way. Every registered protocol has one."""
+        raise TypeError(f"{cls.__name__} is not built from a run's settings")
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        """ValueError, saying why, when the settings do not go together for this protocol."""
+
+    @classmethod
+    def for_swarm(cls, settings: Settings, peers: int) -> dict[str, Any]:
+        """Settings that a swarm of ``peers`` changes (by name); ValueError when it is too small."""
+        return {}
+
+    @classmethod
+    def check_topology(cls, topology: Any, settings: Settings) -> None:
+        """ValueError when the run's graph (a ``topology.Topology``) does not suit it."""
+
+    @classmethod
+    def learning_rate(cls, settings: Settings, schedule: Any) -> Any:
+        """The learning-rate schedule of its local steps; the run's ``schedule`` by default."""
+        return schedule
+
+    @classmethod
+    def options(cls, settings: Settings) -> dict[str, Any]:
+        """Its own settings as a run's summary reports them."""
+        return {name: _plain(getattr(settings, name)) for name in sorted(cls.taken())}
+
+    @classmethod
+    def combine(cls, figures: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+        """A swarm's figures from its peers' ``figures()``."""
+        return {}
+
+    @classmethod
+    def describe_overlay(cls, summary: Mapping[str, Any]) -> str:
+        """The overlay as the result table shows it."""
+        gap = summary.get("spectral_gap")
+        return summary["topology"] if gap is None else f"{summary['topology']} (spectral gap {gap:.4f})"
+
+    @classmethod
+    def table_rows(cls, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Rows of its own for the result table."""
+        return []
+
+    # --- what the program asks of a running peer --------------------------------------------
 
     @abstractmethod
     async def run(self, rounds: int, first_round: int = 0) -> None:
@@ -70,6 +208,26 @@ class Protocol(ABC):
 
         A peer that joins a running swarm starts at the swarm's round (see ``gossip.catchup``).
         """
+
+    def enter(self, peers: list[PeerId], swarm_round: int) -> None:
+        """A real peer's swarm as it found it: the live peers, and the highest round they report
+        (0: a new swarm). Called before ``run`` for protocols that do not catch up."""
+
+    def position(self, recorded: int, rounds: int) -> int:
+        """The round this peer is at, given the next round it would record."""
+        return recorded
+
+    def holds_final_model(self) -> bool:
+        """Whether this peer's model is the run's final one although it may not have recorded the
+        last round (it was sent the last aggregate, or kept the last token it trained)."""
+        return False
+
+    def figures(self) -> dict[str, Any]:
+        """This peer's own figures for its summary."""
+        return {}
+
+    async def finish(self) -> None:
+        """What a real peer does once its run is over, before it saves and leaves."""
 
     async def leave(self) -> None:
         """Tell the others this peer is going, before it stops (a protocol with no goodbye just stops)."""
@@ -86,3 +244,8 @@ class Protocol(ABC):
         """Go on from ``save_state()``, before ``run``; ValueError, with nothing changed, when it does not fit."""
         if tensors or meta:
             raise ValueError(f"{self.name} keeps no state in a checkpoint, and this one holds some")
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON holds it: a parsed spec by its text."""
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)

@@ -1,4 +1,4 @@
-"""D-PSGD: K local SGD steps, then gossip with the neighbours (ALGORITHMS.md section 1).
+"""D-PSGD: K local SGD steps, then gossip with the neighbours (docs/algorithms.md#d-psgd).
 
 A round may gossip Q times (``gossip_steps``), each a real exchange: gossip step q of round r
 is step r * Q + q, so models of different rounds and steps never mix. A neighbour that missed
@@ -26,11 +26,37 @@ from __future__ import annotations
 from gossip.greeting import Greeting
 from gossip.learner import with_update
 from gossip.message import PeerId
-from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.protocols.base import Protocol, ProtocolContext, RoundReport, Settings
+
+# Settings of gossip on a topology with rounds, which D-PSGD and what derives from it take.
+ROUND_GOSSIP_SETTINGS = {
+    "topology": "", "weights": "", "gossip_steps": "", "mix_point": "", "error_feedback": "", "consensus_step": "",
+    "duration": "",
+}
 
 
 class DPSGD(Protocol):
     name = "dpsgd"
+    label = "D-PSGD (decentralised gossip)"
+    family = "gossip"
+    takes = ROUND_GOSSIP_SETTINGS
+    pulls = True
+    attackers = True
+
+    @classmethod
+    def build(cls, context: ProtocolContext, settings: Settings, *, peers: list[PeerId], joining: bool) -> DPSGD:
+        return cls(
+            context, local_steps=settings.local_steps, gossip_steps=settings.gossip_steps, joining=joining,
+            mix_start=settings.mix_point == "start",
+        )
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        if settings.given("consensus_step") and settings.gossip.error_feedback == "none":
+            raise ValueError(
+                "--consensus-step is CHOCO's step, which only error feedback takes; give a lossy --codec "
+                "(or --error-feedback choco), or leave it out"
+            )
 
     def __init__(
         self, context: ProtocolContext, *, local_steps: int, gossip_steps: int = 1, joining: bool = False,

@@ -7,6 +7,9 @@ decentralised training avoids, so it is offered in simulation only, to show the 
 decentralised method closes. The average is uniform (not weighted by local data size): it is
 the consensus point that gossip with doubly stochastic weights converges to, which makes the
 comparison like for like. The server reports each round's global model.
+
+With a lossy ``--codec`` the clients' uploads are compressed (the server decodes each before it
+averages); the global model goes out whole, as a server's downlink is rarely the bottleneck.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ import asyncio
 import logging
 import math
 import random
+from collections.abc import Mapping
+from typing import Any
 
+from gossip.conversation import Conversation
+from gossip.exchange import message_seed
 from gossip.learner import State
 from gossip.message import Message, PeerId
-from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.model_codec import ModelMessages
+from gossip.protocols.base import COORDINATOR, Protocol, ProtocolContext, RoundReport, Settings
 from gossip.robust import mix_screened
-from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState, check_state
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,15 @@ FINISHED = "fedavg-finished"
 
 class FedAvgServer(Protocol):
     name = "fedavg-server"
+
+    @classmethod
+    def build(cls, context: ProtocolContext, settings: Settings, *, peers: list[PeerId], joining: bool) -> FedAvgServer:
+        # A round cannot take longer than the slowest client's training and an exchange, twice over.
+        slowest = max(settings.peer_speeds.step_times)
+        return cls(
+            context, clients=peers, sample_size=settings.sample_size, local_steps=settings.local_steps,
+            round_timeout=2 * (settings.exchange_timeout + settings.local_steps * slowest), seed=settings.seed,
+        )
 
     def __init__(
         self,
@@ -50,7 +66,9 @@ class FedAvgServer(Protocol):
         self.local_steps = local_steps
         self.round_timeout = round_timeout
         self.seed = seed
+        self.talk = Conversation(context.transport, context.clock, timeout=round_timeout, logger=log)
         self._reference = context.learner.state()
+        self.models = ModelMessages(self._reference, context.gossip.codec)
         context.transport.serve(HELLO, self._on_hello)
         context.transport.serve(BYE, self._on_bye)
 
@@ -83,36 +101,47 @@ class FedAvgServer(Protocol):
                 round_, loss, len(sampled), len(updates), exchange_seconds=clock.now() - started, local_steps=self.local_steps
             ))
         done = Message(FINISHED, self.context.transport.peer_id, rounds)
-        await asyncio.gather(*(self._tell(client, done) for client in sorted(self.clients)))
+        await asyncio.gather(*(self.talk.send(client, done) for client in sorted(self.clients)))
 
     async def _train(self, client: PeerId, request: Message) -> tuple[State, float] | None:
-        transport = self.context.transport
-        try:
-            reply = await transport.request(client, request, timeout=self.round_timeout)
-        except (TimeoutError, PeerUnreachable) as reason:
-            log.info("server: no update from %s for round %d: %r", client, request.round, reason)
+        reply = await self.talk.ask(client, request, unanswered=f"no update from {client} for round {request.round}")
+        if reply is None:
             return None
         loss = reply.meta.get("loss")
         try:
             if reply.kind != UPDATE or not isinstance(loss, float | int):
                 raise InvalidState(f"expected an {UPDATE!r} with a loss, got {reply.kind!r}")
-            check_state(reply.tensors, self._reference)
+            update = self.models.decode(reply.tensors, reply.codec, reply.meta)
         except InvalidState as reason:
-            transport.counters.reject("invalid-model")
-            log.warning("server: rejected the update of %s: %s", client, reason)
-            return None
-        return reply.tensors, float(loss)
-
-    async def _tell(self, client: PeerId, message: Message) -> None:
-        try:
-            async with self.context.clock.timeout(self.round_timeout):
-                await self.context.transport.send(client, message)
-        except (TimeoutError, PeerUnreachable):
-            pass
+            return self.talk.refuse(client, "invalid-model", f"its update: {reason}")
+        return {**self._reference, **update}, float(loss)
 
 
 class FedAvgClient(Protocol):
     name = "fedavg"
+    label = "FedAvg (centralised reference, simulation only)"
+    takes = {"sample_size": ""}
+    catches_up = False
+    one_model = True
+    mixes_neighbours = False
+    overlay = "server"
+    final_label = "last round's model"
+    real_peers = "fedavg needs a central server and is offered by `peer simulate` only; use --algorithm dpsgd"
+    coordinator = FedAvgServer
+
+    @classmethod
+    def build(cls, context: ProtocolContext, settings: Settings, *, peers: list[PeerId], joining: bool) -> FedAvgClient:
+        return cls(context, server=COORDINATOR, local_steps=settings.local_steps, joining=joining)
+
+    @classmethod
+    def for_swarm(cls, settings: Settings, peers: int) -> dict[str, Any]:
+        if settings.sample_size is not None and settings.sample_size > peers:
+            raise ValueError(f"--sample-size {settings.sample_size} is larger than the swarm of --peers {peers}")
+        return {}
+
+    @classmethod
+    def describe_overlay(cls, summary: Mapping[str, Any]) -> str:
+        return f"server, {summary['sample_size'] or 'all'} peers a round"
 
     def __init__(self, context: ProtocolContext, *, server: PeerId, local_steps: int, joining: bool = False):
         super().__init__(context)
@@ -120,7 +149,9 @@ class FedAvgClient(Protocol):
         self.local_steps = local_steps
         self.joining = joining
         self._finished = asyncio.Event()
+        self.talk = Conversation(context.transport, context.clock, timeout=context.gossip.timeout, logger=log)
         self._reference = context.learner.state()
+        self.models = ModelMessages(self._reference, context.gossip.codec)
         context.transport.serve(TRAIN, self._on_train)
         context.transport.serve(FINISHED, self._on_finished)
 
@@ -134,10 +165,9 @@ class FedAvgClient(Protocol):
         self._finished.set()
 
     async def _tell_server(self, kind: str) -> None:
-        try:
-            await self.context.transport.send(self.server, Message(kind, self.context.transport.peer_id, 0))
-        except PeerUnreachable as reason:
-            log.warning("%s: could not reach the server: %r", self.context.transport.peer_id, reason)
+        me = self.context.transport.peer_id
+        if not await self.talk.send(self.server, Message(kind, me, 0)):
+            log.warning("%s: could not reach the server", me)
 
     async def _on_finished(self, message: Message) -> None:
         if message.sender == self.server:
@@ -149,12 +179,12 @@ class FedAvgClient(Protocol):
         try:
             check_state(message.tensors, self._reference)
         except InvalidState as reason:
-            self.context.transport.counters.reject("invalid-model")
-            log.warning("%s: rejected the global model: %s", self.context.transport.peer_id, reason)
-            return None
+            return self.talk.refuse(message, "invalid-model", f"the global model: {reason}")
         learner = self.context.learner
         learner.load_state(message.tensors)
         # The learning-rate schedule follows the server's rounds, not how often this client was sampled.
         learner.set_progress(message.round * self.local_steps)
         loss = await self.context.clock.compute(learner.train, self.local_steps, steps=self.local_steps)
-        return Message(UPDATE, self.context.transport.peer_id, message.round, learner.state(), meta={"loss": loss})
+        me = self.context.transport.peer_id
+        tensors, meta, codec = self.models.encode(learner.state(), message_seed(me, UPDATE, message.round))
+        return Message(UPDATE, me, message.round, tensors, meta={"loss": loss, **meta}, codec=codec)

@@ -1,4 +1,4 @@
-"""MoDeST: decentralised sampling (ALGORITHMS.md section 4; de Vos et al., arXiv 2302.13837).
+"""MoDeST: decentralised sampling (docs/algorithms.md#modest; de Vos et al., arXiv 2302.13837).
 
 Each round a sample of s peers trains and a aggregators average, as in federated learning, but
 no server chooses them: every peer orders the candidates of its view by md5(peer, round) and
@@ -37,20 +37,22 @@ import contextlib
 import logging
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import Field
 
-from gossip.codecs import Identity, parse_codec
+from gossip.codecs import Identity
+from gossip.conversation import Conversation
 from gossip.exchange import message_seed
 from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.model_codec import ModelMessages, exchanged
-from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.protocols.base import ROUNDS_OF_THE_SWARM, Protocol, ProtocolContext, RoundReport, Settings
 from gossip.robust import mix_screened, screen
 from gossip.sampling import Liveness, hash_order
-from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState
 from gossip.view import VIEW_TENSOR, Entry, RoundAllowance, View, ViewError, decode_view
 
@@ -108,8 +110,109 @@ class _Collecting:
     timed_out: bool = False
 
 
+DEFAULT_SAMPLE_SIZE = 10
+# Seconds a leaving peer spends saying goodbye at the end of a real run (peers that left do not answer).
+GOODBYE_TIMEOUT = 5.0
+
+
 class MoDeST(Protocol):
     name = "modest"
+    label = "MoDeST (decentralised sampling)"
+    own_settings = {
+        "sample_size": (int | None, Field(
+            None, ge=1,
+            description="modest: peers that train each round (default 10); fedavg: peers the server samples (default: all)",
+        )),
+        "aggregators": (int, Field(1, ge=1, description="modest: peers that average each round's models")),
+        "success_fraction": (float, Field(
+            1.0, gt=0, le=1, description="modest: an aggregator averages once it holds this fraction of the sample's models"
+        )),
+        "min_models": (int, Field(1, ge=1, description="modest: the fewest models an aggregator averages after its timeout")),
+        "ping_timeout": (float, Field(5.0, gt=0, description="modest: seconds to wait for a pong or an acknowledgement")),
+        "aggregation_timeout": (float, Field(
+            30.0, gt=0, description="modest: seconds an aggregator waits for the sample's models"
+        )),
+        "round_timeout": (float, Field(
+            120.0, gt=0,
+            description="modest: seconds without word that a round was done before it is handed to others or restarted",
+        )),
+        "max_round_rate": (float, Field(
+            1000.0, gt=0,
+            description="modest: rounds a second that others' claims may move a peer's round estimate, past a burst of "
+            "100; keep it above the swarm's own pace",
+        )),
+    }
+    refuses = {
+        "duration": ROUNDS_OF_THE_SWARM,
+        "error_feedback": "the peers a model goes to change every round, so there is no error feedback; "
+        "use --error-feedback none",
+    }
+    catches_up = False
+    one_model = True
+    mixes_neighbours = False
+    overlay = "sampled"
+    final_label = "last round's model"
+    stops_serving = True
+
+    @classmethod
+    def build(cls, context: ProtocolContext, settings: Settings, *, peers: list[PeerId], joining: bool) -> MoDeST:
+        return cls(
+            context, local_steps=settings.local_steps, settings=cls.settings_of(settings), peers=peers, joining=joining
+        )
+
+    @classmethod
+    def settings_of(cls, settings: Settings) -> ModestSettings:
+        return ModestSettings(
+            sample_size=settings.sample_size or DEFAULT_SAMPLE_SIZE, aggregators=settings.aggregators,
+            success_fraction=settings.success_fraction, min_models=settings.min_models,
+            ping_timeout=settings.ping_timeout, aggregation_timeout=settings.aggregation_timeout,
+            round_timeout=settings.round_timeout, max_round_rate=settings.max_round_rate,
+        )
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        cls.settings_of(settings)
+
+    @classmethod
+    def for_swarm(cls, settings: Settings, peers: int) -> dict[str, Any]:
+        if settings.sample_size is None:
+            # No larger a sample than the swarm, or every round would wait out its timeout.
+            return {"sample_size": min(DEFAULT_SAMPLE_SIZE, peers)}
+        if settings.sample_size > peers:
+            raise ValueError(f"--sample-size {settings.sample_size} is larger than the swarm of --peers {peers}")
+        return {}
+
+    @classmethod
+    def describe_overlay(cls, summary: Mapping[str, Any]) -> str:
+        return f"sampled, {summary['sample_size']} peers a round, {summary['aggregators']} aggregating"
+
+    @classmethod
+    def combine(cls, figures: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+        return {"peers_with_final_model": sum(bool(f.get("final_model")) for f in figures)}
+
+    def enter(self, peers: list[PeerId], swarm_round: int) -> None:
+        self.view.merge({peer: Entry(0) for peer in peers if peer != self.me})
+        self.joining = swarm_round > 0
+
+    def position(self, recorded: int, rounds: int) -> int:
+        # Only aggregators record rounds; the view's estimate is the round the swarm is at.
+        return min(max(self.view.estimate(), recorded), rounds)
+
+    def holds_final_model(self) -> bool:
+        # The last round's model reached us (or we averaged it), unless the run ended on a signal or
+        # on word from others that it was over.
+        return self.finished.is_set()
+
+    def figures(self) -> dict[str, Any]:
+        return {"rounds_aggregated": len(self._aggregated)}
+
+    async def finish(self) -> None:
+        """LEAVE to some peers, so that nobody samples us again; it also spreads word of a finished run."""
+        try:
+            async with asyncio.timeout(GOODBYE_TIMEOUT):
+                await self.leave()
+        except Exception as error:  # noqa: BLE001 - leaving must not cost the summary and the checkpoint
+            log.warning("could not say goodbye: %r", error)
 
     def __init__(
         self,
@@ -121,8 +224,6 @@ class MoDeST(Protocol):
         joining: bool = False,
     ):
         super().__init__(context)
-        if context.gossip.error_feedback != "none":
-            raise ValueError("MoDeST's links change every round, so there are no per-link copies for error feedback; use --error-feedback none")
         self.local_steps = local_steps
         self.settings = settings
         self.joining = joining
@@ -131,11 +232,12 @@ class MoDeST(Protocol):
         self.view = View(self.me, peers)
         self.allowance = RoundAllowance(settings.max_round_lead, settings.max_round_rate)
         self.liveness = Liveness(self._ping)
-        self.models = ModelMessages(context.learner.state(), parse_codec(context.gossip.codec))
+        self.models = ModelMessages(context.learner.state(), context.gossip.codec)
         self._rng = random.Random(self.me)
         self.rounds = 0
         self._started = asyncio.Event()  # models that come before run() wait for it
-        self._stopped = False  # run() has returned: what comes now is ignored
+        # Closed when run() returns: what comes after is ignored, and nothing it started runs on.
+        self.talk = Conversation(transport, context.clock, timeout=context.gossip.timeout, logger=log)
         # One model, one training at a time: a newer round's model waits for the training under way.
         self._learner_lock = asyncio.Lock()
         self.finished = asyncio.Event()
@@ -145,7 +247,6 @@ class MoDeST(Protocol):
         self._done: dict[int, asyncio.Event] = {}  # rounds reported done to this peer
         self._pending_joins: dict[PeerId, Entry] = {}
         self._last_heard = 0.0
-        self._tasks: set[asyncio.Task] = set()
         for kind, handler in (
             (PING, self._on_ping), (JOIN, self._on_join), (LEAVE, self._on_leave), (MODEL, self._on_model),
             (TRAINED, self._on_trained), (DONE, self._on_done),
@@ -183,9 +284,7 @@ class MoDeST(Protocol):
                     await self._restart_stalled()
                     progress = (self._progress(), self.context.clock.now())
         finally:
-            self._stopped = True
-            for task in self._tasks:
-                task.cancel()
+            await self.talk.aclose()
 
     def _progress(self) -> tuple[int, int, int]:
         """What moves while the swarm works: the estimate, and the rounds this peer trains and averages."""
@@ -206,13 +305,15 @@ class MoDeST(Protocol):
     async def leave(self) -> None:
         """Say goodbye: the LEAVE spreads with the views, and nobody samples this peer again."""
         self.view.announce(left=True)
-        await asyncio.gather(*(self._send(peer, self._message(LEAVE, self.view.estimate())) for peer in self._fanout()))
+        goodbye = self._message(LEAVE, self.view.estimate())
+        await asyncio.gather(*(self.talk.send(peer, goodbye) for peer in self._fanout()))
         self.finished.set()
 
     async def _join(self) -> None:
         self.view.announce(left=False)
         request = self._message(JOIN, 0)
-        replies = [r for r in await asyncio.gather(*(self._ask(peer, request) for peer in self._fanout())) if r is not None]
+        asked = [self.talk.ask(peer, request, timeout=self.settings.ping_timeout) for peer in self._fanout()]
+        replies = [reply for reply in await asyncio.gather(*asked) if reply is not None]
         if not replies:
             log.warning("%s: no peer answered our JOIN; waiting to be found", self.me)
         # The swarm may be far past our estimate; a liar among those who answered cannot set it.
@@ -268,17 +369,14 @@ class MoDeST(Protocol):
                 raise ViewError(f"round {message.round} is negative")
             entries = decode_view(message.tensors, max_round=MAX_CHECKPOINT_ROUND)
         except ViewError as reason:
-            return self._refuse(message, "malformed", str(reason))
+            return self.talk.refuse(message, "malformed", str(reason))
         if max_round is None:
             max_round = self.allowance.ceiling(self.view.estimate(), self.context.clock.now())
         claimed = max(message.round, *(entry.active for entry in entries.values()))
         if claimed > max_round:
-            return self._refuse(message, "implausible", f"it claims round {claimed}, past the {max_round} the swarm can be at")
+            detail = f"it claims round {claimed}, past the {max_round} the swarm can be at"
+            return self.talk.refuse(message, "implausible", detail)
         return entries
-
-    def _refuse(self, message: Message, reason: str, detail: str) -> None:
-        self.context.transport.counters.reject(reason)
-        log.warning("%s: refused a %s from %s (%s): %s", self.me, message.kind, message.sender, reason, detail)
 
     def _accept(self, message: Message, *, max_round: int | None = None) -> bool:
         """Merge the view a message carries, and take the message as a sign of life."""
@@ -318,30 +416,13 @@ class MoDeST(Protocol):
         try:
             return self.models.decode(parts, message.codec, message.meta)
         except InvalidState as reason:
-            self.context.transport.counters.reject("invalid-model")
-            log.warning("%s: refused a model from %s for round %d: %s", self.me, message.sender, message.round, reason)
-            return None
-
-    async def _send(self, peer: PeerId, message: Message) -> bool:
-        try:
-            # A peer that stops reading must not hold us up; a model may take a while to transmit.
-            async with self.context.clock.timeout(self.context.gossip.timeout):
-                await self.context.transport.send(peer, message)
-            return True
-        except (PeerUnreachable, TimeoutError) as reason:
-            log.info("%s: could not send to %s: %r", self.me, peer, reason)
-            return False
-
-    async def _ask(self, peer: PeerId, message: Message) -> Message | None:
-        """The reply to a request, not yet looked at; None when none came."""
-        timeout = self.context.gossip.timeout if message.kind == TRAINED else self.settings.ping_timeout
-        try:
-            return await self.context.transport.request(peer, message, timeout=timeout)
-        except (TimeoutError, PeerUnreachable):
-            return None
+            return self.talk.refuse(message, "invalid-model", f"its model for round {message.round}: {reason}")
 
     async def _request(self, peer: PeerId, message: Message) -> Message | None:
-        reply = await self._ask(peer, message)
+        """The reply to a request, its view merged; None when none came or it was refused. Only a
+        model takes longer to transmit than a ping's timeout."""
+        timeout = None if message.kind == TRAINED else self.settings.ping_timeout
+        reply = await self.talk.ask(peer, message, timeout=timeout)
         return reply if reply is not None and self._accept(reply) else None
 
     async def _ping(self, peer: PeerId) -> bool:
@@ -375,36 +456,28 @@ class MoDeST(Protocol):
         if not self._accept(message):
             return
         if not self._could_aggregate(message.sender, message.round):
-            self._refuse(message, "implausible", f"it did not aggregate round {message.round}")
+            self.talk.refuse(message, "implausible", f"it did not aggregate round {message.round}")
             return
         self._done.setdefault(message.round, asyncio.Event()).set()
 
     # --- training ------------------------------------------------------------------------
 
-    def _spawn(self, coroutine) -> None:
-        if self._stopped:
-            coroutine.close()
-            return
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _start_training(self, round_: int, state: State | None, parent: PeerId | None) -> None:
         self.training_round = round_
         self.view.touch(self.me, round_)
-        self._spawn(self._train(round_, state, parent))
+        self.talk.spawn(self._train(round_, state, parent))
 
     async def _ready(self) -> bool:
         """Wait for run() to start; False once it has returned."""
         await self._started.wait()
-        return not self._stopped and not self.finished.is_set()
+        return not self.talk.closed and not self.finished.is_set()
 
     async def _on_model(self, message: Message) -> None:
         if not self._accept(message) or not await self._ready():
             return
         last = message.round >= self.rounds - 1
         if last and not self._could_aggregate(message.sender, self.rounds - 1):
-            self._refuse(message, "implausible", "a final model from a peer that did not aggregate the last round")
+            self.talk.refuse(message, "implausible", "a final model from a peer that did not aggregate the last round")
             return
         state = self._model(message)
         if state is not None:
@@ -518,7 +591,7 @@ class MoDeST(Protocol):
         collecting = self._collecting.get(round_)
         if collecting is None:
             collecting = self._collecting[round_] = _Collecting({}, self.context.clock.now())
-            self._spawn(self._aggregation_timeout(round_))
+            self.talk.spawn(self._aggregation_timeout(round_))
         collecting.models[sender] = (state, loss, parent)
         if len(collecting.models) >= self.settings.models_needed or (
             collecting.timed_out and len(collecting.models) >= self.settings.min_models
@@ -536,7 +609,7 @@ class MoDeST(Protocol):
     def _close(self, round_: int) -> None:
         """No more models for this round: later ones are told it is done."""
         self._aggregated.add(round_)
-        self._spawn(self._aggregate(round_, self._collecting.pop(round_)))
+        self.talk.spawn(self._aggregate(round_, self._collecting.pop(round_)))
 
     async def _aggregate(self, round_: int, collecting: _Collecting) -> None:
         senders = sorted(collecting.models)
@@ -561,16 +634,16 @@ class MoDeST(Protocol):
         ))
         if last:
             everyone = [p for p in self.view.entries if p != self.me and not self.view.left(p) and not self.liveness.suspected(p)]
-            await asyncio.gather(*(self._send(peer, self._message(MODEL, round_, average)) for peer in everyone))
+            await asyncio.gather(*(self.talk.send(peer, self._message(MODEL, round_, average)) for peer in everyone))
             self.finished.set()
         else:
             await self._hand_on(round_, average)
         parents = {collecting.models[s][2] for s in senders}
         notice = self._message(DONE, round_)
-        await asyncio.gather(*(self._send(peer, notice) for peer in (set(senders) | parents) - {self.me, ""}))
+        await asyncio.gather(*(self.talk.send(peer, notice) for peer in (set(senders) | parents) - {self.me, ""}))
         self._done.setdefault(round_, asyncio.Event()).set()
         if not last:
-            self._spawn(self._watch(round_ + 1, average))
+            self.talk.spawn(self._watch(round_ + 1, average))
 
     async def _hand_on(self, round_: int, average: State, *, restart: bool = False) -> None:
         """Send the average of ``round_`` to the live trainers of the next round."""
@@ -584,7 +657,7 @@ class MoDeST(Protocol):
                 if round_ + 1 > self.training_round:
                     self._start_training(round_ + 1, average, self.me)
             else:
-                self._spawn(self._send(peer, message))
+                self.talk.tell(peer, message)
         self._merge_pending_joins()
 
     async def _watch(self, round_: int, previous: State) -> None:

@@ -1,4 +1,4 @@
-"""SRRW: a self-repellent random-walk token carries the model (ALGORITHMS.md section 5; Doshi, Hu
+"""SRRW: a self-repellent random-walk token carries the model (docs/algorithms.md#srrw; Doshi, Hu
 and Eun, ICML 2023; the two-timescale SA-SRRW of Hu, Doshi and Eun, ICLR 2024).
 
 K tokens walk the graph. The holder of a token at hop n counts its visit in the token's visit
@@ -37,15 +37,18 @@ import contextlib
 import logging
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import Field
 
+from gossip.conversation import Conversation
 from gossip.message import Message, PeerId
-from gossip.protocols.base import Protocol, ProtocolContext, RoundReport
+from gossip.protocols.base import ROUNDS_OF_THE_SWARM, Protocol, ProtocolContext, RoundReport, Settings
 from gossip.robust import screen
 from gossip.token import Token, TokenError, TokenLedger, average_states, read_token, token_message
-from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState
 from topology.walk import VisitCounts, next_holder, step_size
 
@@ -102,8 +105,119 @@ def start_peer(peers: list[PeerId], token: int, seed: int) -> PeerId:
     return random.Random(f"{seed}:token:{token}").choice(sorted(peers))
 
 
+@dataclass(frozen=True)
+class HopDecay:
+    """A walking token's step size beta_n = lr (n+1)^-b at its hop n >= 1, where the holder of
+    hop n takes steps (n-1) * steps_per_hop onwards (docs/algorithms.md#srrw)."""
+
+    steps_per_hop: int
+    exponent: float
+
+    def factor(self, step: int) -> float:
+        hop = step // self.steps_per_hop + 1
+        return (hop + 1) ** -self.exponent
+
+
 class SRRW(Protocol):
     name = "srrw"
+    label = "SRRW (self-repellent random-walk token)"
+    own_settings = {
+        "alpha": (float, Field(
+            5.0, ge=0, description="srrw: how strongly the token avoids peers it visited often; 0 is a plain walk"
+        )),
+        "srrw_a": (float, Field(
+            0.8, gt=0.5, le=1, description="srrw: the visit counts' step size is (n+1)^-A at hop n (A in (0.5, 1])"
+        )),
+        "srrw_b": (float, Field(
+            0.9, gt=0.5, le=1, description="srrw: the model's step size is lr (n+1)^-B at hop n (B in (0.5, 1]; B > A)"
+        )),
+        "tokens": (int, Field(1, ge=1, description="srrw: tokens walking at once; their models average where two meet")),
+        "srrw_stay": (float, Field(
+            0.0, ge=0, lt=1,
+            description="srrw: probability that the token stays where it is (a lazy walk: needed on an even ring)",
+        )),
+    }
+    takes = {"topology": "", "weights": ""}
+    refuses = {
+        "duration": ROUNDS_OF_THE_SWARM,
+        "gossip_steps": "a token is handed on once per visit; --gossip-steps applies to gossip",
+        "lr_schedule": "the step size is lr (n+1)^-B at hop n (see --srrw-b), not --lr-schedule",
+    }
+    catches_up = False
+    one_model = True
+    mixes_neighbours = False
+    holders = True
+    round_word = "hops"
+    final_label = "the tokens' last models"
+
+    @classmethod
+    def build(cls, context: ProtocolContext, settings: Settings, *, peers: list[PeerId], joining: bool) -> SRRW:
+        walk = WalkSettings(
+            alpha=settings.alpha, gamma_exponent=settings.srrw_a, beta_exponent=settings.srrw_b,
+            tokens=settings.tokens, stay=settings.srrw_stay, patience=settings.exchange_timeout,
+        )
+        return cls(context, local_steps=settings.local_steps, settings=walk, peers=peers, seed=settings.seed, joining=joining)
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        """What a walking token has no use for is refused, with the reason."""
+        if not settings.gossip.codec.lossless:
+            raise ValueError(
+                "srrw: a token's model would lose precision at every hop with nothing to correct it; use --codec none"
+            )
+        if settings.mixing != "plain":
+            raise ValueError("srrw: tokens that meet average their models plainly; --mixing applies to gossip, use plain")
+
+    @classmethod
+    def check_topology(cls, topology: Any, settings: Settings) -> None:
+        topology.walk_row(0, settings.srrw_stay)  # a graph the token cannot walk is refused now
+
+    @classmethod
+    def for_swarm(cls, settings: Settings, peers: int) -> dict[str, Any]:
+        if settings.tokens > peers:
+            raise ValueError(f"--tokens {settings.tokens} is more than the {peers} peers they would walk between")
+        return {}
+
+    @classmethod
+    def learning_rate(cls, settings: Settings, schedule: Any) -> HopDecay:
+        return HopDecay(settings.local_steps, settings.srrw_b)
+
+    @classmethod
+    def describe_overlay(cls, summary: Mapping[str, Any]) -> str:
+        tokens = summary["tokens"]
+        return f"{summary['topology']}, {tokens} token{'s' if tokens != 1 else ''} walking, alpha {summary['alpha']:g}"
+
+    @classmethod
+    def combine(cls, figures: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+        copies = [0] * settings.tokens
+        for held in (f["tokens_held"] for f in figures if f.get("up", True)):
+            for token in held:
+                copies[int(token)] += 1
+        return {
+            # Live copies of each token at the end: one each, unless a token was lost or duplicated.
+            "token_copies": copies,
+            "tokens_reissued": sum(f["tokens_reissued"] for f in figures),
+            "stale_tokens_dropped": sum(f.get("stale_tokens_dropped", 0) for f in figures),
+        }
+
+    @classmethod
+    def table_rows(cls, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [("tokens re-issued / copies at the end", f"{summary['tokens_reissued']} / {summary['token_copies']}")]
+
+    def enter(self, peers: list[PeerId], swarm_round: int) -> None:
+        self.peers = sorted(set(peers) | {self.me})
+        self.joining = swarm_round > 0
+
+    def position(self, recorded: int, rounds: int) -> int:
+        return rounds if self.finished() else recorded  # every token made its last hop: the run is complete here too
+
+    def holds_final_model(self) -> bool:
+        return True  # each peer keeps the last token model it trained
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "tokens_held": self.held(), "tokens_reissued": self.reissued, "stale_tokens_dropped": self.stale_dropped,
+        }
 
     def __init__(
         self,
@@ -139,9 +253,8 @@ class SRRW(Protocol):
         self._suspected: dict[PeerId, float] = {}  # peers that did not answer, until when they are avoided
         self._learner_lock = asyncio.Lock()
         self._started = asyncio.Event()
-        self._stopped = False
-        self._tasks: set[asyncio.Task] = set()
-        self._words: set[asyncio.Task] = set()  # one-way messages on their way
+        # Closed when run() returns: what comes after is ignored, and nothing it started walks on.
+        self.talk = Conversation(context.transport, context.clock, timeout=context.gossip.timeout, logger=log)
         self.reissued = 0  # tokens this peer re-issued after losing sight of them
         self.stale_dropped = 0  # copies dropped because a newer one exists
         for kind, handler in (
@@ -173,36 +286,17 @@ class SRRW(Protocol):
                     token = Token(token_id, 0, 0, self.context.learner.state(), VisitCounts.uniform(self.peers))
                     self.ledger.note(token_id, token.key)
                     self._present[token_id] = token
-                    self._spawn(self._carry(token, visit=False))
+                    self.talk.spawn(self._carry(token, visit=False))
             await self._all_done.wait()
             # Word that a token went on or is done must reach the others before we stop, or they
             # would take the token for lost and re-issue it (each send is bounded by its timeout).
-            if self._words:
-                await asyncio.wait(set(self._words))
+            await self.talk.drain()
         finally:
-            self._stopped = True
-            for task in list(self._tasks):
-                task.cancel()
+            await self.talk.aclose()
 
     async def _ready(self) -> bool:
         await self._started.wait()
-        return not self._stopped
-
-    def _spawn(self, coroutine) -> asyncio.Task | None:
-        if self._stopped:
-            coroutine.close()
-            return None
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    def _tell(self, peer: PeerId, message: Message) -> None:
-        """Send a one-way message in the background; the run waits for it before it ends."""
-        task = self._spawn(self._send(peer, message))
-        if task is not None:
-            self._words.add(task)
-            task.add_done_callback(self._words.discard)
+        return not self.talk.closed
 
     # --- carrying a token ----------------------------------------------------------------
 
@@ -277,18 +371,15 @@ class SRRW(Protocol):
         """Hand the token to ``peer``, keeping custody; False when it did not take it."""
         moved = token.copy()
         moved.hop += 1
-        try:
-            reply = await self.context.transport.request(
-                peer, token_message(TOKEN, self.me, moved), timeout=self.context.gossip.timeout
-            )
-        except (TimeoutError, PeerUnreachable) as reason:
-            log.info("%s: %s did not take token %d: %r", self.me, peer, token.id, reason)
+        unanswered = f"{peer} did not take token {token.id}"
+        reply = await self.talk.ask(peer, token_message(TOKEN, self.me, moved), unanswered=unanswered)
+        if reply is None:
             self._suspect(peer)
             if self._dropped(token):  # word of a newer copy came while we waited: nothing to re-issue
                 return True
             # It may hold the copy all the same (a lost acknowledgement): ours outranks it from now on.
             self._reissue(token)
-            self._tell(peer, self._word(REVOKE, token.id, token.key))
+            self.talk.tell(peer, self._word(REVOKE, token.id, token.key))
             return False
         if reply.kind != RECEIVED or reply.meta.get("taken") is not True:
             # The receiver knows a newer copy of this token: ours is stale.
@@ -300,7 +391,7 @@ class SRRW(Protocol):
         self._successor[token.id] = peer
         self._end_custody(token.id)
         custody = self._custody[token.id] = _Custody(token, moved.key, peer, asyncio.Event())
-        self._spawn(self._watch(custody))
+        self.talk.spawn(self._watch(custody))
         self._release(token)
         return True
 
@@ -327,7 +418,7 @@ class SRRW(Protocol):
         if token.came_from is not None:
             sender, key = token.came_from
             token.came_from = None
-            self._tell(sender, self._word(PASSED, token.id, key))
+            self.talk.tell(sender, self._word(PASSED, token.id, key))
 
     def _finish(self, token: Token) -> None:
         """The token made its last hop: it rests here, and everyone hears that it is done (every
@@ -344,7 +435,7 @@ class SRRW(Protocol):
         self._end_custody(token_id)
         word = self._word(DONE, token_id, (generation, self.rounds))
         for peer in sorted(self.context.neighbourhood.linked(0) | set(also)):
-            self._tell(peer, word)
+            self.talk.tell(peer, word)
         if len(self._done) >= self.settings.tokens:
             self._all_done.set()
 
@@ -375,7 +466,7 @@ class SRRW(Protocol):
             return
 
     async def _ask(self, custody: _Custody) -> str | None:
-        reply = await self._request(custody.successor, self._word(CHECK, custody.token.id, custody.sent))
+        reply = await self.talk.ask(custody.successor, self._word(CHECK, custody.token.id, custody.sent))
         status = None if reply is None else reply.meta.get("status")
         return status if reply is not None and reply.kind == STATUS and status in (HOLDING, GONE_ON, UNKNOWN) else None
 
@@ -404,9 +495,7 @@ class SRRW(Protocol):
             and type(generation) is int and 0 <= generation < 2**62 and message.round <= self.rounds
         )
         if not valid:
-            self.context.transport.counters.reject("malformed")
-            log.warning("%s: refused a %s from %s naming token %r", self.me, message.kind, message.sender, token_id)
-            return None
+            return self.talk.refuse(message, "malformed", f"it names token {token_id!r}, generation {generation!r}")
         self._suspected.pop(message.sender, None)  # a sign of life
         return token_id, (generation, message.round)
 
@@ -414,19 +503,9 @@ class SRRW(Protocol):
         """Whether ``generation`` is within reach of the newest seen here; refused (counted) otherwise."""
         if generation <= self.ledger.newest.get(token_id, (0, 0))[0] + MAX_GENERATION_STEP:
             return True
-        self._implausible(message, token_id, f"generation {generation} is out of reach of the newest seen here")
+        detail = f"token {token_id}: generation {generation} is out of reach of the newest seen here"
+        self.talk.refuse(message, "implausible", detail)
         return False
-
-    def _implausible(self, message: Message, token_id: int, why: str) -> None:
-        self.context.transport.counters.reject("implausible")
-        log.warning("%s: refused a %s from %s about token %d: %s", self.me, message.kind, message.sender, token_id, why)
-
-    async def _send(self, peer: PeerId, message: Message) -> None:
-        try:
-            async with self.context.clock.timeout(self.context.gossip.timeout):
-                await self.context.transport.send(peer, message)
-        except (PeerUnreachable, TimeoutError) as reason:
-            log.info("%s: could not send a %s to %s: %r", self.me, message.kind, peer, reason)
 
     async def _on_token(self, message: Message) -> Message | None:
         if not await self._ready():
@@ -435,29 +514,24 @@ class SRRW(Protocol):
         try:
             token = read_token(message, self._reference, tokens=self.settings.tokens, rounds=self.rounds)
         except TokenError as reason:
-            transport.counters.reject("malformed")
-            log.warning("%s: refused a token from %s: %s", self.me, message.sender, reason)
-            return None
+            return self.talk.refuse(message, "malformed", str(reason))
         except InvalidState as reason:
-            transport.counters.reject("invalid-model")
-            log.warning("%s: refused a token from %s: %s", self.me, message.sender, reason)
-            return None
+            return self.talk.refuse(message, "invalid-model", str(reason))
         if not self.context.neighbourhood.admits(message.sender):
-            transport.counters.reject("incompatible")
-            return None
+            return self.talk.refuse(message, "incompatible", "it trains another task or model", level=logging.DEBUG)
         if not self._plausible_generation(message, token.id, token.generation):
             return None
         if not screen(transport, self._trained, {message.sender: (1.0, token.state)}, token.hop):
             return None
         self._suspected.pop(message.sender, None)  # a sign of life
         if token.id in self._done or not self.ledger.note(token.id, token.key):
-            transport.counters.reject("stale-token")
-            log.info("%s: token %d from %s at %s is older than one seen here", self.me, token.id, message.sender, token.key)
+            detail = f"token {token.id} at {token.key} is older than one seen here"
+            self.talk.refuse(message, "stale-token", detail, level=logging.INFO)
             return Message(RECEIVED, self.me, token.hop, meta={"taken": False})
         self._end_custody(token.id)  # it came back to us: our copy of an earlier hop is moot
         self._predecessor[token.id] = message.sender
         self._present[token.id] = token
-        self._spawn(self._carry(token, visit=True))
+        self.talk.spawn(self._carry(token, visit=True))
         return Message(RECEIVED, self.me, token.hop, meta={"taken": True})
 
     async def _on_passed(self, message: Message) -> None:
@@ -489,7 +563,7 @@ class SRRW(Protocol):
             return
         token_id, (generation, _) = word
         if self._predecessor.get(token_id) != message.sender:
-            self._implausible(message, token_id, "it did not hand us that token")
+            self.talk.refuse(message, "implausible", f"token {token_id}: it did not hand us that token")
             return
         if not self._plausible_generation(message, token_id, generation) or not self.ledger.note(*word):
             return
@@ -501,7 +575,7 @@ class SRRW(Protocol):
             self._end_custody(token_id)
         successor = self._successor.get(token_id)
         if successor is not None and successor != message.sender:
-            await self._send(successor, self._word(REVOKE, token_id, word[1]))
+            await self.talk.send(successor, self._word(REVOKE, token_id, word[1]))
 
     async def _on_done(self, message: Message) -> None:
         word = self._read_word(message)
@@ -509,7 +583,7 @@ class SRRW(Protocol):
             return
         token_id, (generation, hop) = word
         if hop != self.rounds:
-            self._implausible(message, token_id, f"a token is done at hop {self.rounds}, not {hop}")
+            self.talk.refuse(message, "implausible", f"token {token_id} is done at hop {self.rounds}, not {hop}")
         elif self._plausible_generation(message, token_id, generation):
             self._done_word(token_id, generation, message.sender)
 
@@ -542,7 +616,7 @@ class SRRW(Protocol):
         """Ask the neighbours which tokens are done (marked so here) and which they have seen at all."""
         hello = Message(HELLO, self.me, 0)
         peers = sorted(self.context.neighbourhood.linked(0))
-        replies = await asyncio.gather(*(self._request(peer, hello) for peer in peers))
+        replies = await asyncio.gather(*(self.talk.ask(peer, hello) for peer in peers))
         size = math.ceil(self.settings.tokens / 8)
         known: set[int] = set()
         for reply in replies:
@@ -552,7 +626,7 @@ class SRRW(Protocol):
             if reply.kind != WELCOME or not all(
                 bits is not None and bits.dtype == torch.uint8 and bits.shape == (size,) for bits in (done, seen)
             ):
-                self.context.transport.counters.reject("malformed")
+                self.talk.refuse(reply, "malformed", "not a welcome with two bitmasks of tokens", level=logging.DEBUG)
                 continue
             for token_id in range(self.settings.tokens):
                 if int(done[token_id // 8]) >> (token_id % 8) & 1:
@@ -560,9 +634,3 @@ class SRRW(Protocol):
                 if int(seen[token_id // 8]) >> (token_id % 8) & 1:
                     known.add(token_id)
         return known | self._done
-
-    async def _request(self, peer: PeerId, message: Message) -> Message | None:
-        try:
-            return await self.context.transport.request(peer, message, timeout=self.context.gossip.timeout)
-        except (TimeoutError, PeerUnreachable):
-            return None

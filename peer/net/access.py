@@ -29,7 +29,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from gossip.message import PeerId
-from peer.config import ConfigError
+from peer.errors import ConfigError
 
 SWARM_KEY_BYTES = 32
 _NONCE_BYTES = 16

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from gossip.transport import REJECTION_REASONS, TrafficCounters
-from peer.config import ConfigError
+from peer.errors import ConfigError
 from peer.metrics import RoundRecord
 
 # Exchange times from a loopback round trip to a neighbour that times out.

@@ -176,6 +176,12 @@ class Membership:
         self.live[self.record.peer_id] = self.record
         return self.live
 
+    def joined(self) -> set[PeerId]:
+        """The peers of this swarm and kind whose records were read, live or gone since (a fast
+        peer may finish its run and leave before a slow one reads its record), and this one."""
+        mine = self.record.fingerprint
+        return {peer for peer, (record, _) in self.seen.items() if record.fingerprint == mine} | {self.record.peer_id}
+
     def _reject(self, reason: str, who: object) -> None:
         self.rejected[reason] += 1
         log.debug("ignored a membership record (%s): %.80r", reason, who)

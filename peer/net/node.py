@@ -1,6 +1,12 @@
 """`peer run`: one real peer. It joins (or starts) a swarm through the DHT, trains on its shard,
-gossips with the neighbours that the overlay gives it (or, with MoDeST, trains and averages when
-sampled), and leaves cleanly on SIGINT or SIGTERM.
+runs its protocol with the peers that the swarm's records name, and leaves cleanly on SIGINT or
+SIGTERM.
+
+A run is a sequence of small steps, none of which asks which protocol it runs:
+``prepare_training`` (task, shard, trainer, resume), ``start_node`` (identity, DHT, signed
+record, streams), then ``PeerRun``: ``enter`` (serve, wait for --min-peers, catch up or hand the
+protocol the swarm), ``train`` (until the end or a signal, then the protocol's goodbye) and
+``finish`` (final evaluation, summary, checkpoint).
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hivemind
 import torch
@@ -23,23 +31,24 @@ from hivemind.dht.crypto import RSASignatureValidator
 from gossip.catchup import SnapshotServer, catch_up
 from gossip.learner import State
 from gossip.neighbourhood import OverlayNeighbourhood
-from gossip.protocols import GOSSIP_PROTOCOLS, SRRW, AsyncGossip, MoDeST, Protocol, ProtocolContext, RoundReport
+from gossip.protocols import ProtocolContext, RoundReport, build_protocol, protocol_named
 from gossip.settings import GossipSettings
 from gossip.transport import Clock
-from gossip.view import Entry
 from gossip.wire import Limits
 from peer.checkpoint import Checkpoint, CheckpointError, check_fits, check_progress, read_checkpoint, write_checkpoint
-from peer.config import ConfigError, RunConfig
+from peer.config import RunConfig
+from peer.errors import ConfigError
 from peer.curve import LatestAccuracies, time_to_target
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
-from peer.net.access import access_from, load_identity, peer_id_of
+from peer.net.access import Access, access_from, load_identity, peer_id_of
 from peer.net.clock import WallClock
 from peer.net.live_metrics import LiveMetrics
 from peer.net.membership import Membership, PeerRecord, children_ignore_ctrl_c
 from peer.net.reaper import start_reaper
 from peer.net.transport import P2PTransport
 from peer.runtime import PeerNode
-from peer.tasks import load_task, partition
+from peer.summary import summary as common_summary
+from peer.tasks import Task, load_task, partition
 from peer.trainer import Trainer, peer_trainer, resolve_device, split_optimum
 
 log = logging.getLogger(__name__)
@@ -49,13 +58,6 @@ PAYLOAD_SLACK_BYTES = 1 << 20
 # What the p2p daemon says when none of --initial-peers answered, and how long to wait before trying again.
 BOOTSTRAP_FAILED = "failed to connect to bootstrap peers"
 BOOTSTRAP_RETRY_SECONDS = 1.0
-# Seconds a leaving MoDeST peer spends saying goodbye (peers that already left do not answer).
-GOODBYE_TIMEOUT = 5.0
-
-
-def protocol_family(algorithm: str) -> str:
-    """Peers of one family speak the same messages: D-PSGD and DFedSAM peers gossip together."""
-    return algorithm if algorithm in ("modest", "srrw", "async-gossip") else "gossip"
 
 
 def fingerprint(task_name: str, state: State, gossip: GossipSettings, algorithm: str) -> str:
@@ -63,11 +65,11 @@ def fingerprint(task_name: str, state: State, gossip: GossipSettings, algorithm:
     match this digest.
 
     Codecs may differ (a receiver decodes what the message names), but plain gossip and gossip
-    with error feedback exchange different things, and a sampling peer (MoDeST) never talks to
-    a gossiping one.
+    with error feedback exchange different things, and peers of different protocol families
+    (a sampling peer and a gossiping one) never talk.
     """
     exchange = "plain" if gossip.error_feedback == "none" else "error-feedback"
-    layout = [task_name, protocol_family(algorithm), exchange] + [
+    layout = [task_name, protocol_named(algorithm).family_name(), exchange] + [
         [name, list(t.shape), str(t.dtype)] for name, t in sorted(state.items())
     ]
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
@@ -120,7 +122,7 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
         prepare_out(config.out)
     resumed = read_checkpoint(config.out) if config.resume else None  # before any work, should there be none
     if resumed:
-        check_progress(resumed, config.out / "metrics.jsonl", config.rounds)
+        check_progress(resumed, config.out / "metrics.jsonl", config.rounds, ordered=not config.protocol.one_model)
     start_reaper()  # the DHT process and its daemon die with this process, even when it is killed outright
     live = None
     if config.metrics_port is not None:
@@ -134,10 +136,31 @@ async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] |
             live.stop()
 
 
-async def _run_peer(
-    config: RunConfig, resumed: Checkpoint | None, on_record: Callable[[RoundRecord], None] | None,
-    live: LiveMetrics | None,
-) -> dict:
+@dataclass
+class Training:
+    """What a peer trains: its task, its trainer on its shard, and the digest of what it exchanges."""
+
+    task: Task
+    trainer: Trainer
+    digest: str
+    model_bytes: int
+
+
+@dataclass
+class Node:
+    """A peer on the network: its DHT and daemon, its signed record, its streams."""
+
+    dht: hivemind.DHT
+    me: str
+    membership: Membership
+    transport: P2PTransport
+    access: Access
+    identity_lock: Any = None
+    scratch: tempfile.TemporaryDirectory | None = None
+    serving: bool = True
+
+
+def prepare_training(config: RunConfig, resumed: Checkpoint | None) -> Training:
     torch.set_num_threads(config.threads)
     task = load_task(config.task, config.data_dir, peers=config.shards)
     shards = partition(task.train_y, config.shards, config.partition, config.seed, owners=task.owners)
@@ -145,12 +168,15 @@ async def _run_peer(
     optimum = split_optimum(config, task, shards)
     trainer = peer_trainer(config, task, shards[config.shard], config.shard, resolve_device(config.device), optimum)
     state = trainer.state()
-    gossip = config.gossip_settings()
-    digest = fingerprint(task.name, state, gossip, config.algorithm)
+    digest = fingerprint(task.name, state, config.gossip, config.algorithm)
     if resumed:
         resume_training(resumed, trainer, task.name, config.algorithm, digest)
         print(f"resuming from the checkpoint in {config.out}: round {resumed.round}", flush=True)
-    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return Training(task, trainer, digest, sum(t.numel() * t.element_size() for t in state.values()))
+
+
+async def start_node(config: RunConfig, training: Training, live: LiveMetrics | None) -> Node:
+    """Start the DHT as this peer's identity, announce its signed record and open its streams."""
     access = access_from(config.swarm_key, config.allow_peers)
     # A peer without --identity keeps the key it makes in --out, so that it comes back as itself
     # (--resume); without --out it gets a fresh one. Its key signs its membership record.
@@ -161,229 +187,211 @@ async def _run_peer(
     # The DHT process and its daemon must outlive a Ctrl-C until this peer has saved and withdrawn.
     with children_ignore_ctrl_c():
         dht = await asyncio.to_thread(start_dht, config, identity, signer)
-    membership = None
-    transport = None
-    serving = True  # until a MoDeST peer's run is over
-    keep_alive = None
-    started = time.perf_counter()
     try:
         p2p = await dht.replicate_p2p()
         me = p2p.peer_id.to_base58()
         if me != peer_id_of(signer._private_key.get_public_key()):  # the validator keeps its key private
             raise ConfigError(f"the p2p daemon runs as {me}, not as identity {identity}; is the file being replaced?")
-        if config.client_mode:
-            addresses = []
-            print(f"peer {me} in swarm {config.swarm!r}, in client mode: it dials out and accepts no connections", flush=True)
-        else:
-            addresses = [str(a) for a in dht.get_visible_maddrs()]
-            print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
+        addresses = _announce(config, dht, me)
         membership = Membership(
-            dht, config.swarm, PeerRecord(me, addresses, digest, 0, client=config.client_mode),
+            dht, config.swarm, PeerRecord(me, addresses, training.digest, 0, client=config.client_mode),
             ttl=config.record_ttl, signer=signer, access=access,
         )
         transport = P2PTransport(
-            p2p, Limits(max_payload_bytes=model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view, access=access,
-            addresses=membership.addresses, admits=membership.is_member, exchange_timeout=config.exchange_timeout,
+            p2p, Limits(max_payload_bytes=training.model_bytes + PAYLOAD_SLACK_BYTES), reachable=membership.view,
+            access=access, addresses=membership.addresses, admits=membership.is_member,
+            exchange_timeout=config.exchange_timeout,
         )
-        if live:
-            live.counters = transport.counters
-            live.view_size = lambda: len(membership.live)
-            live.streams_open = lambda: transport.open_streams.total
-        curve = LatestAccuracies(1) if config.algorithm == "async-gossip" else None
-        if resumed:
-            metrics = MetricsLog.resumed(config.out / "metrics.jsonl", resumed.metrics_bytes, curve)
-        else:
-            metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None, curve=curve)
-        clock = WallClock(config.slowdown)
-        modest = config.algorithm == "modest"
-        # MoDeST does not catch up (a newcomer JOINs and waits to be sampled), nor does a token walk
-        # (a newcomer waits for a token), so they serve no snapshots.
-        snapshots = (
-            None if modest or config.algorithm == "srrw" else SnapshotServer(transport, state)
-        )
-        neighbourhood: OverlayNeighbourhood | None = None
-        aggregated: set[int] = set()  # rounds this peer recorded (with MoDeST: the rounds it averaged)
-        checkpoint_failures = 0
+    except BaseException:
+        dht.shutdown()
+        raise
+    if live:
+        live.counters = transport.counters
+        live.view_size = lambda: len(membership.live)
+        live.streams_open = lambda: transport.open_streams.total
+    return Node(dht, me, membership, transport, access, identity_lock, scratch)
 
-        def save() -> None:
-            nonlocal checkpoint_failures
-            tensors, meta = protocol.save_state()
-            written = write_checkpoint(config.out, Checkpoint(
-                current_round(), trainer.state(), trainer.training_state(), tensors, meta,
-                fingerprint=digest, task=task.name, algorithm=config.algorithm, metrics_bytes=metrics.bytes_written,
-            ))
-            checkpoint_failures += not written
 
-        def round_done(record: RoundRecord) -> None:
-            aggregated.add(record.round)
-            if config.checkpoint_every and len(aggregated) % config.checkpoint_every == 0:
-                save()
-            if snapshots:
-                snapshots.publish(trainer.state(), record.round + 1)
-            if record.accuracy is not None:
-                membership.evaluated(record.accuracy)
-            if live:
-                # MoDeST has no neighbours: the models this aggregator averaged stand in for them.
-                neighbours = (
-                    len(neighbourhood.in_weights((record.round + 1) * config.gossip_steps))
-                    if neighbourhood else record.neighbours_heard
-                )
-                live.observe(record, neighbours=neighbours, tasks=len(asyncio.all_tasks()))
-            if on_record:
-                on_record(record)
+def _announce(config: RunConfig, dht: hivemind.DHT, me: str) -> list[str]:
+    """The addresses others dial this peer at (none in client mode), as the peer prints them."""
+    if config.client_mode:
+        print(f"peer {me} in swarm {config.swarm!r}, in client mode: it dials out and accepts no connections", flush=True)
+        return []
+    addresses = [str(a) for a in dht.get_visible_maddrs()]
+    print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
+    return addresses
 
-        node = PeerNode(
-            transport, clock, trainer, metrics, rounds=config.rounds, eval_every=config.eval_every,
-            on_record=round_done, pace=0.0 if modest or config.algorithm == "srrw" else config.pace, wall_time=True,
-        )
-        protocol: Protocol
-        if modest:
-            # Only aggregators finish rounds; --pace holds each aggregation back instead (see paced).
-            context = ProtocolContext(transport, clock, trainer, None, paced(node.round_finished, clock, config.pace), gossip)
-            # Built (and serving) before anyone can learn of us; its view is filled once the peers are known.
-            protocol = MoDeST(context, local_steps=config.local_steps, settings=config.modest_settings(), peers=[])
-        elif config.algorithm == "srrw":
-            neighbourhood = OverlayNeighbourhood(
-                config.topology, me, membership.view, weights=config.weights, seed=config.seed,
-                admits=membership.compatible, unreachable=membership.suspect, clients=membership.clients,
-            )
-            # A peer holds a token now and then, so --pace holds back each visit, not this peer's rounds.
-            context = ProtocolContext(
-                transport, clock, trainer, neighbourhood, paced(node.round_finished, clock, config.pace), gossip
-            )
-            # Its peers (where the tokens start, and their first visit counts) are known once the swarm is.
-            protocol = SRRW(
-                context, local_steps=config.local_steps, settings=config.walk_settings(), peers=[], seed=config.seed
-            )
-        else:
-            neighbourhood = OverlayNeighbourhood(
-                config.topology, me, membership.view, weights=config.weights, seed=config.seed,
-                admits=membership.compatible, unreachable=membership.suspect, clients=membership.clients,
-            )
-            context = ProtocolContext(
-                transport, clock, trainer, neighbourhood, node.round_finished, gossip, deadline=config.duration
-            )
-            if config.algorithm == "async-gossip":
-                protocol = AsyncGossip(context, local_steps=config.local_steps, adaptive=config.adaptive_steps)
-            else:
-                protocol = GOSSIP_PROTOCOLS[config.algorithm](
-                    context, local_steps=config.local_steps, gossip_steps=config.gossip_steps,
-                    mix_start=config.mix_point == "start",
-                )
-        node.protocol = protocol
-        if resumed:
-            try:
-                protocol.restore_state(resumed.protocol, resumed.protocol_meta)
-            except ValueError as error:
-                raise CheckpointError(f"--resume: the checkpoint's {config.algorithm} state does not fit: {error}") from None
-        # Handlers are in place before anyone can learn of us, so no early model is refused.
-        await transport.start()
-        await _wait_for_peers(membership, config)
-        if isinstance(protocol, MoDeST):
-            first_round = 0
-            _enter_swarm(protocol, membership)
-        elif isinstance(protocol, SRRW):
-            first_round = 0
-            protocol.peers = sorted(set(membership.view()) | {me})
-            protocol.joining = any(r.round > 0 for r in membership.live.values() if r.peer_id != me)
-        else:
-            first_round = await _catch_up(transport, membership, trainer, config, resumed.round if resumed else 0)
 
-        def current_round() -> int:
-            recorded = metrics.latest[me].round + 1 if me in metrics.latest else first_round
-            if isinstance(protocol, MoDeST):
-                # Only aggregators record rounds; the view's estimate is the round the swarm is at.
-                return min(max(protocol.view.estimate(), recorded), config.rounds)
-            if isinstance(protocol, SRRW) and protocol.finished():
-                return config.rounds  # every token made its last hop: the run is complete here too
-            if isinstance(protocol, AsyncGossip):
-                return min(protocol.iteration, config.rounds)  # past the iterations it jumped over
-            return recorded
-
-        keep_alive = asyncio.create_task(membership.keep_alive(current_round))
-        holds_final_model = False
-        try:
-            await _until_signal(node.run(first_round))
-            if isinstance(protocol, MoDeST):
-                # The last round's model reached us (or we averaged it), unless the run ended on a
-                # signal or on word from others that it was over.
-                holds_final_model = protocol.finished.is_set()
-                # Its handlers outlive run(): a late model must not change the one we evaluate and save.
-                await _stop_serving(transport)
-                serving = False
-            await clock.settle()  # a training step cut short by the signal finishes before saving
-            if isinstance(protocol, MoDeST):
-                await _say_goodbye(protocol)
-        finally:
-            metrics.close()
-        last = metrics.latest.get(me)
-        accuracy, loss = (last.accuracy, last.loss) if last else (None, None)
-        walked = isinstance(protocol, SRRW)
-        if (holds_final_model or walked) and not (last and last.round == config.rounds - 1):
-            # Only aggregators record rounds, and every peer was sent the last round's model; with a
-            # token walk, only holders do, and each peer keeps the last token model it trained.
-            accuracy, loss = await clock.compute(trainer.evaluate, steps=0)
-            membership.evaluated(accuracy)  # shown by `peer status` once we have left
-        summary = {
-            "peer": me,
-            "swarm": config.swarm,
-            "algorithm": config.algorithm,
-            "init": config.init,
-            "mixing": config.mixing,
-            "gossip_steps": config.gossip_steps,
-            "task": config.task,
-            "topology": "sampled" if modest else config.topology,
-            "partition": config.partition,
-            "shard": config.shard,
-            "shards": config.shards,
-            "seed": config.seed,
-            "codec": gossip.codec,
-            "error_feedback": gossip.error_feedback,
-            "rounds_completed": current_round(),
-            "rounds": config.rounds,
-            "accuracy": accuracy,
-            "loss": loss,
-            "bytes_sent": transport.counters.bytes_sent,
-            "bytes_received": transport.counters.bytes_received,
-            "rejected": transport.counters.rejected,
-            "rejections": dict(transport.counters.rejections),
-            "missed_exchanges": metrics.missed_exchanges,
-            "local_steps_total": metrics.local_steps,
-            "slowdown": config.slowdown,
-            "peers_seen": sorted(membership.seen),
-            "private_swarm": access.private,
-            "client_mode": config.client_mode,
-            "failed_dials": dict(transport.failed_dials),
-            "records_ignored": dict(membership.rejected),
-            "rollbacks": trainer.rollbacks,
-            "wall_seconds": time.perf_counter() - started,
-            **time_to_target(metrics.curve.points(), config.target_accuracy, wall_clock=True),
-        }
-        if isinstance(protocol, MoDeST):
-            summary.update(
-                sample_size=protocol.settings.sample_size, aggregators=protocol.settings.aggregators,
-                final_model=holds_final_model, rounds_aggregated=len(aggregated),
-            )
-        if walked:
-            summary.update(
-                alpha=config.alpha, tokens=config.tokens, hops_visited=len(aggregated), tokens_held=protocol.held(),
-                tokens_reissued=protocol.reissued, squared_error=trainer.squared_error(),
-            )
-        if resumed:
-            summary["resumed_from_round"] = resumed.round
-        if config.out:
-            save()
-            summary["checkpoint_failures"] = checkpoint_failures
-            write_json_atomic(config.out / "summary.json", summary)
-        return summary
+async def _run_peer(
+    config: RunConfig, resumed: Checkpoint | None, on_record: Callable[[RoundRecord], None] | None,
+    live: LiveMetrics | None,
+) -> dict:
+    training = prepare_training(config, resumed)
+    node = await start_node(config, training, live)
+    keep_alive = None
+    try:
+        run = PeerRun(config, training, node, resumed, on_record, live)
+        first_round = await run.enter()
+        keep_alive = asyncio.create_task(node.membership.keep_alive(run.current_round))
+        holds_final_model = await run.train(first_round)
+        return await run.finish(holds_final_model)
     finally:
         if keep_alive:
             keep_alive.cancel()
-        await _leave(membership, transport if serving else None, dht)
-        if identity_lock:
-            identity_lock.close()
-        if scratch:
-            scratch.cleanup()
+        await _leave(node.membership, node.transport if node.serving else None, node.dht)
+        if node.identity_lock:
+            node.identity_lock.close()
+        if node.scratch:
+            node.scratch.cleanup()
+
+
+class PeerRun:
+    """One run of a real peer, from entering the swarm to its summary and checkpoint."""
+
+    def __init__(
+        self, config: RunConfig, training: Training, node: Node, resumed: Checkpoint | None,
+        on_record: Callable[[RoundRecord], None] | None, live: LiveMetrics | None,
+    ):
+        self.config, self.training, self.node, self.resumed = config, training, node, resumed
+        self.on_record, self.live = on_record, live
+        self.started = time.perf_counter()
+        self.first_round = 0
+        self.recorded: set[int] = set()  # rounds this peer recorded
+        self.checkpoint_failures = 0
+        protocol = config.protocol
+        curve = None if protocol.rounds_shared else LatestAccuracies(1)
+        if resumed:
+            self.metrics = MetricsLog.resumed(config.out / "metrics.jsonl", resumed.metrics_bytes, curve)
+        else:
+            self.metrics = MetricsLog(config.out / "metrics.jsonl" if config.out else None, curve=curve)
+        self.clock = WallClock(config.slowdown)
+        trainer, transport = training.trainer, node.transport
+        # A protocol that does not catch up serves no snapshots (its newcomers enter otherwise).
+        self.snapshots = SnapshotServer(transport, trainer.state()) if protocol.catches_up else None
+        self.neighbourhood = OverlayNeighbourhood(
+            config.topology, node.me, node.membership.view, weights=config.weights, seed=config.seed,
+            admits=node.membership.compatible, unreachable=node.membership.suspect, clients=node.membership.clients,
+        ) if protocol.needs_neighbourhood() else None
+        # Where a round ends in one model, --pace holds back each aggregation or visit (see paced).
+        self.peer_node = PeerNode(
+            transport, self.clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every,
+            on_record=self._round_done, pace=0.0 if protocol.one_model else config.pace, wall_time=True,
+        )
+        finished = paced(self.peer_node.round_finished, self.clock, config.pace if protocol.one_model else 0.0)
+        context = ProtocolContext(
+            transport, self.clock, trainer, self.neighbourhood, finished, config.gossip, deadline=config.duration
+        )
+        # Built (and serving) before anyone can learn of us; it learns the swarm in enter().
+        self.protocol = self.peer_node.protocol = build_protocol(config.algorithm, context, config)
+        if resumed:
+            try:
+                self.protocol.restore_state(resumed.protocol, resumed.protocol_meta)
+            except ValueError as error:
+                raise CheckpointError(f"--resume: the checkpoint's {config.algorithm} state does not fit: {error}") from None
+
+    async def enter(self) -> int:
+        """Serve, wait for --min-peers, and take the swarm's round: the first round to run."""
+        # Handlers are in place before anyone can learn of us, so no early model is refused.
+        membership = self.node.membership
+        await self.node.transport.start()
+        await _wait_for_peers(membership, self.config)
+        own = self.resumed.round if self.resumed else 0
+        if self.protocol.catches_up:
+            self.first_round = await _catch_up(self.node.transport, membership, self.training.trainer, self.config, own)
+            return self.first_round
+        others = [r for r in membership.live.values() if r.peer_id != self.node.me]
+        swarm_round = max((r.round for r in others), default=0)
+        if swarm_round > 0:
+            print(f"joining a swarm under way at round {swarm_round}", flush=True)
+        self.protocol.enter(sorted(membership.view()), swarm_round)
+        self.first_round = own
+        return own
+
+    async def train(self, first_round: int) -> bool:
+        """Run until the end or a signal; whether this peer holds the run's final model."""
+        try:
+            await _until_signal(self.peer_node.run(first_round))
+            holds_final_model = self.protocol.holds_final_model()
+            if self.protocol.stops_serving:
+                await _stop_serving(self.node.transport)
+                self.node.serving = False
+            await self.clock.settle()  # a training step cut short by the signal finishes before saving
+            await self.protocol.finish()
+        finally:
+            self.metrics.close()
+        return holds_final_model
+
+    def current_round(self) -> int:
+        me, latest = self.node.me, self.metrics.latest
+        recorded = latest[me].round + 1 if me in latest else self.first_round
+        return self.protocol.position(recorded, self.config.rounds)
+
+    def _round_done(self, record: RoundRecord) -> None:
+        self.recorded.add(record.round)
+        if self.config.checkpoint_every and len(self.recorded) % self.config.checkpoint_every == 0:
+            self.save()
+        if self.snapshots:
+            self.snapshots.publish(self.training.trainer.state(), record.round + 1)
+        if record.accuracy is not None:
+            self.node.membership.evaluated(record.accuracy)
+        if self.live:
+            # Without neighbours, the models this peer mixed stand in for them.
+            neighbours = (
+                len(self.neighbourhood.in_weights((record.round + 1) * self.config.gossip_steps))
+                if self.neighbourhood else record.neighbours_heard
+            )
+            self.live.observe(record, neighbours=neighbours, tasks=len(asyncio.all_tasks()))
+        if self.on_record:
+            self.on_record(record)
+
+    def save(self) -> None:
+        tensors, meta = self.protocol.save_state()
+        training = self.training
+        written = write_checkpoint(self.config.out, Checkpoint(
+            self.current_round(), training.trainer.state(), training.trainer.training_state(), tensors, meta,
+            fingerprint=training.digest, task=training.task.name, algorithm=self.config.algorithm,
+            metrics_bytes=self.metrics.bytes_written,
+        ))
+        self.checkpoint_failures += not written
+
+    async def finish(self, holds_final_model: bool) -> dict:
+        """Evaluate the final model where the peer holds one it did not record, then write the
+        summary and the checkpoint."""
+        config, trainer = self.config, self.training.trainer
+        last = self.metrics.latest.get(self.node.me)
+        accuracy, loss = (last.accuracy, last.loss) if last else (None, None)
+        if holds_final_model and not (last and last.round == config.rounds - 1):
+            accuracy, loss = await self.clock.compute(trainer.evaluate, steps=0)
+            self.node.membership.evaluated(accuracy)  # shown by `peer status` once we have left
+        summary = self.summary(accuracy, loss, holds_final_model)
+        if config.out:
+            self.save()
+            summary["checkpoint_failures"] = self.checkpoint_failures
+            write_json_atomic(config.out / "summary.json", summary)
+        return summary
+
+    def summary(self, accuracy: float | None, loss: float | None, holds_final_model: bool) -> dict:
+        config, node, counters = self.config, self.node, self.node.transport.counters
+        summary = common_summary(
+            config, peers=1, rounds_completed=self.current_round(), accuracies=[accuracy] if accuracy is not None else [],
+            losses=[loss] if loss is not None else [], bytes_sent=counters.bytes_sent,
+            bytes_received=counters.bytes_received, rejected=counters.rejected,
+            missed_exchanges=self.metrics.missed_exchanges, local_steps=self.metrics.local_steps,
+            wall_seconds=time.perf_counter() - self.started,
+            to_target=time_to_target(self.metrics.curve.points(), config.target_accuracy, wall_clock=True),
+        )
+        summary.update(
+            peer=node.me, swarm=config.swarm, shard=config.shard, shards=config.shards,
+            rounds_recorded=len(self.recorded), final_model=holds_final_model,
+            rejections=dict(counters.rejections), slowdown=config.slowdown, peers_seen=sorted(node.membership.seen),
+            private_swarm=node.access.private, client_mode=config.client_mode,
+            failed_dials=dict(node.transport.failed_dials), records_ignored=dict(node.membership.rejected),
+            rollbacks=self.training.trainer.rollbacks, squared_error=self.training.trainer.squared_error(),
+            **self.protocol.figures(),
+        )
+        if self.resumed:
+            summary["resumed_from_round"] = self.resumed.round
+        return summary
 
 
 async def _leave(membership: Membership | None, transport: P2PTransport | None, dht: hivemind.DHT) -> None:
@@ -429,15 +437,17 @@ def lock_identity(path: Path):
 
 
 async def _wait_for_peers(membership: Membership, config: RunConfig) -> None:
+    """Until --min-peers peers (this one included) have joined; one that already finished counts."""
     deadline = time.monotonic() + config.join_timeout
     while True:
         await membership.announce(0)
-        live = await membership.refresh()
-        if len(live) >= config.min_peers:
+        await membership.refresh()
+        joined = len(membership.joined())
+        if joined >= config.min_peers:
             return
         if time.monotonic() > deadline:
             raise ConfigError(
-                f"only {len(live)} of --min-peers {config.min_peers} peers joined swarm {config.swarm!r} "
+                f"only {joined} of --min-peers {config.min_peers} peers joined swarm {config.swarm!r} "
                 f"within {config.join_timeout:g} s; check --initial-peers and --swarm, or raise --join-timeout"
             )
         await asyncio.sleep(0.5)
@@ -466,10 +476,9 @@ async def _catch_up(
 
 
 def paced(round_finished: Callable[[RoundReport], Awaitable[None]], clock: Clock, pace: float):
-    """--pace where a peer records only some rounds: a MoDeST aggregator hands a round's average on
-    no sooner than ``pace`` seconds after the round's first model reached it, and the holder of a
-    walking token hands it on no sooner than ``pace`` seconds after its local steps, so each round
-    (each hop) takes at least that long."""
+    """--pace where a round ends in one model that one peer holds: the peer that finishes a round
+    (an aggregator, a token's holder) hands it on no sooner than ``pace`` seconds after the round's
+    exchange began, so each round (each hop) takes at least that long."""
     if not pace:
         return round_finished
 
@@ -481,15 +490,6 @@ def paced(round_finished: Callable[[RoundReport], Awaitable[None]], clock: Clock
     return finished
 
 
-def _enter_swarm(protocol: MoDeST, membership: Membership) -> None:
-    """Give MoDeST the live peers as its view; in a swarm already under way it JOINs them."""
-    protocol.view.merge({peer: Entry(0) for peer in membership.view()})
-    me = membership.record.peer_id
-    protocol.joining = any(r.round > 0 for r in membership.live.values() if r.peer_id != me)
-    if protocol.joining:
-        print(f"joining a swarm under way at round {max(r.round for r in membership.live.values())}", flush=True)
-
-
 async def _stop_serving(transport: P2PTransport) -> None:
     """Refuse new streams: requests then fail at once, as to a peer that has gone (no reply to count)."""
     try:
@@ -497,15 +497,6 @@ async def _stop_serving(transport: P2PTransport) -> None:
             await transport.stop()
     except Exception as error:  # noqa: BLE001 - the summary and the checkpoint come first
         log.warning("could not stop serving: %r", error)
-
-
-async def _say_goodbye(protocol: MoDeST) -> None:
-    """LEAVE to some peers, so that nobody samples us again; it also spreads word of a finished run."""
-    try:
-        async with asyncio.timeout(GOODBYE_TIMEOUT):
-            await protocol.leave()
-    except Exception as error:  # noqa: BLE001 - leaving must not cost the summary and the checkpoint
-        log.warning("could not say goodbye: %r", error)
 
 
 async def _until_signal(work) -> None:

@@ -9,7 +9,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
-from peer.config import ConfigError
+from peer.errors import ConfigError
 from peer.net.access import PUBLIC, Access
 from peer.net.membership import Membership, PeerRecord, children_ignore_ctrl_c
 

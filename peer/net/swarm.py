@@ -14,12 +14,15 @@ from pathlib import Path
 
 from peer.checkpoint import FILE as CHECKPOINT
 from peer.checkpoint import read_model
-from peer.config import ConfigError, SwarmConfig, TrainingConfig
-from peer.curve import UNROUNDED, CurveBuilder, CurvePoint, time_to_target
+from peer.config import SwarmConfig, TrainingConfig, fitted
+from peer.curve import CurveBuilder, time_to_target
+from peer.errors import ConfigError
 from peer.metrics import consensus_distance, prepare_out, write_json_atomic
 from peer.net.access import load_swarm_key
 from peer.runs import RunError, read_curve
 from peer.sim.speeds import Speeds
+from peer.summary import renamed
+from peer.summary import summary as common_summary
 
 ADDRESS_LINE = re.compile(r"others join with --initial-peers (.+)$")
 STOP_GRACE_SECONDS = 30
@@ -43,16 +46,16 @@ class LocalSwarm:
     def _training_arguments(self) -> list[str]:
         args = []
         # Only the settings given: a peer has the same defaults, and some settings are refused when
-        # given at all (--lr-schedule with srrw, whose step size follows the token's hop).
+        # given at all (a setting the protocol does not take, even at its default).
         for name in TrainingConfig.model_fields:
             value = getattr(self.config, name)
             if name == "local_steps" and self.config.adaptive_steps:
                 value = f"adaptive:{value}"
             if value is not None and name not in ("out", "adaptive_steps") and name in self.config.model_fields_set:
                 args += [f"--{name.replace('_', '-')}", str(value)]
-        if self.config.algorithm == "modest" and self.config.sample_size is None:
-            # As in simulation: no larger a sample than the swarm, or every round would wait out its timeout.
-            args += ["--sample-size", str(modest_sample_size(self.config))]
+        # As in simulation, the settings are fitted to the swarm's size (a sample no larger than it).
+        for name, value in self.config.protocol.for_swarm(self.config, self.config.peers).items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
         return args
 
     def folder(self, index: int) -> Path:
@@ -130,10 +133,10 @@ class LocalSwarm:
     def rounds_done(self) -> int:
         """Peer-rounds done so far, out of peers x rounds.
 
-        With MoDeST only a round's aggregators record it, and with a token walk only its holder,
-        so the swarm's progress is its highest round recorded by anyone, counted once for every peer.
+        Where a round ends in one model, only the peers that hold it record it, so the swarm's
+        progress is its highest round recorded by anyone, counted once for every peer.
         """
-        if self.config.algorithm in ("modest", "srrw"):
+        if self.config.protocol.one_model:
             return len(self.processes) * (max((self.last_round(i) for i in self.processes), default=-1) + 1)
         return sum(self.last_round(index) + 1 for index in self.processes)
 
@@ -162,12 +165,8 @@ class LocalSwarm:
         for index in self.processes:
             path = self.folder(index) / "summary.json"
             if path.exists():
-                found[index] = json.loads(path.read_text())
+                found[index] = renamed(json.loads(path.read_text()))
         return found
-
-
-def modest_sample_size(config: SwarmConfig) -> int:
-    return config.sample_size or min(config.modest_settings().sample_size, config.peers)
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -178,20 +177,11 @@ def kill_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def swarm_accuracy(algorithm: str, summaries: list[dict], points: list[CurvePoint]) -> tuple[float | None, ...]:
-    """The swarm's test accuracy: mean, min and max.
-
-    Gossip: over each peer's last evaluation. MoDeST: only aggregators record rounds, and the
-    swarm's result is the last aggregated model, as evaluated by the aggregators of the highest
-    round that any peer recorded.
-    """
-    if algorithm == "modest" and points:
-        final = points[-1]
-        return final.mean_accuracy, final.min_accuracy, final.max_accuracy
-    accuracies = [s["accuracy"] for s in summaries if s["accuracy"] is not None]
-    if not accuracies:
-        return None, None, None
-    return sum(accuracies) / len(accuracies), min(accuracies), max(accuracies)
+def final_accuracies(summaries: list[dict]) -> list[float]:
+    """The swarm's final test accuracies: those of the peers that hold the run's final model (the
+    last aggregate, the tokens' last models), or, where none holds one, every peer's last evaluation."""
+    holders = [s for s in summaries if s.get("final_model")] or summaries
+    return [s["mean_accuracy"] for s in holders if s["mean_accuracy"] is not None]
 
 
 def accuracy_by_speed(swarm: LocalSwarm) -> dict[str, float | None]:
@@ -199,8 +189,8 @@ def accuracy_by_speed(swarm: LocalSwarm) -> dict[str, float | None]:
     slow = Speeds(tuple(swarm.slowdowns)).slow()
     groups: dict[str, list[float]] = {"slow": [], "fast": []}
     for index, peer_summary in swarm.summaries().items():
-        if peer_summary["accuracy"] is not None:
-            groups["slow" if index in slow else "fast"].append(peer_summary["accuracy"])
+        if peer_summary["mean_accuracy"] is not None:
+            groups["slow" if index in slow else "fast"].append(peer_summary["mean_accuracy"])
     return {f"mean_accuracy_{group}": sum(values) / len(values) if values else None for group, values in groups.items()}
 
 
@@ -227,58 +217,32 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
     states = [read_model(path) for path in checkpoints if path.exists()]
     files = [swarm.folder(i) / "metrics.jsonl" for i in swarm.processes]
     try:
-        curve = read_curve([path for path in files if path.exists()], unrounded=config.algorithm in UNROUNDED)
+        curve = read_curve([path for path in files if path.exists()], unrounded=not config.protocol.rounds_shared)
     except RunError as error:  # a damaged file: the rest of the summary still counts
         print(f"peer swarm: warning: {error}", file=sys.stderr)
         curve = CurveBuilder()
-    gossip = config.gossip_settings()
     points = curve.points()
-    mean_accuracy, min_accuracy, max_accuracy = swarm_accuracy(config.algorithm, summaries, points)
-    summary = {
-        "algorithm": config.algorithm,
-        "task": config.task,
-        "topology": "sampled" if config.algorithm == "modest" else config.topology,
-        "partition": config.partition,
-        "peers": config.peers,
-        "rounds": config.rounds,
-        "local_steps": config.local_steps,
-        "seed": config.seed,
-        "mixing": config.mixing,
-        "gossip_steps": config.gossip_steps,
-        "codec": gossip.codec,
-        "error_feedback": gossip.error_feedback,
-        "peers_finished": sum(s["rounds_completed"] == config.rounds for s in summaries),
-        "failed_peers": {f"peer-{i}": p.returncode for i, p in swarm.processes.items() if p.returncode != 0},
-        "mean_accuracy": mean_accuracy,
-        "min_accuracy": min_accuracy,
-        "max_accuracy": max_accuracy,
-        "consensus_distance": consensus_distance(states) if states else None,
-        "bytes_sent_total": sum(s["bytes_sent"] for s in summaries),
-        "rejected_total": sum(s["rejected"] for s in summaries),
-        "missed_exchanges_total": sum(s["missed_exchanges"] for s in summaries),
-        "local_steps_total": sum(s["local_steps_total"] for s in summaries),
-        "speeds": config.speeds,
-        "slowdowns": swarm.slowdowns,
+    settings = fitted(config, config.peers)
+    summary = common_summary(
+        settings, peers=config.peers, rounds_completed=max((s["rounds_completed"] for s in summaries), default=0),
+        accuracies=final_accuracies(summaries), losses=[s["mean_loss"] for s in summaries if s["mean_loss"] is not None],
+        bytes_sent=sum(s["bytes_sent_total"] for s in summaries),
+        bytes_received=sum(s["bytes_received_total"] for s in summaries),
+        rejected=sum(s["rejected_total"] for s in summaries),
+        missed_exchanges=sum(s["missed_exchanges_total"] for s in summaries),
+        local_steps=sum(s["local_steps_total"] for s in summaries), wall_seconds=time.perf_counter() - started,
+        to_target=time_to_target(points, config.target_accuracy, wall_clock=True),
+    )
+    summary.update(
+        peers_finished=sum(s["rounds_completed"] == config.rounds for s in summaries),
+        failed_peers={f"peer-{i}": p.returncode for i, p in swarm.processes.items() if p.returncode != 0},
+        consensus_distance=consensus_distance(states) if states else None,
+        last_round=points[-1].round if points else None,  # the highest evaluated round recorded
+        speeds=config.speeds,
+        slowdowns=swarm.slowdowns,
         **accuracy_by_speed(swarm),
-        "interrupted": interrupted,
-        "wall_seconds": time.perf_counter() - started,
-        **time_to_target(points, config.target_accuracy, wall_clock=True),
-    }
-    if config.algorithm == "modest":
-        summary.update(
-            sample_size=modest_sample_size(config),
-            aggregators=config.aggregators,
-            last_round=points[-1].round if points else None,  # the highest evaluated round recorded
-            peers_with_final_model=sum(bool(s.get("final_model")) for s in summaries),
-        )
-    if config.algorithm == "srrw":
-        copies = [0] * config.tokens
-        for peer_summary in summaries:
-            for token in peer_summary["tokens_held"]:
-                copies[int(token)] += 1
-        summary.update(
-            alpha=config.alpha, tokens=config.tokens, token_copies=copies,
-            tokens_reissued=sum(s["tokens_reissued"] for s in summaries),
-        )
+        interrupted=interrupted,
+        **config.protocol.combine(summaries, settings),
+    )
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -1,4 +1,13 @@
-"""The simulated world: many peers in one process, an emulated network and a virtual clock."""
+"""The simulated world: many peers in one process, an emulated network and a virtual clock.
+
+- ``loop.py``: an asyncio event loop whose clock jumps to the next timer instead of waiting.
+- ``network.py``: in-memory links with latency, bandwidth, loss and partitions, and the simulated Transport.
+- ``clock.py``: the simulated Clock: virtual time, and training whose duration comes from a speed profile.
+- ``speeds.py``: ``--speeds``: how fast each simulated peer computes, drawn from the seed.
+- ``faults.py``: ``--faults``: peers that crash, leave or join, partitions, and crashes of a token's holder.
+- ``byzantine.py``: ``--byzantine``: omniscient attackers that gossip crafted models.
+- ``batched.py``: ``--engine batched``: many peers' local training as one vmapped step.
+"""
 
 from peer.sim.clock import SimClock, SpeedProfile
 from peer.sim.loop import SimulationDeadlock, VirtualTimeLoop

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from peer.config import ConfigError
+from peer.errors import ConfigError
 from peer.trainer import Trainer, test_counts
 
 # Peers per vmapped pass. For the default model at 1,000 peers, 64 to 256 ran within the noise of each other

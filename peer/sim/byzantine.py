@@ -1,4 +1,4 @@
-"""Attackers in the simulator: peers that gossip crafted models (ALGORITHMS.md section 8).
+"""Attackers in the simulator: peers that gossip crafted models (docs/algorithms.md#robust-mixing).
 
 ``--byzantine F:ATTACK`` makes round(F * peers) of the initial peers, drawn from the seed,
 attackers. They are omniscient, as in the robustness literature (He, Karimireddy and Jaggi,
@@ -37,7 +37,7 @@ from gossip.exchange import MODEL, message_seed
 from gossip.greeting import BYE, HELLO
 from gossip.learner import State
 from gossip.message import Message, PeerId
-from gossip.model_codec import ModelMessages, codec_for
+from gossip.model_codec import ModelMessages
 from gossip.protocols.base import Protocol, ProtocolContext
 from gossip.transport import Clock, Handler, PeerUnreachable, Transport
 from gossip.validation import InvalidState
@@ -99,11 +99,15 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def check_byzantine(spec: ByzantineSpec, *, peers: int, algorithm: str, error_feedback: str) -> None:
-    """ByzantineError when the attackers do not fit the run: the protocol, the exchange, the swarm's size."""
-    if algorithm not in ("dpsgd", "dfedsam"):
+def check_byzantine(
+    spec: ByzantineSpec, *, peers: int, algorithm: str, attackable: bool, error_feedback: str, simulated_for: list[str]
+) -> None:
+    """ByzantineError when the attackers do not fit the run: the protocol (``attackable``: the
+    simulator has attackers for it; ``simulated_for``: the protocols it has them for), the
+    exchange, the swarm's size."""
+    if not attackable:
         raise ByzantineError(
-            f"--byzantine: attackers are simulated for the gossip protocols dpsgd and dfedsam, not {algorithm}"
+            f"--byzantine: attackers are simulated for the protocols {' and '.join(simulated_for)}, not {algorithm}"
         )
     if error_feedback != "none":
         raise ByzantineError(
@@ -286,7 +290,7 @@ class Attacker(Protocol):
         super().__init__(context)
         self.adversary = adversary
         self.gossip_steps = gossip_steps
-        self.models = ModelMessages(context.learner.state(), codec_for(context.gossip.codec))
+        self.models = ModelMessages(context.learner.state(), context.gossip.codec)
         for kind in (MODEL, HELLO, BYE):
             context.transport.serve(kind, _drop)
 

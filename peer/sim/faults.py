@@ -45,9 +45,12 @@ class Fault:
         return sorted(random.Random(f"{seed}:fault:{index}").sample(sorted(up), count))
 
 
-def parse_faults(spec: str, *, rounds: int, algorithm: str = "dpsgd") -> tuple[Fault, ...]:
+def parse_faults(
+    spec: str, *, rounds: int, has_holders: bool = False, holders: list[str] = ()
+) -> tuple[Fault, ...]:
     """The events of a spec in round order (a partition is two: its cut and its heal);
-    FaultError naming the bad event and the valid forms."""
+    FaultError naming the bad event and the valid forms. ``has_holders``: the run's rounds have
+    holders that ``crash-holder`` takes; ``holders``: the protocols whose rounds do."""
     if spec.strip() in ("", "none"):
         return ()
     faults = []
@@ -89,8 +92,11 @@ def parse_faults(spec: str, *, rounds: int, algorithm: str = "dpsgd") -> tuple[F
             cuts.append((round_, end, item))
             faults.append(Fault("heal", amount, end))
         elif kind == "crash-holder":
-            if algorithm != "srrw":
-                raise FaultError(f"fault {item!r}: only a token walk (--algorithm srrw) has holders; use crash:F@R")
+            if not has_holders:
+                raise FaultError(
+                    f"fault {item!r}: only a round held by one peer (--algorithm {' or '.join(holders)}) has a holder "
+                    "to crash; use crash:F@R"
+                )
             if round_ < 1 or not amount > 0:
                 raise FaultError(f"fault {item!r}: crash-holder takes seconds > 0 and a round >= 1, e.g. crash-holder:60@1000")
         elif not 0 < amount <= 1:

@@ -1,4 +1,12 @@
-"""Training tasks (dataset + model) by name, user-defined tasks, and partitions across peers."""
+"""Training tasks (dataset + model) by name, user-defined tasks, and partitions across peers.
+
+- ``__init__.py`` (here): ``load_task``, which loads a built-in task by name or a user's ``module:function``.
+- ``base.py``: the ``Task`` record every task is loaded into, its checks, and the cache folder.
+- ``mnist1d.py``: MNIST-1D, generated locally, and its small 1-D CNN.
+- ``fashion_mnist.py``: Fashion-MNIST from its IDX files (optionally downloaded), and a small CNN.
+- ``logistic.py``: synthetic logistic regression with one part per peer and its exact regularised optimum.
+- ``partition.py``: splitting the training set across peers: IID, Dirichlet, shards, or the task's own split.
+"""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ SHA256 = {
     "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
 }
 _FIX = (
-    f"pass --data-dir pointing at the folder that contains {FOLDER_NAME}/ (e.g. ../shared/data), "
+    f"pass --data-dir pointing at the folder that contains {FOLDER_NAME}/ (e.g. ~/data), "
     "or set PEER_DOWNLOAD=1 to download it"
 )
 _UNSIGNED_BYTE = 0x08  # the IDX type code of every Fashion-MNIST file

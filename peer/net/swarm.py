@@ -33,6 +33,8 @@ class LocalSwarm:
 
     def __init__(self, config: SwarmConfig, out: Path, extra_args: tuple[str, ...] = ()):
         self.config = config
+        # As in simulation, the settings are fitted to the swarm's size (a sample no larger than it).
+        self.settings = fitted(config, config.peers)
         self.out = out
         self.name = config.swarm or f"local-{time.time_ns()}"
         self.processes: dict[int, subprocess.Popen] = {}
@@ -47,15 +49,13 @@ class LocalSwarm:
         args = []
         # Only the settings given: a peer has the same defaults, and some settings are refused when
         # given at all (a setting the protocol does not take, even at its default).
+        settings = self.settings
         for name in TrainingConfig.model_fields:
-            value = getattr(self.config, name)
-            if name == "local_steps" and self.config.adaptive_steps:
+            value = getattr(settings, name)
+            if name == "local_steps" and settings.adaptive_steps:
                 value = f"adaptive:{value}"
-            if value is not None and name not in ("out", "adaptive_steps") and name in self.config.model_fields_set:
+            if value is not None and name not in ("out", "adaptive_steps") and settings.given(name):
                 args += [f"--{name.replace('_', '-')}", str(value)]
-        # As in simulation, the settings are fitted to the swarm's size (a sample no larger than it).
-        for name, value in self.config.protocol.for_swarm(self.config, self.config.peers).items():
-            args += [f"--{name.replace('_', '-')}", str(value)]
         return args
 
     def folder(self, index: int) -> Path:
@@ -222,7 +222,7 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         print(f"peer swarm: warning: {error}", file=sys.stderr)
         curve = CurveBuilder()
     points = curve.points()
-    settings = fitted(config, config.peers)
+    settings = swarm.settings
     summary = common_summary(
         settings, peers=config.peers, rounds_completed=max((s["rounds_completed"] for s in summaries), default=0),
         accuracies=final_accuracies(summaries), losses=[s["mean_loss"] for s in summaries if s["mean_loss"] is not None],

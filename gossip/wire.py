@@ -49,7 +49,12 @@ class WireError(ValueError):
     """A malformed or oversized message; str() is the reason, for logs and counters."""
 
 
-class StreamEnded(WireError):
+class StreamCut(WireError):
+    """The stream ended before the message did: its sender stopped writing (it went away, or gave
+    up halfway), or its sizes announced more than it sent. The bytes alone do not tell which."""
+
+
+class StreamEnded(StreamCut):
     """The stream ended before its first byte: no message at all (a sender that gave up)."""
 
 
@@ -154,7 +159,7 @@ async def read_header_length(reader: asyncio.StreamReader, limits: Limits) -> in
     try:
         prefix = await reader.readexactly(HEADER_LENGTH_PREFIX)
     except asyncio.IncompleteReadError as error:
-        kind = WireError if error.partial else StreamEnded
+        kind = StreamCut if error.partial else StreamEnded
         raise kind(f"truncated: {len(error.partial)} of {HEADER_LENGTH_PREFIX} length-prefix bytes") from None
     return _header_length(prefix, limits)
 
@@ -221,7 +226,7 @@ async def _read_exactly(reader: asyncio.StreamReader, size: int, part: str) -> b
     try:
         return await reader.readexactly(size)
     except asyncio.IncompleteReadError as error:
-        raise WireError(f"truncated: {len(error.partial)} of {size} {part} bytes") from None
+        raise StreamCut(f"truncated: {len(error.partial)} of {size} {part} bytes") from None
 
 
 async def _fill(reader: asyncio.StreamReader, payload: _PayloadBuffer) -> None:
@@ -229,7 +234,7 @@ async def _fill(reader: asyncio.StreamReader, payload: _PayloadBuffer) -> None:
         pending = reader._buffer
         if not pending:
             if reader.at_eof():
-                raise WireError(f"truncated: {payload.filled} of {payload.size} payload bytes")
+                raise StreamCut(f"truncated: {payload.filled} of {payload.size} payload bytes")
             await reader._wait_for_data("read")
             continue
         size = min(len(pending), payload.missing)
@@ -242,7 +247,7 @@ async def _fill_by_reading(reader: asyncio.StreamReader, payload: _PayloadBuffer
     while payload.missing:
         chunk = await reader.read(min(payload.missing, _READ_CHUNK))
         if not chunk:
-            raise WireError(f"truncated: {payload.filled} of {payload.size} payload bytes")
+            raise StreamCut(f"truncated: {payload.filled} of {payload.size} payload bytes")
         payload.append(chunk)
 
 

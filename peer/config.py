@@ -9,6 +9,7 @@ that some protocol takes and this one does not is refused with the reason, never
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from functools import cached_property
@@ -149,6 +150,7 @@ class CommonSettings(BaseModel):
     )
     data_dir: Path | None = Field(None, description="folder holding the datasets (e.g. ~/data, which holds fashion-mnist/)")
     out: Path | None = Field(None, description="folder for metrics.jsonl and summary.json")
+    overwrite: bool = Field(False, description="replace the run that --out already holds (without it, such a folder is refused)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(1, ge=1, description="evaluate every N rounds (the last round always)")
     exchange_timeout: float = Field(30.0, gt=0, description="seconds to wait for a neighbour's model")
@@ -382,18 +384,73 @@ class SimulationConfig(TrainingConfig):
         return parse_speeds(self.speeds, self.peers + self.newcomers(), self.step_time, self.seed)
 
 
+BOOTSTRAP_ENV = "PEER_INITIAL_PEERS"
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a multiaddr names a loopback address (/ip4/127.x.x.x/..., /ip6/::1/...)."""
+    parts = address.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return False
+    try:
+        return ipaddress.ip_address(parts[2]).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_ip(host: str, flag_name: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{flag_name} {host[:100]!r} is not an IP address; give one like 0.0.0.0 (every interface) or 192.0.2.7") from None
+
+
+def bootstrap_addresses(given: list[str], file: Path | None) -> list[str]:
+    """The bootstrap multiaddrs from the flags, a file and the environment variable, each once."""
+    found = list(given)
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as error:
+            raise ValueError(f"--initial-peers-file {file}: cannot be read ({error.strerror or error})") from None
+        found += [word for line in text.splitlines() for word in line.partition("#")[0].split()]
+    found += os.environ.get(BOOTSTRAP_ENV, "").replace(",", " ").split()
+    for address in found:
+        if not address.startswith("/") or "/p2p/" not in address:
+            raise ValueError(
+                f"bootstrap address {address[:200]!r} is not a multiaddr of a peer; give one as a peer prints it, "
+                "like /ip4/203.0.113.5/tcp/31337/p2p/QmPeerId..."
+            )
+    return list(dict.fromkeys(found))
+
+
 class RunConfig(TrainingConfig):
     """A real peer on the network."""
 
     initial_peers: list[str] = Field([], description="multiaddrs of any peers of the swarm (none: start a new swarm)")
-    host_maddrs: list[str] = Field(["/ip4/127.0.0.1/tcp/0"], description="multiaddrs to listen on")
-    announce_maddrs: list[str] = Field([], description="multiaddrs that others should dial (behind NAT, on 0.0.0.0)")
+    initial_peers_file: Path | None = Field(
+        None,
+        description=f"a file of bootstrap multiaddrs, one per line or space-separated (# starts a comment), added to "
+        f"--initial-peers; so is the environment variable {BOOTSTRAP_ENV}",
+    )
+    host: str | None = Field(
+        None,
+        description="IP address to listen on: 0.0.0.0 for every interface (default: 127.0.0.1, or 0.0.0.0 when "
+        "a bootstrap peer is on another host)",
+    )
+    port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
+    host_maddrs: list[str] = Field([], description="multiaddrs to listen on, instead of --host and --port")
+    announce_maddrs: list[str] = Field(
+        [], description="multiaddrs that others should dial (behind a NAT with a forwarded port); default: the "
+        "addresses the peer listens on, without the loopback when it listens on every interface",
+    )
     identity: Path | None = Field(None, description="private key file for a persistent peer id (created if missing)")
     swarm: str = Field("gossip", min_length=1, max_length=64, description="name of the swarm to join")
     shard: int = Field(0, ge=0, description="which part of the partition this peer trains on")
     shards: int = Field(1, ge=1, description="how many parts the training set is partitioned into")
     min_peers: int = Field(
-        1, ge=1, description="wait until this many peers (this one included) have joined before training"
+        1, ge=1,
+        description="wait until this many peers (this one included) have joined and answered this one before training",
     )
     join_timeout: float = Field(60.0, gt=0, description="seconds to wait for --min-peers and for the bootstrap peers")
     record_ttl: float = Field(20.0, ge=2, description="seconds a peer's DHT record lives unless refreshed")
@@ -426,12 +483,30 @@ class RunConfig(TrainingConfig):
         False, description="go on from the checkpoint in --out, as the same peer (after a crash, a kill or a stop)"
     )
 
+    @cached_property
+    def bootstrap_peers(self) -> list[str]:
+        """--initial-peers, then --initial-peers-file's, then the environment's, each once."""
+        return bootstrap_addresses(self.initial_peers, self.initial_peers_file)
+
+    @cached_property
+    def listen_maddrs(self) -> list[str]:
+        """Where the peer listens: --host-maddrs, or --host and --port as a multiaddr."""
+        if self.host_maddrs:
+            return self.host_maddrs
+        host = self.host or ("0.0.0.0" if any(not is_loopback(a) for a in self.bootstrap_peers) else "127.0.0.1")
+        return [f"/{'ip6' if ':' in host else 'ip4'}/{host}/tcp/{self.port}"]
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if self.host_maddrs and (self.given("host") or self.given("port")):
+            raise ValueError("give --host and --port, or --host-maddrs, not both")
+        if self.host is not None:
+            _check_ip(self.host, "--host")
+        self.bootstrap_peers  # noqa: B018 - read now: a missing file or a bad address is an error before anything runs
         if self.shard >= self.shards:
             raise ValueError(f"--shard {self.shard} must be below --shards {self.shards}")
         if self.client_mode:
-            if not self.initial_peers:
+            if not self.bootstrap_peers:
                 raise ValueError(
                     "--client-mode needs --initial-peers: a peer that accepts no connections cannot start a swarm"
                 )
@@ -441,6 +516,8 @@ class RunConfig(TrainingConfig):
                     "deliver models by dialling the peer (sampling, token walks, gossip without rounds) or keep "
                     "per-link copies in step by request and reply"
                 )
+        if self.resume and self.overwrite:
+            raise ValueError("give --resume (go on from the run in --out) or --overwrite (replace it), not both")
         if (self.resume or self.checkpoint_every) and self.out is None:
             flag = "--resume" if self.resume else "--checkpoint-every"
             raise ValueError(f"{flag} needs --out, the folder that holds the run's checkpoint")
@@ -452,6 +529,9 @@ class SwarmConfig(TrainingConfig):
     """N real peer processes on this host, over loopback."""
 
     peers: int = Field(4, ge=2, description="number of peer processes")
+    out: Path | None = Field(
+        None, description="folder for the swarm's summary.json and each peer's peer-I/ (default: a new runs/swarm-DATE-TIME)"
+    )
     swarm: str | None = Field(None, max_length=64, description="swarm name (default: a fresh one)")
     join_timeout: float = Field(60.0, gt=0, description="seconds to wait for the peers to find each other")
     metrics_port: int | None = Field(

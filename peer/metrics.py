@@ -13,8 +13,8 @@ import torch
 
 from gossip.learner import State
 from gossip.mixing import average
-from peer.errors import ConfigError
 from peer.curve import CurveBuilder, LatestAccuracies
+from peer.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,27 @@ def _record(line: bytes, number: int, path: Path) -> RoundRecord:
     return record
 
 
-def prepare_out(folder: Path) -> None:
-    """Create an output folder and check that it can be written, before any work goes into the run."""
+# What a run leaves in its folder (a local swarm's peers each in peer-I/); --overwrite removes
+# exactly these, never a file it does not know. A swarm's peer's log.txt is the swarm's to
+# write: a fresh start writes it anew.
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.safetensors", "run.png")
+
+
+def prepare_out(folder: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Create an output folder and check that it can be written, before any work goes into the run.
+
+    A folder that holds an earlier run is refused unless the run goes on from it (``resume``) or
+    replaces it (``overwrite``, which removes that run's files first): a slip of --out must not
+    cut an earlier run's metrics or its checkpoint."""
+    earlier = earlier_run(folder)
+    if earlier and not (resume or overwrite):
+        raise ConfigError(
+            f"--out {folder} holds an earlier run ({', '.join(str(p.relative_to(folder)) for p in earlier[:3])}); "
+            "give --resume to go on from it (peer run), --overwrite to replace it, or another --out"
+        )
+    if overwrite and not resume:
+        for path in earlier:
+            path.unlink(missing_ok=True)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -133,6 +152,12 @@ def prepare_out(folder: Path) -> None:
         raise ConfigError(
             f"--out {folder} cannot be written ({error.strerror or error}); choose a folder you can write to"
         ) from None
+
+
+def earlier_run(folder: Path) -> list[Path]:
+    """The files of a run that ``folder`` holds, its peers' folders' included."""
+    places = [folder, *sorted(folder.glob("peer-*"))] if folder.is_dir() else []
+    return [place / name for place in places for name in RUN_FILES if (place / name).is_file()]
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -72,7 +72,7 @@ def training_engine(config: SimulationConfig, task: Task) -> str | None:
 def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
     """Run a whole simulation; raises TaskError, PartitionError, TopologyError or ValueError on bad input."""
     if config.out:
-        prepare_out(config.out)
+        prepare_out(config.out, overwrite=config.overwrite)
     world = World(config, on_record)
     started = time.perf_counter()
     try:

@@ -8,9 +8,9 @@ import pytest
 
 from gossip.message import Message
 from peer.net.stream_limits import StreamLimits
-from peer.net.transport import P2PTransport
+from peer.net.transport import PROTOCOL, P2PTransport
 from peer.sim import SimNetwork
-from tests.helpers import LIMITS, eventually, membership
+from tests.helpers import LIMITS, eventually, membership, wire
 from tests.sim_swarm import run
 
 
@@ -93,14 +93,21 @@ async def test_a_burst_from_a_member_we_cannot_place_yet_waits_for_its_record_an
     victim.serve("model", on_model)
     await victim.start()
     try:
-        member = P2PTransport(member_p2p, LIMITS)
-        burst = 3 * victim.stream_limits.max_streams_per_peer
-        await asyncio.gather(*(member.send(victim.peer_id, Message("model", member.peer_id, r)) for r in range(burst)))
+        # A burst on streams of its own: our transport opens no more than half of what a peer admits at once.
+        member_id, burst = member_p2p.peer_id.to_base58(), 3 * victim.stream_limits.max_streams_per_peer
+        streams = []
+        for r in range(burst):
+            _, _, writer = await member_p2p.call_binary_stream_handler(victim_p2p.peer_id, PROTOCOL)
+            writer.write(wire(Message("model", member_id, r)))
+            await writer.drain()
+            streams.append(writer)
         # More of its streams wait than it may have open, and none is refused.
         await eventually(lambda: sum(victim._unverified.values()) > victim.stream_limits.max_streams_per_peer)
         known.set()
         await eventually(lambda: len(handled) == burst)
         assert sorted(handled) == list(range(burst)) and victim.counters.rejected == 0
+        for writer in streams:
+            writer.close()
     finally:
         await victim.stop()
 

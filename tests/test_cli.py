@@ -37,7 +37,7 @@ def test_a_target_accuracy_shows_in_the_table_and_the_summary(capsys, tmp_path):
 
 def test_config_file_supplies_settings_and_flags_win(capsys, tmp_path):
     (tmp_path / "run.toml").write_text('peers = 5\nrounds = 1\nlocal-steps = 1\npartition = "iid"\ntopology = "complete"\n')
-    code, out, _ = run_cli(capsys, "--config", str(tmp_path / "run.toml"), "--peers", "3", "--out", str(tmp_path / "o"))
+    code, _, _ = run_cli(capsys, "--config", str(tmp_path / "run.toml"), "--peers", "3", "--out", str(tmp_path / "o"))
     assert code == 0
     import json
 
@@ -148,7 +148,7 @@ def test_missing_config_file(capsys, tmp_path):
 def test_console_script_reports_errors_without_a_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "peer.cli", "simulate", "--topology", "nope"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

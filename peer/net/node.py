@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -36,16 +37,18 @@ from gossip.settings import GossipSettings
 from gossip.transport import Clock
 from gossip.wire import Limits
 from peer.checkpoint import Checkpoint, CheckpointError, check_fits, check_progress, read_checkpoint, write_checkpoint
-from peer.config import RunConfig
-from peer.errors import ConfigError
+from peer.config import BOOTSTRAP_ENV, RunConfig, is_loopback
 from peer.curve import LatestAccuracies, time_to_target
+from peer.errors import ConfigError
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
 from peer.net.access import Access, access_from, load_identity, peer_id_of
 from peer.net.clock import WallClock
+from peer.net.dialback import DialBackService
 from peer.net.live_metrics import LiveMetrics
 from peer.net.membership import Membership, PeerRecord, children_ignore_ctrl_c
+from peer.net.ports import listen_problem
 from peer.net.reaper import start_reaper
-from peer.net.transport import P2PTransport
+from peer.net.transport import REACH_TIMEOUT, P2PTransport
 from peer.runtime import PeerNode
 from peer.summary import summary as common_summary
 from peer.tasks import Task, load_task, partition
@@ -58,6 +61,9 @@ PAYLOAD_SLACK_BYTES = 1 << 20
 # What the p2p daemon says when none of --initial-peers answered, and how long to wait before trying again.
 BOOTSTRAP_FAILED = "failed to connect to bootstrap peers"
 BOOTSTRAP_RETRY_SECONDS = 1.0
+ATTEMPT_SECONDS = 20.0  # the longest one try to start the DHT may take
+READY_GRACE_SECONDS = 5.0  # beyond a try's own deadline, for its process to say how it went
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def fingerprint(task_name: str, state: State, gossip: GossipSettings, algorithm: str) -> str:
@@ -75,54 +81,81 @@ def fingerprint(task_name: str, state: State, gossip: GossipSettings, algorithm:
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
 
-def start_dht(config: RunConfig, identity: Path, signer: RSASignatureValidator) -> hivemind.DHT:
+async def start_dht(config: RunConfig, identity: Path, signer: RSASignatureValidator) -> hivemind.DHT:
     """Start the DHT (and its libp2p daemon) as ``identity``, whose key ``signer`` holds; a bad
     bootstrap address, or bootstrap peers still unreachable after --join-timeout, is a ConfigError.
 
     Bootstrap peers are tried again until then: a peer restarted at once after a crash may find
     them still holding its previous connection, and a peer started with its swarm may come up
-    before the peers it bootstraps from."""
+    before the peers it bootstraps from. A signal ends the tries at once: the peer ignores Ctrl-C
+    only while it starts the DHT's process (which inherits that, see children_ignore_ctrl_c), not
+    while it waits for it."""
     deadline = time.monotonic() + config.join_timeout
     warned = False
     while True:
+        timeout = max(1.0, min(deadline - time.monotonic(), ATTEMPT_SECONDS))
+        with children_ignore_ctrl_c():
+            dht = _dht(config, identity, signer, timeout)
         try:
-            return hivemind.DHT(
-                initial_peers=config.initial_peers,
-                host_maddrs=config.host_maddrs,
-                announce_maddrs=config.announce_maddrs or None,
-                identity_path=str(identity),
-                # A key made for this run cannot be in use elsewhere: no need for hivemind's check,
-                # which starts a second daemon and dials the bootstrap peers with it.
-                check_if_identity_free=config.identity is not None,
-                record_validators=[signer],
-                # In client mode the daemon listens nowhere: the peer can only dial out, as behind a NAT.
-                client_mode=config.client_mode,
-                no_listen=config.client_mode,
-                use_relay=config.use_relay,
-                use_auto_relay=config.use_auto_relay,
-                start=True,
-                startup_timeout=max(1.0, deadline - time.monotonic()),
-            )
-        except Exception as error:
-            reason = str(error).replace("\n", " ")
+            await asyncio.to_thread(dht.wait_until_ready, timeout + READY_GRACE_SECONDS)
+            return dht
+        except BaseException as error:
+            if dht.is_alive():
+                dht.shutdown()
+            if not isinstance(error, Exception):
+                raise
+            reason = str(error).replace("\n", " ") or f"the DHT did not start within {timeout:.0f} s"
             if BOOTSTRAP_FAILED in reason and time.monotonic() + BOOTSTRAP_RETRY_SECONDS < deadline:
                 if not warned:
                     log.warning("none of --initial-peers answered; trying again for up to %.0f s", deadline - time.monotonic())
                     warned = True
-                time.sleep(BOOTSTRAP_RETRY_SECONDS)
+                await asyncio.sleep(BOOTSTRAP_RETRY_SECONDS)
                 continue
-            raise ConfigError(
-                f"could not start the DHT: {reason}; --initial-peers must be multiaddrs of running peers, "
-                "like /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
-            ) from error
+            raise ConfigError(f"could not start the DHT: {reason}; {_start_hint(reason, config)}") from error
+
+
+def _dht(config: RunConfig, identity: Path, signer: RSASignatureValidator, timeout: float) -> hivemind.DHT:
+    """The DHT's process, started; whether it joined is told by its wait_until_ready."""
+    return hivemind.DHT(
+        initial_peers=config.bootstrap_peers,
+        host_maddrs=config.listen_maddrs,
+        announce_maddrs=config.announce_maddrs or None,
+        identity_path=str(identity),
+        # A key made for this run cannot be in use elsewhere: no need for hivemind's check,
+        # which starts a second daemon and dials the bootstrap peers with it.
+        check_if_identity_free=config.identity is not None,
+        record_validators=[signer],
+        # In client mode the daemon listens nowhere: the peer can only dial out, as behind a NAT.
+        client_mode=config.client_mode,
+        no_listen=config.client_mode,
+        use_relay=config.use_relay,
+        use_auto_relay=config.use_auto_relay,
+        start=True,
+        await_ready=False,
+        startup_timeout=timeout,
+    )
+
+
+def _start_hint(reason: str, config: RunConfig) -> str:
+    if BOOTSTRAP_FAILED in reason:
+        return (
+            f"none of the {len(config.bootstrap_peers)} bootstrap peers (--initial-peers, --initial-peers-file, "
+            f"{BOOTSTRAP_ENV}) answered within --join-timeout "
+            f"{config.join_timeout:g} s: check that they run and that their port is open; give them as each prints "
+            "its own, like /ip4/203.0.113.5/tcp/31337/p2p/QmPeerId... (`peer doctor` with the same flags checks a setup)"
+        )
+    return "check --host, --port (or --host-maddrs) and --initial-peers; `peer doctor` with the same flags checks a setup"
 
 
 async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None = None) -> dict:
+    access_from(config.swarm_key, config.allow_peers)  # a bad key file is an error before anything starts
     if config.out:
-        prepare_out(config.out)
+        prepare_out(config.out, resume=config.resume, overwrite=config.overwrite)
     resumed = read_checkpoint(config.out) if config.resume else None  # before any work, should there be none
     if resumed:
         check_progress(resumed, config.out / "metrics.jsonl", config.rounds, ordered=not config.protocol.one_model)
+    if not config.client_mode and (problem := listen_problem(config.listen_maddrs)):
+        raise ConfigError(f"{problem}; stop that process, or give another --port (0: any free port) or --host")
     start_reaper()  # the DHT process and its daemon die with this process, even when it is killed outright
     live = None
     if config.metrics_port is not None:
@@ -184,15 +217,15 @@ async def start_node(config: RunConfig, training: Training, live: LiveMetrics | 
     identity = config.identity or (config.out / "identity.key" if config.out else Path(scratch.name) / "identity.key")
     identity_lock = None if scratch else lock_identity(identity)
     signer = RSASignatureValidator(load_identity(identity))
-    # The DHT process and its daemon must outlive a Ctrl-C until this peer has saved and withdrawn.
-    with children_ignore_ctrl_c():
-        dht = await asyncio.to_thread(start_dht, config, identity, signer)
+    dht = await start_dht(config, identity, signer)
     try:
         p2p = await dht.replicate_p2p()
         me = p2p.peer_id.to_base58()
         if me != peer_id_of(signer._private_key.get_public_key()):  # the validator keeps its key private
             raise ConfigError(f"the p2p daemon runs as {me}, not as identity {identity}; is the file being replaced?")
         addresses = _announce(config, dht, me)
+        if not config.client_mode:  # `peer doctor` asks peers to dial it back; nobody can dial a client
+            await DialBackService(p2p, access).start()
         membership = Membership(
             dht, config.swarm, PeerRecord(me, addresses, training.digest, 0, client=config.client_mode),
             ttl=config.record_ttl, signer=signer, access=access,
@@ -217,9 +250,26 @@ def _announce(config: RunConfig, dht: hivemind.DHT, me: str) -> list[str]:
     if config.client_mode:
         print(f"peer {me} in swarm {config.swarm!r}, in client mode: it dials out and accepts no connections", flush=True)
         return []
-    addresses = [str(a) for a in dht.get_visible_maddrs()]
+    addresses = dialable([str(a) for a in dht.get_visible_maddrs()], listens_everywhere=not config.announce_maddrs and any(
+        is_wildcard(a) for a in config.listen_maddrs
+    ))
     print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
     return addresses
+
+
+def is_wildcard(address: str) -> bool:
+    """Whether a listen multiaddr names every interface (/ip4/0.0.0.0/..., /ip6/::/...)."""
+    parts = address.split("/")
+    return len(parts) > 2 and parts[2] in ("0.0.0.0", "::")
+
+
+def dialable(addresses: list[str], *, listens_everywhere: bool) -> list[str]:
+    """The addresses to announce: on every interface, the loopback only where there is nothing
+    else, since a peer on another host that dials its own loopback finds itself, not this peer."""
+    if not listens_everywhere:
+        return addresses
+    outside = [a for a in addresses if not is_loopback(a)]
+    return outside or addresses
 
 
 async def _run_peer(
@@ -239,6 +289,7 @@ async def _run_peer(
         if keep_alive:
             keep_alive.cancel()
         await _leave(node.membership, node.transport if node.serving else None, node.dht)
+        _stop_taking_signals()
         if node.identity_lock:
             node.identity_lock.close()
         if node.scratch:
@@ -294,7 +345,7 @@ class PeerRun:
         # Handlers are in place before anyone can learn of us, so no early model is refused.
         membership = self.node.membership
         await self.node.transport.start()
-        await _wait_for_peers(membership, self.config)
+        await _wait_for_peers(membership, self.config, self.node.transport)
         own = self.resumed.round if self.resumed else 0
         if self.protocol.catches_up:
             self.first_round = await _catch_up(self.node.transport, membership, self.training.trainer, self.config, own)
@@ -385,7 +436,8 @@ class PeerRun:
             rounds_recorded=len(self.recorded), final_model=holds_final_model,
             rejections=dict(counters.rejections), slowdown=config.slowdown, peers_seen=sorted(node.membership.seen),
             private_swarm=node.access.private, client_mode=config.client_mode,
-            failed_dials=dict(node.transport.failed_dials), records_ignored=dict(node.membership.rejected),
+            failed_dials=dict(node.transport.failed_dials), broken_streams=node.transport.broken_streams,
+            records_ignored=dict(node.membership.rejected),
             rollbacks=self.training.trainer.rollbacks, squared_error=self.training.trainer.squared_error(),
             **self.protocol.figures(),
         )
@@ -436,19 +488,36 @@ def lock_identity(path: Path):
     return lock
 
 
-async def _wait_for_peers(membership: Membership, config: RunConfig) -> None:
-    """Until --min-peers peers (this one included) have joined; one that already finished counts."""
+async def _wait_for_peers(membership: Membership, config: RunConfig, transport: P2PTransport) -> None:
+    """Until --min-peers peers (this one included) have joined and this peer has reached them: a
+    stream between the two was answered (``P2PTransport.reach``), which also shows that the other
+    has read this peer's record (it answers members only), so each is in the other's view from
+    the start. A peer reached that has finished and left since still counts. A peer in client mode
+    accepts no streams: it counts once it has reached this one, and two of them never need to
+    (they are never neighbours)."""
     deadline = time.monotonic() + config.join_timeout
+    me = membership.record.peer_id
+
+    def counted(joined: set[str], clients: set[str]) -> int:
+        """This peer, and those of ``joined`` it has reached (or that need not be, see above)."""
+        return 1 + sum(peer in transport.reached or (config.client_mode and peer in clients) for peer in joined)
+
     while True:
         await membership.announce(0)
         await membership.refresh()
-        joined = len(membership.joined())
-        if joined >= config.min_peers:
+        joined, clients = membership.joined() - {me}, membership.clients()
+        unreached = sorted(peer for peer in membership.live if peer not in transport.reached | clients | {me})
+        remaining = deadline - time.monotonic()
+        if counted(joined, clients) < config.min_peers and unreached and remaining > 0:
+            timeout = min(REACH_TIMEOUT, max(remaining, 1.0))
+            await asyncio.gather(*(transport.reach(peer, timeout=timeout) for peer in unreached))
+        if counted(joined, clients) >= config.min_peers:
             return
         if time.monotonic() > deadline:
             raise ConfigError(
-                f"only {joined} of --min-peers {config.min_peers} peers joined swarm {config.swarm!r} "
-                f"within {config.join_timeout:g} s; check --initial-peers and --swarm, or raise --join-timeout"
+                f"only {counted(joined, clients)} of --min-peers {config.min_peers} peers of swarm {config.swarm!r} are "
+                f"reachable within {config.join_timeout:g} s ({1 + len(joined)} joined, this one included); check "
+                "--initial-peers, --swarm and that the peers' addresses can be dialled, or raise --join-timeout"
             )
         await asyncio.sleep(0.5)
 
@@ -500,15 +569,28 @@ async def _stop_serving(transport: P2PTransport) -> None:
 
 
 async def _until_signal(work) -> None:
-    """Run ``work``; SIGINT or SIGTERM stops it at once and lets the caller save and leave."""
+    """Run ``work``; SIGINT or SIGTERM stops it at once and lets the caller save and leave.
+
+    From then on until the peer has left, another signal only says that the peer is stopping:
+    a second Ctrl-C must not cut the summary and the checkpoint short."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, task.cancel)
     try:
         await task
     except asyncio.CancelledError:
         log.info("stopping on a signal")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, _still_stopping)
+
+
+def _still_stopping() -> None:
+    print("peer run: stopping: writing the summary and the checkpoint, then leaving the swarm", file=sys.stderr, flush=True)
+
+
+def _stop_taking_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)

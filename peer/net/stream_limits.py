@@ -5,6 +5,7 @@ only within caps on open streams (per peer and in all), gives its header a short
 its payload one that follows the payload's size, makes a header and then a payload reserve
 their bytes from a budget before they are buffered, and ignores for a while a peer whose
 streams keep being refused. Every table here is bounded, so made-up identities cannot grow one.
+An honest sender keeps within these caps on its own (``StreamLimits.streams_to_peer``).
 
 The budget of buffered bytes (``ByteBudget``) has a fixed share per sender: one sender's
 streams together hold at most ``buffered_messages_per_sender`` messages of the largest size,
@@ -38,6 +39,10 @@ class StreamLimits:
     # Streams from one peer that wait for its membership to be confirmed (a newcomer, or a member
     # whose record the last readings missed), apart from its admitted ones.
     max_unverified_per_peer: int = 32
+    # Streams from one member that wait for room among its open streams (at most header_timeout
+    # each), apart from them: a burst that a busy receiver has not read yet waits rather than
+    # being refused.
+    max_waiting_per_peer: int = 32
     # Bytes buffered across all incoming streams, headers and payloads, in messages of the largest
     # size that Limits allows (its largest header and payload); a header or payload past the budget,
     # or past its sender's share of it, waits (within its deadline) for others to finish.
@@ -71,6 +76,14 @@ class StreamLimits:
 
     def payload_timeout(self, size: int) -> float:
         return self.payload_grace + size / self.min_payload_rate
+
+    @property
+    def streams_to_peer(self) -> int:
+        """Streams this peer opens to one peer at once, until that peer has closed them: half of
+        what a receiver with these limits admits, so that the streams it has not closed yet when
+        this peer gives up on them (it stopped waiting; the receiver will close them soon) still
+        fit within its cap."""
+        return max(1, self.max_streams_per_peer // 2)
 
 
 class Waiters:

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +55,7 @@ class LocalSwarm:
             value = getattr(settings, name)
             if name == "local_steps" and settings.adaptive_steps:
                 value = f"adaptive:{value}"
-            if value is not None and name not in ("out", "adaptive_steps") and settings.given(name):
+            if value is not None and name not in ("out", "overwrite", "adaptive_steps") and settings.given(name):
                 args += [f"--{name.replace('_', '-')}", str(value)]
         return args
 
@@ -69,8 +70,8 @@ class LocalSwarm:
             sys.executable, "-m", "peer.cli", "run", *self._common,
             "--shard", str(shard), "--min-peers", str(min_peers), "--out", str(folder),
         ]
-        if resume:
-            command.append("--resume")
+        # The swarm has checked its folder (and --overwrite removed an earlier run) before any peer starts.
+        command.append("--resume" if resume else "--overwrite")
         if self.config.peers - self.config.client_peers <= index < self.config.peers:
             command.append("--client-mode")
         if self.config.metrics_port is not None:
@@ -148,17 +149,25 @@ class LocalSwarm:
         kill_group(self.processes[index])
 
     def stop(self) -> None:
-        """Ask every running peer to leave (SIGINT: save and withdraw), then insist."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            kill_group(process)  # whatever the peer left behind (nothing, when it left cleanly)
+        """Ask every running peer to leave (SIGINT: save and withdraw), then insist.
+
+        A Ctrl-C meanwhile does not cut this short: the peers are writing their summaries and
+        checkpoints, and the swarm's summary is written from them next."""
+        previous = signal.signal(signal.SIGINT, _still_stopping) if _main_thread() else None
+        try:
+            for process in self.processes.values():
+                if process.poll() is None:
+                    process.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + STOP_GRACE_SECONDS
+            for process in self.processes.values():
+                try:
+                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+                kill_group(process)  # whatever the peer left behind (nothing, when it left cleanly)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def summaries(self) -> dict[int, dict]:
         found = {}
@@ -167,6 +176,17 @@ class LocalSwarm:
             if path.exists():
                 found[index] = renamed(json.loads(path.read_text()))
         return found
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _still_stopping(signum: int, frame: object) -> None:
+    print(
+        f"peer swarm: stopping: the peers are saving (at most {STOP_GRACE_SECONDS} s), then the summary is written",
+        file=sys.stderr, flush=True,
+    )
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -197,8 +217,8 @@ def accuracy_by_speed(swarm: LocalSwarm) -> dict[str, float | None]:
 def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = None) -> dict:
     if config.swarm_key:
         load_swarm_key(config.swarm_key)  # a bad key is one error here, not one per peer
-    out = config.out or Path("runs/swarm")
-    prepare_out(out)
+    out = config.out or Path("runs") / time.strftime("swarm-%Y%m%d-%H%M%S")
+    prepare_out(out, overwrite=config.overwrite)
     swarm = LocalSwarm(config, out)
     started = time.perf_counter()
     interrupted = False
@@ -242,6 +262,7 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         slowdowns=swarm.slowdowns,
         **accuracy_by_speed(swarm),
         interrupted=interrupted,
+        out=str(out),
         **config.protocol.combine(summaries, settings),
     )
     write_json_atomic(out / "summary.json", summary)

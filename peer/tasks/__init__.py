@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from peer.tasks.base import Task, TaskError
 from peer.tasks.fashion_mnist import load_fashion_mnist
@@ -75,12 +75,27 @@ def _load_user_task(spec: str, data_dir: Path | None) -> Task:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise TaskError(
-            f"cannot import task module {module_name!r} ({err}): put it on PYTHONPATH or run from its folder"
+            f"cannot import task module {module_name!r} ({_one_line(err)}): put it on PYTHONPATH or run from its folder"
         ) from err
+    except Exception as err:  # the user's module failed as it ran: say how, in one line
+        raise TaskError(f"task {spec}: importing {module_name} raised {_described(err)}") from err
     function = getattr(module, function_name, None)
     if not callable(function):
         raise TaskError(f"module {module_name!r} has no function {function_name!r}: define {_USER_TASK_CONTRACT}")
-    task = function(data_dir)
+    try:
+        task = function(data_dir)
+    except Exception as err:  # the user's function failed: say how, in one line
+        raise TaskError(f"task {spec} raised {_described(err)}") from err
     if not isinstance(task, Task):
-        raise TaskError(f"{spec} returned {type(task).__name__}, but it must be {_USER_TASK_CONTRACT}")
+        raise TaskError(f"task {spec} returned {type(task).__name__}, but it must be {_USER_TASK_CONTRACT}")
     return task
+
+
+def _described(error: Exception) -> str:
+    """An exception as its type and message, on one line: ``ValueError: boom``."""
+    message = _one_line(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

@@ -498,6 +498,9 @@ def run_run(args: argparse.Namespace) -> int:
         )
 
     summary = uvloop.run(run_peer(config, on_record=show))
+    # The peer has saved and left; a late Ctrl-C would only turn its exit into a death by signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     print(json.dumps(summary), flush=True)
     return 0
 

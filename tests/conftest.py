@@ -7,7 +7,19 @@ Test modules share helpers through ``tests.helpers`` (real processes, daemons, s
 ``tests.sim_swarm`` (protocols on the simulator) and ``tests.vector_learner``, never through one another.
 """
 
+import logging
+
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def root_logger_restored():
+    """``peer.cli.main`` configures the root logger; the next test gets it back as it was."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
 
 
 @pytest.fixture(autouse=True, scope="session")

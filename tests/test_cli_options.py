@@ -19,16 +19,6 @@ FAST = ["--peers", "3", "--rounds", "2", "--local-steps", "1", "--partition", "i
 REFUSED = ["--peers", "1"]
 
 
-@pytest.fixture(autouse=True)
-def root_logger_restored():
-    """main() configures the root logger; other tests in this process get it back as it was."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-
-
 def exit_code(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

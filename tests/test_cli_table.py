@@ -1,7 +1,6 @@
 """The result table of `peer simulate` and `peer swarm`, and the progress bars."""
 
 import io
-import logging
 
 import pytest
 from rich.console import Console
@@ -11,16 +10,6 @@ from peer.cli import _progress, _summary_table, main
 from peer.config import SimulationConfig, SwarmConfig
 from peer.curve import CurvePoint, time_to_target
 from peer.summary import summary as common_summary
-
-
-@pytest.fixture(autouse=True)
-def root_logger_restored():
-    """main() configures the root logger; other tests in this process get it back as it was."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
 
 
 def rows(summary):

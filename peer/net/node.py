@@ -289,7 +289,6 @@ async def _run_peer(
         if keep_alive:
             keep_alive.cancel()
         await _leave(node.membership, node.transport if node.serving else None, node.dht)
-        _stop_taking_signals()
         if node.identity_lock:
             node.identity_lock.close()
         if node.scratch:
@@ -571,8 +570,8 @@ async def _stop_serving(transport: P2PTransport) -> None:
 async def _until_signal(work) -> None:
     """Run ``work``; SIGINT or SIGTERM stops it at once and lets the caller save and leave.
 
-    From then on until the peer has left, another signal only says that the peer is stopping:
-    a second Ctrl-C must not cut the summary and the checkpoint short."""
+    From then on, another signal only says that the peer is stopping: a second Ctrl-C must not
+    cut the summary and the checkpoint short (the caller ignores signals once the loop is over)."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
     for sig in STOP_SIGNALS:
@@ -589,8 +588,3 @@ async def _until_signal(work) -> None:
 def _still_stopping() -> None:
     print("peer run: stopping: writing the summary and the checkpoint, then leaving the swarm", file=sys.stderr, flush=True)
 
-
-def _stop_taking_signals() -> None:
-    loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
-        loop.remove_signal_handler(sig)

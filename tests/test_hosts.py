@@ -103,3 +103,30 @@ def test_where_namespaces_cannot_be_made_the_script_says_why_and_exits_with_its_
     monkeypatch.setattr(hosts_swarm, "namespace_problem", lambda rate=False: "making network namespaces needs root")
     assert hosts_swarm.main(["--peers", "2"]) == hosts_swarm.NOT_PERMITTED
     assert capsys.readouterr().err.strip() == "hosts_swarm: cannot emulate hosts here: making network namespaces needs root"
+
+
+def doctor_in(network, index, *flags):
+    """`peer doctor` run on host ``index``: (exit code, its lines)."""
+    command = ["ip", "netns", "exec", network.host(index), str(hosts_swarm.PEER), "doctor", "--swarm", network.tag, *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    return result.returncode, result.stdout.splitlines()
+
+
+@pytest.mark.network
+@needs_namespaces
+def test_the_doctor_on_another_host_finds_a_good_setup_and_a_peer_that_listens_on_its_loopback_only(tmp_path):
+    network = hosts_swarm.Network(2, hosts_swarm.random_subnet(), rate=None)
+    peers = hosts_swarm.Peers(network, tmp_path, ["--rounds", "100000", "--local-steps", "1", "--pace", "0.2"])
+    try:
+        network.build()
+        peers.start(0, [])
+        address = peers.wait_for_address(0, timeout=60)[0]
+        code, lines = doctor_in(network, 1, "--initial-peers", address)
+        assert code == 0, lines
+        assert any(line.startswith("ok: peers can dial this peer: peer ") and f"/ip4/{network.address(1)}/tcp/" in line for line in lines)
+        code, lines = doctor_in(network, 1, "--initial-peers", address, "--host", "127.0.0.1")
+        assert code == 1
+        assert any(line.startswith("problem: this peer listens only on the loopback") and "--host 0.0.0.0" in line for line in lines)
+    finally:
+        peers.stop()
+        network.remove()

@@ -16,7 +16,7 @@ from peer.cli import main
 from peer.config import SwarmConfig
 from peer.net.ports import bind_problem, listen_problem, port_holder
 from peer.net.swarm import LocalSwarm
-from tests.helpers import FAST, start, wait_for_line
+from tests.helpers import FAST, free_port, run, start, stop_all, wait_for_line
 
 SIMULATE = ["simulate", "--peers", "3", "--rounds", "2", "--local-steps", "1", "--partition", "iid"]
 
@@ -159,3 +159,17 @@ def test_ctrl_c_while_the_bootstrap_peers_are_tried_again_stops_the_peer_at_once
         if peer.poll() is None:
             os.killpg(peer.pid, signal.SIGKILL)
     assert "could not start the DHT" not in (tmp_path / "log.txt").read_text()  # it did not wait out --join-timeout
+
+
+@pytest.mark.network
+def test_a_port_that_a_running_peer_holds_names_that_peer(tmp_path):
+    port = str(free_port())
+    with open(tmp_path / "log.txt", "w") as log:
+        first = start(["run", *FAST, "--rounds", "1000", "--pace", "0.05", "--port", port], log)
+    try:
+        wait_for_line(tmp_path / "log.txt", r"round 1/1000", first, timeout=60)
+        code, _, err = run(["run", *FAST, "--port", port], timeout=60)
+    finally:
+        stop_all([first])
+    assert code == 2
+    assert f"port {port} is in use by pid " in err and f"started by pid {first.pid} (" in err and " run " in err

@@ -40,14 +40,36 @@ def _describe(error: OSError, host: str, port: int) -> str:
 
 
 def port_holder(port: int) -> str | None:
-    """The process that listens on TCP ``port``, as "pid N (command line)", or None."""
+    """The process that listens on TCP ``port``, as "pid N (command line)", or None. A p2p daemon
+    is named with the peer that started it (through its DHT process), which is what to stop."""
     inodes = _listening_inodes(port)
     if not inodes:
         return None
     for process in Path("/proc").iterdir():
         if process.name.isdigit() and _holds_any(process, inodes):
-            return f"pid {process.name} ({_command_line(process)})"
+            return _described(process) + _starter(process)
     return None
+
+
+def _described(process: Path) -> str:
+    return f"pid {process.name} ({_command_line(process)})"
+
+
+def _starter(process: Path) -> str:
+    """", started by <the daemon's grandparent>", for a p2p daemon, or ""."""
+    if "p2pd" not in _command_line(process):
+        return ""
+    ancestor = _parent(_parent(process))  # the daemon's parent is the peer's DHT process, a fork of the peer
+    return f", started by {_described(ancestor)}" if ancestor else ""
+
+
+def _parent(process: Path | None) -> Path | None:
+    try:
+        # The command name in /proc/PID/stat is in parentheses and may hold spaces: the fields follow it.
+        ppid = int((process / "stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError, TypeError):
+        return None
+    return Path("/proc") / str(ppid) if ppid > 1 else None
 
 
 def _listening_inodes(port: int) -> set[str]:

@@ -111,7 +111,7 @@ class P2PTransport(Transport):
         self._outgoing_room = Waiters()
         self._deliveries: set[asyncio.Task] = set()  # messages written or being written, until their receiver closes
         self.reached: set[PeerId] = set()  # peers that answered our REACH, or whose REACH we answered
-        self.broken_streams = 0  # incoming streams cut short by a sender that went away
+        self.broken_streams = 0  # incoming streams that broke, ended empty, or were cut short by a sender that went away
         self._handlers[REACH] = self._on_reach
 
     async def start(self) -> None:
@@ -494,8 +494,10 @@ class P2PTransport(Transport):
                     self.broken_streams += 1
                     writer.close()
         except StreamEnded:
-            # Nothing to refuse, like a stream that broke: its sender gave up before writing.
+            # Nothing to refuse, like a stream that broke: its sender gave up before writing, or
+            # closed it so soon that the daemons dropped what it carried.
             log.info("a stream from %s ended before its first byte", remote)
+            self.broken_streams += 1
             writer.close()
         except WireError as reason:
             self._refuse(writer, remote, "malformed", str(reason))
@@ -506,6 +508,7 @@ class P2PTransport(Transport):
                 self._refuse(writer, remote, "too-slow", f"{late} did not arrive in time")
         except (ConnectionError, OSError) as error:
             log.info("stream from %s broke: %r", remote, error)
+            self.broken_streams += 1
             writer.close()
         return None
 

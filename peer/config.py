@@ -398,6 +398,12 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def _is_wildcard(address: str) -> bool:
+    """Whether a listen multiaddr names every interface (/ip4/0.0.0.0/..., /ip6/::/...)."""
+    parts = address.split("/")
+    return len(parts) > 2 and parts[2] in ("0.0.0.0", "::")
+
+
 def _check_ip(host: str, flag_name: str) -> None:
     try:
         ipaddress.ip_address(host)
@@ -495,6 +501,14 @@ class RunConfig(TrainingConfig):
             return self.host_maddrs
         host = self.host or ("0.0.0.0" if any(not is_loopback(a) for a in self.bootstrap_peers) else "127.0.0.1")
         return [f"/{'ip6' if ':' in host else 'ip4'}/{host}/tcp/{self.port}"]
+
+    def announced(self, visible: list[str]) -> list[str]:
+        """What to announce of the addresses the daemon makes ``visible``: on every interface (and
+        without --announce-maddrs), the loopback only where there is nothing else, since a peer on
+        another host that dials its own loopback finds itself, not this peer."""
+        everywhere = not self.announce_maddrs and any(_is_wildcard(a) for a in self.listen_maddrs)
+        outside = [a for a in visible if not is_loopback(a)]
+        return (outside or visible) if everywhere else visible
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -188,3 +188,13 @@ def test_fedavg_with_a_lossy_codec_sends_compressed_uploads():
     # Uploads (half of the traffic) shrink to about a quarter; the global model goes out whole.
     assert 0.55 < compressed["bytes_sent_total"] / plain["bytes_sent_total"] < 0.7
     assert compressed["mean_accuracy"] > 0.1
+
+
+def test_a_peer_on_every_interface_announces_its_other_addresses_and_the_loopback_only_when_alone():
+    from peer.config import RunConfig
+
+    visible = ["/ip4/127.0.0.1/tcp/5", "/ip4/10.0.0.2/tcp/5"]
+    assert RunConfig(host="0.0.0.0").announced(visible) == ["/ip4/10.0.0.2/tcp/5"]
+    assert RunConfig(host="0.0.0.0").announced(visible[:1]) == visible[:1]
+    assert RunConfig().announced(visible) == visible  # on the loopback: what it listens on
+    assert RunConfig(host="0.0.0.0", announce_maddrs=["/ip4/203.0.113.5/tcp/5"]).announced(visible) == visible

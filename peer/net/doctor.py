@@ -119,7 +119,7 @@ class Probe:
         if self.listening:
             visible = await asyncio.to_thread(self.dht.get_visible_maddrs)
             # Without the doctor's own peer id: the peer's would be another.
-            self.announced = [a.split("/p2p/")[0] for a in announced_addresses(self.config, [str(a) for a in visible])]
+            self.announced = [a.split("/p2p/")[0] for a in self.config.announced([str(a) for a in visible])]
         self.p2p = await self.dht.replicate_p2p()
 
     async def dial_back(self) -> DialBackAnswer | None:
@@ -247,13 +247,6 @@ def stop_dht(dht: hivemind.DHT) -> None:
     dht.shutdown()
     kill_all(started)
 
-
-def announced_addresses(config: RunConfig, visible: list[str]) -> list[str]:
-    """The addresses `peer run` would announce, given those its daemon makes visible (node._announce)."""
-    from peer.net.node import dialable, is_wildcard  # node imports torch and the protocols
-
-    everywhere = not config.announce_maddrs and any(is_wildcard(a) for a in config.listen_maddrs)
-    return dialable(visible, listens_everywhere=everywhere)
 
 
 def this_fingerprint(config: RunConfig) -> str:

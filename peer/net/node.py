@@ -37,7 +37,7 @@ from gossip.settings import GossipSettings
 from gossip.transport import Clock
 from gossip.wire import Limits
 from peer.checkpoint import Checkpoint, CheckpointError, check_fits, check_progress, read_checkpoint, write_checkpoint
-from peer.config import BOOTSTRAP_ENV, RunConfig, is_loopback
+from peer.config import BOOTSTRAP_ENV, RunConfig
 from peer.curve import LatestAccuracies, time_to_target
 from peer.errors import ConfigError
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
@@ -250,26 +250,9 @@ def _announce(config: RunConfig, dht: hivemind.DHT, me: str) -> list[str]:
     if config.client_mode:
         print(f"peer {me} in swarm {config.swarm!r}, in client mode: it dials out and accepts no connections", flush=True)
         return []
-    addresses = dialable([str(a) for a in dht.get_visible_maddrs()], listens_everywhere=not config.announce_maddrs and any(
-        is_wildcard(a) for a in config.listen_maddrs
-    ))
+    addresses = config.announced([str(a) for a in dht.get_visible_maddrs()])
     print(f"peer {me} in swarm {config.swarm!r}; others join with --initial-peers {' '.join(addresses)}", flush=True)
     return addresses
-
-
-def is_wildcard(address: str) -> bool:
-    """Whether a listen multiaddr names every interface (/ip4/0.0.0.0/..., /ip6/::/...)."""
-    parts = address.split("/")
-    return len(parts) > 2 and parts[2] in ("0.0.0.0", "::")
-
-
-def dialable(addresses: list[str], *, listens_everywhere: bool) -> list[str]:
-    """The addresses to announce: on every interface, the loopback only where there is nothing
-    else, since a peer on another host that dials its own loopback finds itself, not this peer."""
-    if not listens_everywhere:
-        return addresses
-    outside = [a for a in addresses if not is_loopback(a)]
-    return outside or addresses
 
 
 async def _run_peer(

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from gossip.protocols import protocol_named, registered
 from peer.config import C, RunConfig, SimulationConfig, SwarmConfig, bootstrap_addresses, build_config, load_toml
-from peer.curve import X_AXES
+from peer.curve import METRICS, X_AXES, Target
 from peer.errors import ConfigError
 from peer.metrics import RoundRecord
 from peer.runs import RunError, load_run
@@ -56,7 +56,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Settings about what a run writes and reports, whichever model declares them.
 OUTPUT_SETTINGS = frozenset({
-    "out", "overwrite", "plot", "eval_every", "target_accuracy", "stop_at_target",
+    "out", "overwrite", "plot", "eval_every", "eval_samples", "eval_peers", "target_accuracy", "target_loss",
+    "stop_at_target",
     "metrics_port", "metrics_host", "checkpoint_every",
 })
 # The group of the settings that a command's own model declares (its others are common or a method's).
@@ -262,6 +263,9 @@ def _add_plot(plot: argparse.ArgumentParser) -> None:
     plot.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR", help="run folders to overlay")
     plot.add_argument("--out", type=Path, required=True, help="image file to write (.png, .pdf or .svg)")
     plot.add_argument("--x", choices=X_AXES, default="round", help="x axis: rounds, bytes sent or time (default: round)")
+    plot.add_argument(
+        "--y", choices=list(METRICS), default="accuracy", help="y axis: mean test accuracy or mean test loss (default: accuracy)"
+    )
     plot.add_argument("--log-x", action="store_true", help="a logarithmic x axis (bytes or time that span orders of magnitude)")
     plot.add_argument("--topology", help="draw this topology instead of runs (e.g. ring, torus, regular:4)")
     plot.add_argument("--peers", type=int, default=16, help="peers in the drawn topology (default: 16)")
@@ -327,7 +331,7 @@ def _time_columns(width: int) -> list[ProgressColumn]:
     return [TimeElapsedColumn(), TextColumn("elapsed,"), TimeRemainingColumn(), TextColumn("left")]
 
 
-# What the seconds to the target accuracy were counted on: the simulator's clock, or the wall clock of real peers.
+# What the seconds to the target were counted on: the simulator's clock, or the wall clock of real peers.
 CLOCKS = {"virtual_seconds_to_target": "simulated", "wall_seconds_to_target": "wall clock"}
 
 
@@ -361,8 +365,9 @@ def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("missed exchanges", str(summary["missed_exchanges_total"])),
     ]
     rows += _process_rows(summary) + _time_rows(summary)
-    if summary["target_accuracy"] is not None:
-        rows.append((f"to mean accuracy {summary['target_accuracy']:g}", _to_target(summary)))
+    target = Target.of(summary)
+    if target is not None:
+        rows.append((f"to {target}", _to_target(summary)))
     return rows
 
 
@@ -388,6 +393,8 @@ def _accuracy_rows(summary: dict[str, Any], final_label: str) -> list[tuple[str,
     rows = [(f"test accuracy: {final_label}", f"{summary['mean_accuracy']:.4f}")]
     if summary["min_accuracy"] != summary["max_accuracy"]:
         rows.append(("test accuracy: min / max", f"{summary['min_accuracy']:.4f} / {summary['max_accuracy']:.4f}"))
+    if summary.get("mean_loss") is not None:
+        rows.append((f"test loss: {final_label}", f"{summary['mean_loss']:.4f}"))
     return rows
 
 
@@ -477,7 +484,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     if config.plot:
         from peer.plot import plot_runs  # matplotlib is imported only when a plot is asked for
 
-        plot_runs([load_run(config.out)], config.out / "run.png")
+        # The curve of the run's target: its loss where it was given --target-loss.
+        y = "loss" if config.target_loss is not None else "accuracy"
+        plot_runs([load_run(config.out)], config.out / "run.png", y=y)
         Console().print(f"plot: {config.out / 'run.png'}")
     return 0
 
@@ -491,6 +500,8 @@ def run_run(args: argparse.Namespace) -> int:
 
     def show(record: RoundRecord) -> None:
         accuracy = "" if record.accuracy is None else f"  accuracy {record.accuracy:.4f}"
+        if record.loss is not None:
+            accuracy += f"  loss {record.loss:.4f}"
         print(
             f"round {record.round + 1}/{config.rounds}{accuracy}  neighbours {record.neighbours_heard}/"
             f"{record.neighbours_expected}  sent {record.bytes_sent / 1e6:.1f} MB",
@@ -531,12 +542,14 @@ def _status_table(status: dict[str, Any]) -> Table:
             f" / fastest {summary['fastest_round']}"
         )
     table = Table(title=line)
-    for column in ("peer", "round", "accuracy", "state", "age (s)", "addresses"):
+    for column in ("peer", "round", "accuracy", "loss", "state", "age (s)", "addresses"):
         table.add_column(column)
     for row in status["peers"]:
         accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        loss = "-" if row.get("loss") is None else f"{row['loss']:.4f}"
         table.add_row(
-            row["peer"], str(row["round"]), accuracy, row["state"], str(row["age_seconds"]), "\n".join(row["addresses"])
+            row["peer"], str(row["round"]), accuracy, loss, row["state"], str(row["age_seconds"]),
+            "\n".join(row["addresses"]),
         )
     return table
 
@@ -613,7 +626,7 @@ def run_plot(args: argparse.Namespace) -> int:
             raise ConfigError(f"--peers {args.peers}: a topology needs at least 2 peers")
         plot_topology(args.topology, args.peers, args.out, weights=args.weights, seed=args.seed)
     elif args.runs:
-        plot_runs([load_run(folder) for folder in args.runs], args.out, args.x, log_x=args.log_x)
+        plot_runs([load_run(folder) for folder in args.runs], args.out, args.x, y=args.y, log_x=args.log_x)
     else:
         raise ConfigError("give one or more run folders (written with --out), or --topology SPEC")
     print(f"wrote {args.out}")

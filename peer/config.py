@@ -110,7 +110,9 @@ class CommonSettings(BaseModel):
     algorithm: str = Field(
         "dpsgd", description=f"training protocol: {', '.join(names())}, or module:Class for your own"
     )
-    task: str = Field("mnist1d", description="mnist1d, fashion-mnist, logistic or module:function")
+    task: str = Field(
+        "mnist1d", description="mnist1d, fashion-mnist, cifar10, shakespeare, logistic or module:function for your own"
+    )
     partition: str = Field("dirichlet:0.5", description="iid, dirichlet:ALPHA, shards:K or natural (the task's own split)")
     rounds: int = Field(100, ge=1)
     local_steps: int = Field(
@@ -149,6 +151,9 @@ class CommonSettings(BaseModel):
         1, ge=1, le=64, description="gossip steps per round, each a real exchange (with sharpness-aware steps, more than 1 is DFedSAM-MGS)"
     )
     data_dir: Path | None = Field(None, description="folder holding the datasets (e.g. ~/data, which holds fashion-mnist/)")
+    download: bool = Field(
+        False, description="download a task's missing files into --data-dir (or the cache folder); PEER_DOWNLOAD=1 does too"
+    )
     out: Path | None = Field(None, description="folder for metrics.jsonl and summary.json")
     overwrite: bool = Field(False, description="replace the run that --out already holds (without it, such a folder is refused)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -164,6 +169,16 @@ class CommonSettings(BaseModel):
     threads: int = Field(1, ge=1, description="torch intra-op threads")
     target_accuracy: float | None = Field(
         None, gt=0, le=1, description="report the rounds, bytes and time until the peers' mean test accuracy reached this"
+    )
+    target_loss: float | None = Field(
+        None, gt=0,
+        description="report the rounds, bytes and time until the peers' mean test loss fell to this (lower is better)",
+    )
+    eval_samples: int | None = Field(
+        None, ge=1, description="evaluate on a fixed subset of this many test samples, drawn from --seed (default: all)"
+    )
+    optimizer: Literal["sgd", "adamw"] | None = Field(
+        None, description="local optimiser: sgd (with --momentum) or adamw; the task's own when not given"
     )
 
     duration: float | None = Field(
@@ -212,6 +227,8 @@ class CommonSettings(BaseModel):
         refusal = _unused(self.protocol, given)
         if refusal:
             raise ValueError(refusal)
+        if self.target_accuracy is not None and self.target_loss is not None:
+            raise ValueError("--target-accuracy and --target-loss: a run has one target; give one of them")
         self.gossip  # noqa: B018 - raises ValueError for gossip settings that do not go together
         self.protocol.check(self)
         return self
@@ -306,11 +323,20 @@ def _pulling_protocols() -> str:
 
 
 class SimulationConfig(TrainingConfig):
-    peers: int = Field(16, ge=2, description="number of simulated peers")
+    peers: int = Field(
+        16, ge=1, description="number of simulated peers; 1 trains one peer on all the data, the reference to compare with"
+    )
+    eval_peers: int | None = Field(
+        None, ge=1,
+        description="evaluate this many peers per evaluated round, the same ones each time (drawn from --seed); "
+        "every peer at the end; as many as --peers or more evaluates all (default: all peers every time); not for "
+        "methods whose round ends in one model",
+    )
     engine: Literal["auto", "batched", "per-peer"] = Field(
         "auto",
         description="batched: the peers' local steps run as one vectorised step over their stacked models; per-peer: "
-        "each model trains alone; auto: batched when the model allows it, per peer (saying why) when not",
+        "each model trains alone; auto: batched when the model allows it and its steps are small (on a CPU, a "
+        "step of 0.5 GFLOP or more trains faster alone on every core), per peer (saying why) when not",
     )
     threads: int | None = Field(
         None, ge=1,
@@ -323,7 +349,9 @@ class SimulationConfig(TrainingConfig):
     link_bandwidth: float = Field(100.0, gt=0, description="simulated link bandwidth, Mbit/s")
     link_loss: float = Field(0.0, ge=0, le=1, description="probability that a message is lost")
     plot: bool = Field(False, description="write OUT/run.png, the run's learning curve (needs --out)")
-    stop_at_target: bool = Field(False, description="end the run once the mean accuracy reaches --target-accuracy")
+    stop_at_target: bool = Field(
+        False, description="end the run once the mean accuracy or loss reaches --target-accuracy or --target-loss"
+    )
     faults: str = Field(
         "none",
         description="peers that crash, leave or join (fractions, a count), and partitions from one round to another, "
@@ -340,6 +368,24 @@ class SimulationConfig(TrainingConfig):
     def _known_attack(cls, spec: str) -> str:
         parse_byzantine(spec)
         return spec
+
+    @model_validator(mode="after")
+    def _one_peer_trains_alone(self) -> SimulationConfig:
+        """--peers 1 is the single-peer reference: settings that need other peers are refused."""
+        if self.peers == 1:
+            alone = "--peers 1 trains one peer alone on all the data (the reference)"
+            if self.faults != "none":
+                raise ValueError(f"--faults: {alone}, with no other peer to crash, leave, join or cut off; leave it out")
+            if self.byzantine != "none":
+                raise ValueError(f"--byzantine: {alone}, with nobody to attack it; leave it out")
+            if self.eval_peers is not None and self.eval_peers > 1:
+                raise ValueError(f"--eval-peers {self.eval_peers}: {alone}, and evaluates that one; leave it out")
+        elif self.eval_peers is not None and self.protocol.one_model:
+            raise ValueError(
+                f"--eval-peers: {self.algorithm} ends each round in one model, which is evaluated once; "
+                "leave it out (it samples the peers of methods in which every peer evaluates its own model)"
+            )
+        return self
 
     @cached_property
     def attack(self) -> ByzantineSpec | None:
@@ -358,16 +404,17 @@ class SimulationConfig(TrainingConfig):
     def _plot_needs_out(self) -> SimulationConfig:
         if self.plot and self.out is None:
             raise ValueError("--plot writes OUT/run.png: give --out DIR too")
-        if self.stop_at_target and self.target_accuracy is None:
-            raise ValueError("--stop-at-target needs --target-accuracy")
+        if self.stop_at_target and self.target_accuracy is None and self.target_loss is None:
+            raise ValueError("--stop-at-target needs --target-accuracy or --target-loss")
         self.protocol.for_swarm(self, self.peers)
         self.fault_events  # noqa: B018 - parsed now: a bad spec is an error before anything runs
         self.peer_speeds  # noqa: B018
         return self
 
-    def compute_threads(self, batched: bool) -> int:
-        """--threads, or its default for the engine that trains the peers."""
-        return self.threads or (usable_cores() if batched else 1)
+    def compute_threads(self, every_core: bool) -> int:
+        """--threads, or its default: every core for the batched engine and for models big enough to use
+        them, one for small models trained one by one."""
+        return self.threads or (usable_cores() if every_core else 1)
 
     @cached_property
     def fault_events(self) -> tuple[Fault, ...]:

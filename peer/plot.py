@@ -12,11 +12,10 @@ from typing import Any
 import matplotlib
 import networkx as nx
 import numpy as np
-
 from matplotlib.figure import Figure
 
+from peer.curve import METRICS, X_AXES, CurvePoint
 from peer.errors import ConfigError
-from peer.curve import X_AXES, CurvePoint
 from peer.runs import Run
 from topology import Topology, parse_topology
 from topology.graphs import split_spec, torus_shape
@@ -48,7 +47,11 @@ def describe(runs: list[Run]) -> tuple[list[str], str]:
     differing = [k for k in SETTINGS if len({repr(s.get(k)) for s in summaries}) > 1]
     labels = []
     for run in runs:
-        parts = [_setting(k, run.summary[k]) for k in (*NAMED, *differing) if run.summary.get(k) is not None]
+        # The reference trained alone: no algorithm, topology or codec of its own to name.
+        named = () if run.summary.get("reference") else NAMED
+        parts = [_setting(k, run.summary[k]) for k in (*named, *differing) if run.summary.get(k) is not None]
+        if run.summary.get("reference"):
+            parts = ["one peer on all the data (reference)", *(p for p in parts if not p.endswith(" peers"))]
         labels.append(", ".join(parts) or run.folder.name)
     if len(set(labels)) < len(labels):  # the same settings twice: the folders tell them apart
         labels = [f"{label} ({run.folder.name})" for label, run in zip(labels, runs)]
@@ -78,38 +81,44 @@ def _x_label(axis: str, runs: list[Run]) -> str:
     return "time (s)" if len(clocks) > 1 else ("wall-clock time (s)" if clocks.pop() else "simulated time (s)")
 
 
-def plot_runs(runs: list[Run], out: Path, x: str = "round", *, log_x: bool = False) -> None:
-    """Mean test accuracy with its min-max band across peers, one curve per run; beside it the
-    consensus distance for the runs that recorded it. ``log_x``: a logarithmic x axis, for runs
-    whose bytes or time differ by orders of magnitude."""
+def plot_runs(runs: list[Run], out: Path, x: str = "round", *, y: str = "accuracy", log_x: bool = False) -> None:
+    """Mean test accuracy (``y``: or loss) with its min-max band across peers, one curve per run,
+    and the runs' target where they share one; beside it the consensus distance for the runs that
+    recorded it. ``log_x``: a logarithmic x axis, for runs whose bytes or time differ by orders of
+    magnitude."""
     if x not in X_AXES:
         raise ConfigError(f"--x {x!r}: choose one of {', '.join(X_AXES)}")
+    if y not in METRICS:
+        raise ConfigError(f"--y {y!r}: choose one of {', '.join(METRICS)}")
     for run in runs:
         if not run.points:
             raise ConfigError(f"{run.folder} has no evaluated round yet; plot it once a round has been evaluated")
+        if y == "loss" and any(point.mean_loss is None for point in run.points):
+            raise ConfigError(f"{run.folder}: its metrics hold no test loss to plot; plot its accuracy (--y accuracy)")
     labels, title = describe(runs)
     with_consensus = [run for run in runs if any(distance > 0 for _, distance in run.consensus)]
     columns = 2 if with_consensus else 1
     figure = Figure(figsize=(6.4 * columns, 4.4), layout="constrained")
     axes = figure.subplots(1, columns, squeeze=False)
-    accuracy_axis = axes[0][0]
+    metric_axis = axes[0][0]
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, (run, label) in enumerate(zip(runs, labels)):
         colour = colours[index % len(colours)]
         xs = _x(run.points, x)
-        accuracy_axis.plot(xs, [p.mean_accuracy for p in run.points], color=colour, linewidth=1.6, label=label)
+        metric_axis.plot(xs, [getattr(p, f"mean_{y}") for p in run.points], color=colour, linewidth=1.6, label=label)
         if any(p.peers > 1 for p in run.points):
-            accuracy_axis.fill_between(
-                xs, [p.min_accuracy for p in run.points], [p.max_accuracy for p in run.points],
+            metric_axis.fill_between(
+                xs, [getattr(p, f"min_{y}") for p in run.points], [getattr(p, f"max_{y}") for p in run.points],
                 color=colour, alpha=0.18, linewidth=0,
             )
-    targets = {run.summary.get("target_accuracy") for run in runs}
+    targets = {run.summary.get(f"target_{y}") for run in runs}
     if len(targets) == 1 and (target := targets.pop()) is not None:
-        accuracy_axis.axhline(target, color="0.4", linestyle=":", linewidth=1, label=f"target {target:g}")
-    accuracy_axis.set_xlabel(_x_label(x, runs))
-    accuracy_axis.set_ylabel("test accuracy (mean over peers; band: min to max)")
-    accuracy_axis.set_ylim(top=1.0)
-    accuracy_axis.legend(loc="lower right", fontsize="small", frameon=False)
+        metric_axis.axhline(target, color="0.4", linestyle=":", linewidth=1, label=f"target {target:g}")
+    metric_axis.set_xlabel(_x_label(x, runs))
+    metric_axis.set_ylabel(f"test {y} (mean over peers; band: min to max)")
+    if y == "accuracy":
+        metric_axis.set_ylim(top=1.0)
+    metric_axis.legend(loc="upper right" if METRICS[y] else "lower right", fontsize="small", frameon=False)
     if with_consensus:
         consensus_axis = axes[0][1]
         for index, run in enumerate(runs):

@@ -17,8 +17,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from gossip.protocols import registered_as
 from peer.curve import CurveBuilder, CurvePoint, LatestAccuracies
-from peer.summary import renamed
 from peer.metrics import RoundRecord
+from peer.summary import renamed
 
 
 class RunError(ValueError):
@@ -96,13 +96,17 @@ def load_run(folder: Path) -> Run:
         raise RunError(f"{summary_path} is not a JSON object; rerun, or remove that folder from the list")
     summary = renamed(summary)
     protocol = registered_as(str(summary.get("algorithm")))
-    curve = read_curve(metrics_files(folder), unrounded=protocol is not None and not protocol.rounds_shared)
+    curve = read_curve(
+        metrics_files(folder), unrounded=protocol is not None and not protocol.rounds_shared,
+        peers=summary.get("eval_peers"),
+    )
     return Run(folder, summary, curve.points(), curve.wall_clock, _consensus(summary, summary_path))
 
 
-def read_curve(paths: list[Path], *, unrounded: bool = False) -> CurveBuilder | LatestAccuracies:
-    """The curve of every record in these metrics files (``unrounded``: of a run without rounds);
-    RunError when one cannot be read."""
+def read_curve(paths: list[Path], *, unrounded: bool = False, peers: int | None = None) -> CurveBuilder | LatestAccuracies:
+    """The curve of every record in these metrics files (``unrounded``: of a run without rounds,
+    whose first point waits for ``peers`` peers to have evaluated: the --eval-peers sample, or by
+    default every peer in the files); RunError when one cannot be read."""
     if not unrounded:
         curve = CurveBuilder()
         for path in paths:
@@ -114,7 +118,7 @@ def read_curve(paths: list[Path], *, unrounded: bool = False) -> CurveBuilder | 
         (record for path in paths for record in read_records(path)),
         key=lambda r: r.wall_time if r.wall_time is not None else r.virtual_time,
     )
-    unrounded_curve = LatestAccuracies(len({record.peer for record in records}))
+    unrounded_curve = LatestAccuracies(peers or len({record.peer for record in records}))
     for record in records:
         unrounded_curve.add(record)
     return unrounded_curve

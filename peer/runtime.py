@@ -28,6 +28,7 @@ class PeerNode:
         pace: float = 0.0,
         wall_time: bool = False,
         swarm_bytes: Callable[[], int] | None = None,
+        eval_rounds: bool = True,
     ):
         self.transport = transport
         self.clock = clock
@@ -39,6 +40,8 @@ class PeerNode:
         self.pace = pace  # minimum seconds per round
         self.wall_time = wall_time  # records carry the Unix time (real peers; a simulation stays reproducible)
         self.swarm_bytes = swarm_bytes  # a simulator's count of the bytes every peer has sent
+        # False: only its last round is evaluated (a simulated peer outside the --eval-peers sample).
+        self.eval_rounds = eval_rounds
         self.protocol: Protocol | None = None
         self._round_started = 0.0
 
@@ -51,7 +54,7 @@ class PeerNode:
         # Every eval_every-th round, or the first after it when the peer jumped past it.
         due = (report.round + 1) // self.eval_every > (report.round + 1 - report.span) // self.eval_every
         accuracy = loss = squared_error = None
-        if last or due:
+        if last or (due and self.eval_rounds):
             accuracy, loss = await self.clock.compute(self.trainer.evaluate, steps=0)
             squared_error = self.trainer.squared_error()
         counters = self.transport.counters

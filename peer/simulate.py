@@ -16,10 +16,12 @@ from gossip.neighbourhood import GraphNeighbourhood
 from gossip.protocols import Protocol, ProtocolContext
 from gossip.protocols.base import COORDINATOR
 from peer.config import SimulationConfig, fitted
-from peer.curve import LatestAccuracies, time_to_target
+from peer.curve import LatestAccuracies, Target, time_to_target
+from peer.flops import step_flops
 from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
+from peer.sim.alone import REFERENCE_LABEL, LocalTraining
 from peer.sim.batched import CHUNK_PEERS, BatchedTraining, BatchingError, StackedTrainer, batching_refusal
 from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers
 from peer.summary import summary as common_summary
@@ -28,6 +30,10 @@ from peer.trainer import Trainer, peer_trainer, resolve_device, split_optimum
 from topology import parse_topology
 
 log = logging.getLogger(__name__)
+
+# From this many FLOPs per local step (forward and backward), one model's step keeps two CPU cores
+# busy and trains faster one peer at a time than batched (scripts/bench_tasks.py measures both).
+COMPUTE_BOUND_FLOPS = 500_000_000
 
 @dataclass
 class SimulationResult:
@@ -49,16 +55,27 @@ def build_trainers(
 
     A task with an exact optimum (a convex one) gets it computed once for this split, and every
     trainer reports its distance to it."""
-    shards = partition(task.train_y, peers or config.peers, config.partition, config.seed, owners=task.owners)
+    shards = partition(task.partition_labels(), peers or config.peers, config.partition, config.seed, owners=task.owners)
     optimum = split_optimum(config, task, shards)
     return [
         peer_trainer(config, task, shard, index, device, optimum, trainer_class) for index, shard in enumerate(shards)
     ]
 
 
-def training_engine(config: SimulationConfig, task: Task) -> str | None:
-    """Why the run's peers train one by one (--engine per-peer, or a model that cannot be batched),
-    or None when they train as one batched step; --engine batched with such a model is an error."""
+def evaluation_sample(peers: list[str], wanted: int | None, seed: int) -> frozenset[str] | None:
+    """The ``wanted`` of ``peers`` that --eval-peers evaluates at every evaluated round, drawn once
+    from the seed, the same for the whole run; None when every peer evaluates (not given, or as
+    many as there are peers or more)."""
+    if wanted is None or wanted >= len(peers):
+        return None
+    chosen = np.random.default_rng(seed).choice(len(peers), size=wanted, replace=False)
+    return frozenset(peers[int(index)] for index in chosen)
+
+
+def training_engine(config: SimulationConfig, task: Task, device: torch.device, flops: int) -> str | None:
+    """Why the run's peers train one by one (--engine per-peer, a model that cannot be batched, or one
+    whose steps are big enough to keep every core busy alone), or None when they train as one batched
+    step; --engine batched with a model it cannot run is an error."""
     if config.engine == "per-peer":
         return "--engine per-peer"
     refusal = batching_refusal(task.make_model(), task.train_x[:4])
@@ -66,7 +83,13 @@ def training_engine(config: SimulationConfig, task: Task) -> str | None:
         raise BatchingError(f"--engine batched: {refusal}; use --engine per-peer (or auto) for this model")
     if refusal:
         log.warning("each peer trains alone (slower): %s", refusal)
-    return refusal
+        return refusal
+    if config.engine == "auto" and device.type == "cpu" and flops >= COMPUTE_BOUND_FLOPS:
+        return (
+            f"a step is {flops / 1e9:.1f} GFLOP, enough to keep every core busy one model at a time, "
+            "which is faster on a CPU than batching (--engine batched to batch anyway)"
+        )
+    return None
 
 
 def simulate(config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
@@ -93,7 +116,9 @@ class World:
     def __init__(self, config: SimulationConfig, on_record: Callable[[RoundRecord], None] | None = None):
         self.config = config
         self.settings = fitted(config, config.peers)  # what the protocol reads: fitted to the swarm's size
-        self.protocol = config.protocol
+        # One peer has nobody to exchange with: whatever the algorithm, it trains alone (the reference).
+        self.alone = config.peers == 1
+        self.protocol = LocalTraining if self.alone else config.protocol
         self.on_record = on_record
         self.faults = config.fault_events
         self.device = resolve_device(config.device)
@@ -101,18 +126,27 @@ class World:
         self.initial, self.newcomers = self.ids[: config.peers], list(self.ids[config.peers :])
         attack = config.attack
         self.attackers = choose_attackers(attack, self.initial, config.seed) if attack else frozenset()
-        # Newcomers have their place on the graph and their share of the data from the start.
-        self.topology = parse_topology(config.topology, len(self.ids), weights=config.weights, seed=config.seed)
-        self.protocol.check_topology(self.topology, config)
-        self.task = load_task(config.task, config.data_dir, peers=len(self.ids))
+        # The initial honest peers that evaluate at every evaluated round (None: all); the others,
+        # and the newcomers, evaluate their last round only. Attackers are never evaluated.
+        self.sampled = evaluation_sample(
+            [peer for peer in self.initial if peer not in self.attackers], config.eval_peers, config.seed
+        )
+        # Newcomers have their place on the graph and their share of the data from the start; one peer has no graph.
+        self.topology = None if self.alone else parse_topology(
+            config.topology, len(self.ids), weights=config.weights, seed=config.seed
+        )
+        if self.topology is not None:
+            self.protocol.check_topology(self.topology, config)
+        self.task = load_task(config.task, config.data_dir, peers=len(self.ids), download=config.download)
         trainers = self._trainers()
         self.trainers = dict(zip(self.ids, trainers))
-        honest = config.peers - len(self.attackers)
+        # The peers whose evaluations make each evaluated round's point of the curve.
+        evaluating = len(self.sampled) if self.sampled else config.peers - len(self.attackers)
         self.metrics = MetricsLog(
             config.out / "metrics.jsonl" if config.out else None,
-            curve=None if self.protocol.rounds_shared else LatestAccuracies(honest),
+            curve=None if self.protocol.rounds_shared else LatestAccuracies(evaluating),
         )
-        self.consensus = ConsensusByRound(None if self.faults else honest)
+        self.consensus = ConsensusByRound(None if self.faults else evaluating)
         self.network = SimNetwork(
             LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
         )
@@ -145,11 +179,13 @@ class World:
     def _trainers(self) -> list[Trainer]:
         """Every peer's trainer, newcomers' included, and the engine that trains them (batched or one by one)."""
         config = self.config
-        self.per_peer_reason = training_engine(config, self.task)
+        self.step_flops = step_flops(self.task, config.batch_size)
+        self.per_peer_reason = training_engine(config, self.task, self.device, self.step_flops)
         batched = self.per_peer_reason is None
         trainers = build_trainers(config, self.task, self.device, len(self.ids), StackedTrainer if batched else Trainer)
-        # The batched engine splits the stack over the threads, each computing alone; one model trains on all.
-        self.threads = config.compute_threads(batched)
+        # The batched engine splits the stack over the threads, each computing alone; one model trains on
+        # all of them when its steps are big enough to use them, on one when they are not.
+        self.threads = config.compute_threads(batched or self.step_flops >= COMPUTE_BOUND_FLOPS)
         torch.set_num_threads(1 if batched else self.threads)
         # A GPU takes the whole stack at once, from one thread.
         on_cpu = self.device.type == "cpu"
@@ -168,7 +204,7 @@ class World:
         clock = self.clocks[peer_id]
         node = PeerNode(
             transport, clock, trainer, self.metrics, rounds=config.rounds, eval_every=config.eval_every,
-            on_record=self._recorded, swarm_bytes=self.network.bytes_sent,
+            on_record=self._recorded, swarm_bytes=self.network.bytes_sent, eval_rounds=self._evaluates(peer_id),
         )
         neighbourhood = self._neighbourhood(peer_id) if self.protocol.needs_neighbourhood() else None
         context = ProtocolContext(
@@ -220,9 +256,17 @@ class World:
         node.protocol = coordinator.build(context, self.settings, peers=self.initial, joining=False)
         self.tasks[COORDINATOR] = asyncio.get_running_loop().create_task(node.run())
 
+    def _evaluates(self, peer: str) -> bool:
+        """Whether ``peer`` evaluates at every evaluated round (else at its last only: --eval-peers)."""
+        return self.sampled is None or peer in self.sampled
+
     def _recorded(self, record: RoundRecord) -> None:
         # Called as the peer finishes its round, before it trains again: its model is the round's.
-        if self.protocol.mixes_neighbours and self.protocol.rounds_shared and record.accuracy is not None:
+        # The consensus of a round is the evaluated peers' (the --eval-peers sample's, at the last round too).
+        if (
+            self.protocol.mixes_neighbours and self.protocol.rounds_shared and record.accuracy is not None
+            and self._evaluates(record.peer)
+        ):
             self.consensus.add(record.round, self.trainers[record.peer].state())
         self.last_round = max(self.last_round, record.round)
         self.last_record_at = self.clock.now()
@@ -235,13 +279,13 @@ class World:
                 task.cancel()
 
     def _reached_target(self, round_: int) -> bool:
+        target = Target.of(self.config)
         if not self.protocol.rounds_shared:
-            latest = self.metrics.curve.latest()
-            return latest is not None and latest.mean_accuracy >= self.config.target_accuracy
+            return target.reached(self.metrics.curve.latest())
         point = self.metrics.curve.point(round_)
-        # A round counts once every live peer has evaluated it; a round's one model counts at once.
-        complete = self.protocol.one_model or point.peers >= len(self._honest_up())
-        return complete and point.mean_accuracy >= self.config.target_accuracy
+        # A round counts once every live peer that evaluates it has; a round's one model counts at once.
+        complete = self.protocol.one_model or point.peers >= len(self._evaluating_up())
+        return complete and target.reached(point)
 
     def _fire_faults(self, completed: int, recorder: str | None = None) -> None:
         """Apply every fault due once ``completed`` rounds are done (at round R: when round R - 1 is);
@@ -323,6 +367,11 @@ class World:
         """The peers running now that are not attackers: those whose models a run reports."""
         return [peer for peer in self.nodes if peer not in self.gone and peer not in self.attackers]
 
+    def _evaluating_up(self) -> list[str]:
+        """The honest peers running now that evaluate at every evaluated round: those a round's
+        point of the curve waits for (with --eval-peers, the sample's; else every honest peer)."""
+        return [peer for peer in self._honest_up() if self._evaluates(peer)]
+
     def summary(self, virtual_seconds: float, wall_seconds: float) -> tuple[dict[str, Any], list[RoundRecord]]:
         config, protocol = self.config, self.protocol
         live = self._honest_up()
@@ -338,7 +387,7 @@ class World:
             bytes_sent=self.network.bytes_sent(), bytes_received=None, rejected=self.network.rejected(),
             missed_exchanges=self.metrics.missed_exchanges, local_steps=self.metrics.local_steps,
             wall_seconds=wall_seconds,
-            to_target=time_to_target(self.metrics.curve.points(), config.target_accuracy, wall_clock=False),
+            to_target=time_to_target(self.metrics.curve.points(), Target.of(config), wall_clock=False),
             spectral_gap=self.topology.spectral_gap() if mixing else None,
         )
         summary.update(
@@ -357,6 +406,9 @@ class World:
             engine="per-peer" if self.per_peer_reason else "batched",
             engine_notice=self.per_peer_reason,
             threads=self.threads,
+            optimizer=self.trainers[self.ids[0]].optimizer_kind,
+            flops_per_step=self.step_flops,
+            peer_steps=sum(trainer.steps_taken for trainer in self.trainers.values()),
             mean_accuracy_slow=_mean([r.accuracy for r in final if r.peer in self.slow and r.accuracy is not None]),
             mean_accuracy_fast=_mean([r.accuracy for r in final if r.peer not in self.slow and r.accuracy is not None]),
             squared_error=_mean([record.squared_error for record in final if record.squared_error is not None]),
@@ -365,9 +417,22 @@ class World:
             ),
             virtual_seconds=virtual_seconds,
             consensus_by_round=[[round_, distance] for round_, distance in self.consensus.distances()],
-            **protocol.combine(self._figures(), self.settings),
+            # What the curve was measured on: how many peers evaluated each round, on how many test samples.
+            eval_peers=min(config.eval_peers, config.peers - len(self.attackers)) if config.eval_peers is not None else None,
+            eval_samples=min(config.eval_samples, len(self.task.test_y)) if config.eval_samples is not None else None,
+            reference=self.alone,
+            **self._protocol_figures(),
         )
+        if self.alone:
+            # The algorithm did not run: the table says what did, and there was no graph.
+            summary.update(label=REFERENCE_LABEL, topology="none")
         return summary, final
+
+    def _protocol_figures(self) -> dict[str, Any]:
+        """The algorithm's own figures; with one peer, its keys with no value, as it did not run."""
+        if self.alone:
+            return dict.fromkeys(self.config.protocol.combine([], self.settings))
+        return self.protocol.combine(self._figures(), self.settings)
 
     def _figures(self) -> list[dict[str, Any]]:
         """Every protocol's figures; ``up``: its peer runs it still at the end."""

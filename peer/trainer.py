@@ -1,4 +1,4 @@
-"""Local training and evaluation of one peer's model: SGD with momentum on the peer's own data.
+"""Local training and evaluation of one peer's model: SGD with momentum, or AdamW, on the peer's own data.
 
 The model never stays NaN or infinite: a copy of the last finite state is kept after every
 training and every load (the models are small), and a step that breaks the model puts it back.
@@ -19,11 +19,16 @@ from peer.config import TrainingConfig
 from peer.errors import ConfigError
 from peer.lr_schedule import Schedule
 from peer.tasks import Task
+from peer.tasks.augment import Augmentation
 
 log = logging.getLogger(__name__)
 
 # Small enough that activations stay in the allocator cache instead of being mapped and unmapped per batch.
 EVAL_BATCH = 256
+# AdamW's moment decay rates: nanoGPT's for small character models, where 0.999 reacts too slowly.
+ADAMW_BETAS = (0.9, 0.99)
+# What each optimiser keeps per parameter, and the name it has in a saved training state.
+OPTIMIZER_STATE = {"sgd": {"momentum_buffer": "momentum"}, "adamw": {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "step": "step"}}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,17 +48,31 @@ def sam_perturbation(gradients: list[torch.Tensor], rho: float) -> list[torch.Te
     return [g * (rho / (norm + 1e-12)) for g in gradients]
 
 
+def label_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each label: y is one label per sample, or one per position of each sample."""
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+
+
+def make_optimizer(
+    kind: str, parameters: list[torch.nn.Parameter], *, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if kind == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, betas=ADAMW_BETAS, weight_decay=weight_decay)
+    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 @torch.no_grad()
 def test_counts(
     model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """How many of (x, y) ``model`` classifies right, and its summed loss on them."""
+    """How many of y's labels ``model`` predicts right on x, and its summed loss on them."""
     correct = torch.zeros((), device=y.device)
     loss = torch.zeros((), device=y.device)
     for start in range(0, len(y), EVAL_BATCH):
         logits = model(x[start : start + EVAL_BATCH])
-        loss += F.cross_entropy(logits, y[start : start + EVAL_BATCH], reduction="sum")
-        correct += (logits.argmax(dim=1) == y[start : start + EVAL_BATCH]).sum()
+        labels = y[start : start + EVAL_BATCH]
+        loss += label_losses(logits, labels).sum()
+        correct += (logits.argmax(dim=-1) == labels).sum()
     return correct, loss
 
 
@@ -73,6 +92,8 @@ class Trainer(Learner):
         schedule: Schedule | None = None,
         sam_rho: float = 0.0,
         optimum: State | None = None,
+        optimizer: str = "sgd",
+        augmentation: Augmentation | None = None,
     ):
         self.device = device
         self.model = model.to(device)
@@ -84,8 +105,14 @@ class Trainer(Learner):
         # The exact minimiser of the task's objective on this run's split, where the task has one.
         self.optimum = {name: t.to(device, torch.float64) for name, t in optimum.items()} if optimum else None
         self.sam_rho = sam_rho  # > 0: sharpness-aware steps (SAM) with this radius
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.optimizer_kind = optimizer
+        self.optimizer = make_optimizer(
+            optimizer, list(self.model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+        self.augmentation = augmentation
         self._generator = torch.Generator().manual_seed(seed)
+        # Its own generator, so that augmenting or not draws the same batches.
+        self._augment_generator = torch.Generator().manual_seed(seed + 1)
         self._order = torch.empty(0, dtype=torch.long)
         self._position = 0
         self.steps_taken = 0
@@ -104,9 +131,15 @@ class Trainer(Learner):
         self._position += self.batch_size
         return index
 
+    def augmentation_draw(self, count: int) -> torch.Tensor | None:
+        """The random numbers that change the next ``count`` training samples; None without augmentation."""
+        return None if self.augmentation is None else self.augmentation.draw(count, self._augment_generator)
+
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.next_rows()
-        return (self.train_x, self.train_y) if rows is None else (self.train_x[rows], self.train_y[rows])
+        x, y = (self.train_x, self.train_y) if rows is None else (self.train_x[rows], self.train_y[rows])
+        drawn = self.augmentation_draw(len(x))
+        return (x if drawn is None else self.augmentation.apply(x, drawn)), y
 
     def train(self, steps: int) -> float:
         self.model.train()
@@ -115,7 +148,7 @@ class Trainer(Learner):
             if self.schedule:
                 self._set_lr(self.lr * self.schedule.factor(self.steps_taken))
             x, y = self._next_batch()
-            loss = F.cross_entropy(self.model(x), y)
+            loss = label_losses(self.model(x), y).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.sam_rho:
@@ -152,7 +185,7 @@ class Trainer(Learner):
             for parameter, delta in zip(parameters, deltas):
                 parameter.add_(delta)
         self.optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(x), y).backward()
+        label_losses(self.model(x), y).mean().backward()
         with torch.no_grad():
             for parameter, delta in zip(parameters, deltas):
                 parameter.sub_(delta)
@@ -161,33 +194,24 @@ class Trainer(Learner):
         self.steps_taken = steps
 
     def training_state(self) -> dict[str, torch.Tensor]:
-        """What training goes on from besides the model: momentum, the batch order and the place in
-        it, the generator of the next orders, the steps taken (the schedule's position) and rollbacks."""
-        parameters = list(self.model.parameters())
+        """What training goes on from besides the model: the optimiser's state (momentum, or AdamW's
+        moments and step), the batch order and the place in it, the generators of the next orders and
+        augmentations, the steps taken (the schedule's position) and rollbacks."""
         tensors = {
-            f"momentum.{index}": self.optimizer.state[p]["momentum_buffer"].detach().clone()
-            for index, p in enumerate(parameters)
-            if self.optimizer.state.get(p, {}).get("momentum_buffer") is not None
+            f"{saved}.{index}": state[key].detach().clone()
+            for index, p in enumerate(self.model.parameters())
+            for key, saved in OPTIMIZER_STATE[self.optimizer_kind].items()
+            if (state := self.optimizer.state.get(p, {})).get(key) is not None
         }
         tensors["batch_order"] = self._order.cpu()
         tensors["generator"] = self._generator.get_state()
+        tensors["augment_generator"] = self._augment_generator.get_state()
         tensors["counters"] = torch.tensor([self.steps_taken, self._position, self.rollbacks])
         return tensors
 
     def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Go on from ``training_state()``; ValueError, with nothing changed, when it does not fit this trainer."""
-        parameters = list(self.model.parameters())
-        momentum = {}
-        for name, tensor in tensors.items():
-            kind, _, index = name.partition(".")
-            if kind != "momentum":
-                continue
-            if not index.isdigit() or int(index) >= len(parameters):
-                raise ValueError(f"momentum for a parameter the model does not have ({name!r})")
-            parameter = parameters[int(index)]
-            if tensor.shape != parameter.shape or tensor.dtype != parameter.dtype or not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"momentum {name!r} does not fit the model, or is not finite")
-            momentum[parameter] = tensor.to(self.device)
+        optimizer_state = self._checked_optimizer_state(tensors)
         order, counters, state = tensors.get("batch_order"), tensors.get("counters"), tensors.get("generator")
         if counters is None or counters.shape != (3,) or counters.dtype != torch.long or bool((counters < 0).any()):
             raise ValueError("the step counters are missing or damaged")
@@ -198,16 +222,38 @@ class Trainer(Learner):
             or (len(order) and not (0 <= int(order.min()) and int(order.max()) < rows))
         ):
             raise ValueError("the batch order is missing, or does not fit this peer's data (another --shard?)")
-        generator = torch.Generator()
-        try:
-            generator.set_state(state)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"the batch generator's state is damaged ({error})") from None
+        generator = _generator_from(state, "batch")
+        # A state saved before augmentations were kept goes on with a fresh one.
+        saved_augment = tensors.get("augment_generator")
+        augment_generator = self._augment_generator if saved_augment is None else _generator_from(saved_augment, "augmentation")
         self.optimizer.state.clear()
-        for parameter, tensor in momentum.items():
-            self.optimizer.state[parameter] = {"momentum_buffer": tensor.clone()}
+        for parameter, entries in optimizer_state.items():
+            self.optimizer.state[parameter] = entries
         self._generator, self._order, self._position = generator, order.to(self.device), position
+        self._augment_generator = augment_generator
         self.steps_taken, self.rollbacks = steps, rollbacks
+
+    def _checked_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> dict[torch.nn.Parameter, dict[str, torch.Tensor]]:
+        """The optimiser's state in ``tensors``, per parameter; ValueError when it does not fit this model
+        and optimiser."""
+        parameters = list(self.model.parameters())
+        keys = {saved: key for key, saved in OPTIMIZER_STATE[self.optimizer_kind].items()}
+        every_key = {saved for kind in OPTIMIZER_STATE.values() for saved in kind.values()}
+        found: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            saved, _, index = name.partition(".")
+            if saved not in every_key:
+                continue
+            if saved not in keys:
+                raise ValueError(f"{name!r} belongs to another optimiser than {self.optimizer_kind} (was --optimizer changed?)")
+            if not index.isdigit() or int(index) >= len(parameters):
+                raise ValueError(f"{saved} for a parameter the model does not have ({name!r})")
+            parameter = parameters[int(index)]
+            shape = () if saved == "step" else parameter.shape
+            if tensor.shape != shape or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{saved} {name!r} does not fit the model, or is not finite")
+            found.setdefault(parameter, {})[keys[saved]] = tensor.to(self.device if saved != "step" else "cpu").clone()
+        return found
 
     def reset_optimizer(self) -> None:
         self.optimizer.state.clear()
@@ -217,10 +263,10 @@ class Trainer(Learner):
             group["lr"] = lr
 
     def evaluate(self) -> tuple[float, float]:
-        """Accuracy and mean loss on the held-out test set."""
+        """Accuracy and mean loss on the held-out test set (per label)."""
         self.model.eval()
         correct, loss = test_counts(self.model, self.test_x, self.test_y)
-        n = len(self.test_y)
+        n = self.test_y.numel()
         return float(correct) / n, float(loss) / n
 
     @torch.no_grad()
@@ -257,6 +303,15 @@ class Trainer(Learner):
             own[name].copy_(tensor)
 
 
+def _generator_from(state: torch.Tensor | None, what: str) -> torch.Generator:
+    generator = torch.Generator()
+    try:
+        generator.set_state(state)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"the {what} generator's state is damaged ({error})") from None
+    return generator
+
+
 def weight_decay(config: TrainingConfig, task: Task) -> float:
     """--weight-decay, or the task's own when it is not given."""
     return task.weight_decay if config.weight_decay is None else config.weight_decay
@@ -282,10 +337,11 @@ def peer_trainer(
     """
     torch.manual_seed(config.seed if config.init == "same" else config.seed * 100_003 + index + 1)
     rows = torch.as_tensor(shard, dtype=torch.long)
+    tested = evaluation_rows(len(task.test_y), config.eval_samples, config.seed)
     return trainer_class(
         task.make_model(),
         (task.train_x[rows], task.train_y[rows]),
-        (task.test_x, task.test_y),
+        (task.test_x, task.test_y) if tested is None else (task.test_x[tested], task.test_y[tested]),
         lr=config.lr or task.learning_rate,
         momentum=config.momentum,
         weight_decay=weight_decay(config, task),
@@ -295,4 +351,14 @@ def peer_trainer(
         schedule=config.schedule,
         sam_rho=config.sharpness_radius(),
         optimum=optimum,
+        optimizer=config.optimizer or task.optimizer,
+        augmentation=task.augmentation,
     )
+
+
+def evaluation_rows(test_samples: int, wanted: int | None, seed: int) -> torch.Tensor | None:
+    """The fixed test samples that --eval-samples evaluates on, the same for every peer of a run; None: all."""
+    if wanted is None or wanted >= test_samples:
+        return None
+    chosen = torch.randperm(test_samples, generator=torch.Generator().manual_seed(seed))[:wanted]
+    return chosen.sort().values

@@ -25,7 +25,7 @@ from peer.trainer import resolve_device
 
 def training_alone(config: SimulationConfig) -> float:
     """The same peers, steps and evaluations as the simulation, with no communication at all."""
-    torch.set_num_threads(config.compute_threads(batched=False))
+    torch.set_num_threads(config.compute_threads(every_core=False))
     trainers = build_trainers(config, load_task(config.task, config.data_dir), resolve_device(config.device))
     started = time.perf_counter()
     for round_ in range(config.rounds):
@@ -60,7 +60,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "simulation_overhead",
         "peers": config.peers, "topology": config.topology, "rounds": config.rounds,
-        "local_steps": config.local_steps, "task": config.task, "threads": config.compute_threads(batched=False),
+        "local_steps": config.local_steps, "task": config.task, "threads": config.compute_threads(every_core=False),
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "training_alone_seconds": alone,
         "simulation_seconds": simulated,

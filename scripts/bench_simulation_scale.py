@@ -5,6 +5,8 @@ For each --peers count, peer-steps per second of:
 
 - ``per_peer_1_thread``: each Trainer trains alone, torch with 1 thread (at N >= 1000 only the
   first --per-peer-sample peers are timed: ``per_peer_peers_timed``);
+- ``per_peer_intra_op``: the same with torch on --threads threads (what ``--engine auto`` picks
+  on a CPU for a model whose step is big enough to keep every core busy);
 - ``batched_intra_op``: one vmapped step over the stack, torch with --threads threads, 1 worker;
 - ``batched_split``: the stack split over --threads workers, torch with 1 thread each;
 - at N >= 256, ``batched_split`` again with each chunk size of --chunks (peers per vmapped pass).
@@ -13,11 +15,13 @@ Each measurement runs in its own subprocess (fresh trainers, not timed; one warm
 timed; then --rounds rounds of --local-steps steps per peer), so ``peak_rss_mb`` is its own peak
 resident memory. Also: the FLOPs of one per-peer step (forward and backward, FlopCounterMode),
 each engine's achieved GFLOP/s, a float32 1024x1024 matmul's GFLOP/s with --threads threads
-(``fraction_of_matmul_peak``: the best batched GFLOP/s over it), and the milliseconds that
+(``fraction_of_matmul_peak``: the best batched GFLOP/s over it; ``auto_engine`` and
+``auto_fraction_of_matmul_peak``: the mode that ``--engine auto`` picks and its fraction), and the milliseconds that
 ``evaluate()`` takes per model on the test set, alone (1 and --threads torch threads) and on the
 batched engine (the test set split over --threads workers). Prints JSON.
 
     python scripts/bench_simulation_scale.py [--peers 16 100 1000]
+    python scripts/bench_simulation_scale.py --task cifar10 --data-dir ../shared/data --peers 16 100 --local-steps 2 --rounds 1
 """
 
 from __future__ import annotations
@@ -30,14 +34,14 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from peer.config import SimulationConfig
+from peer.flops import matmul_flop_rate, step_flops
 from peer.sim.batched import CHUNK_PEERS, BatchedTraining, StackedTrainer
-from peer.simulate import build_trainers
+from peer.simulate import build_trainers, training_engine
 from peer.tasks import load_task
 from peer.trainer import Trainer
 
@@ -47,18 +51,18 @@ WARM_PEERS = 8  # per-peer peers warmed up when only a sample is timed
 CHUNKS_FROM = 256  # peer counts from which chunk sizes are compared
 
 
-def config_for(task: str, peers: int, local_steps: int) -> SimulationConfig:
+def config_for(task: str, peers: int, local_steps: int, data_dir: str | None = None) -> SimulationConfig:
     return SimulationConfig(peers=peers, task=task, partition="dirichlet:0.5", local_steps=local_steps, rounds=100,
-                            seed=0, batch_size=BATCH_SIZE)
+                            seed=0, batch_size=BATCH_SIZE, data_dir=data_dir)
 
 
 def measure(spec: dict) -> dict:
     """One (peer count, engine) measurement, run in a child process: peer-steps per second and peak memory."""
     torch.set_num_threads(spec["threads"])
     steps, rounds = spec["local_steps"], spec["rounds"]
-    config = config_for(spec["task"], spec["peers"], steps)
+    config = config_for(spec["task"], spec["peers"], steps, spec["data_dir"])
     batched = spec["workers"] > 0
-    trainers = build_trainers(config, load_task(config.task, None), torch.device("cpu"),
+    trainers = build_trainers(config, load_task(config.task, config.data_dir), torch.device("cpu"),
                               trainer_class=StackedTrainer if batched else Trainer)
     if batched:
         engine = BatchedTraining(trainers, workers=spec["workers"], chunk=spec["chunk"])
@@ -94,42 +98,30 @@ def peak_rss_mb() -> float:
 
 
 def in_child(args: argparse.Namespace, peers: int, threads: int, workers: int, chunk: int = CHUNK_PEERS) -> dict:
-    spec = {"task": args.task, "peers": peers, "local_steps": args.local_steps, "rounds": args.rounds,
+    spec = {"task": args.task, "data_dir": args.data_dir, "peers": peers, "local_steps": args.local_steps, "rounds": args.rounds,
             "threads": threads, "workers": workers, "chunk": chunk, "sample": args.per_peer_sample}
     done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
                           stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout)
 
 
-def flops_per_step(task_name: str) -> int:
-    """Floating-point operations of one per-peer step: forward and backward on a batch."""
-    task = load_task(task_name, None)
-    model = task.make_model().train()
-    x, y = task.train_x[:BATCH_SIZE], task.train_y[:BATCH_SIZE]
-    counter = FlopCounterMode(display=False)
-    with counter:
-        F.cross_entropy(model(x), y).backward()
-    return counter.get_total_flops()
+def auto_engine(args: argparse.Namespace, flops: int) -> str:
+    """The mode that --engine auto runs for this task on a CPU."""
+    config = config_for(args.task, 2, args.local_steps, args.data_dir)
+    task = load_task(config.task, config.data_dir)
+    return "batched_split" if training_engine(config, task, torch.device("cpu"), flops) is None else "per_peer_intra_op"
 
 
-def matmul_gflops(threads: int, size: int = 1024, repeats: int = 5, per_repeat: int = 5) -> float:
+def matmul_gflops(threads: int) -> float:
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(per_repeat):
-            a @ b
-        best = min(best, (time.perf_counter() - started) / per_repeat)
-    return 2 * size**3 / best / 1e9
+    return matmul_flop_rate(torch.device("cpu")) / 1e9
 
 
 def evaluate_ms(args: argparse.Namespace, peers: int, models: int = 3) -> dict:
     """Mean milliseconds per model of an evaluation on the whole test set: a trainer alone with 1 and with
     --threads torch threads, and the batched engine's, which splits the test set over --threads workers."""
-    config = config_for(args.task, peers, args.local_steps)
-    task = load_task(config.task, None)
+    config = config_for(args.task, peers, args.local_steps, args.data_dir)
+    task = load_task(config.task, config.data_dir)
     alone = build_trainers(config, task, torch.device("cpu"))[:models]
     stacked = build_trainers(config, task, torch.device("cpu"), trainer_class=StackedTrainer)
     engine = BatchedTraining(stacked, workers=args.threads)
@@ -156,18 +148,22 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--per-peer-sample", type=int, default=200)
     parser.add_argument("--task", default="mnist1d:64000")
+    parser.add_argument("--data-dir", default=None, help="folder holding the task's files (e.g. ../shared/data)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, as JSON, in a child
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
         return
     started = time.perf_counter()
-    flops = flops_per_step(args.task)  # also generates and caches the task before the children load it
+    # Loading the task also generates or decodes and caches it before the children load it.
+    flops = step_flops(load_task(args.task, Path(args.data_dir) if args.data_dir else None), BATCH_SIZE)
+    auto = auto_engine(args, flops)
     peak = matmul_gflops(args.threads)
     results, best_batched_gflops = [], 0.0
     for peers in args.peers:
         runs = {
             "per_peer_1_thread": in_child(args, peers, threads=1, workers=0),
+            "per_peer_intra_op": in_child(args, peers, threads=args.threads, workers=0),
             "batched_intra_op": in_child(args, peers, threads=args.threads, workers=1),
             "batched_split": in_child(args, peers, threads=1, workers=args.threads),
         }
@@ -175,6 +171,7 @@ def main() -> None:
         for run in runs.values():
             del run["peers_timed"]
             run["gflops"] = flops * run["peer_steps_per_second"] / 1e9
+            run["fraction_of_matmul_peak"] = run["gflops"] / peak
         faster = max(("batched_intra_op", "batched_split"), key=lambda mode: runs[mode]["peer_steps_per_second"])
         best_batched_gflops = max(best_batched_gflops, runs[faster]["gflops"])
         entry = {
@@ -183,6 +180,9 @@ def main() -> None:
             "speedup_batched_over_per_peer":
                 runs[faster]["peer_steps_per_second"] / runs["per_peer_1_thread"]["peer_steps_per_second"],
             "faster_batched_mode": faster,
+            "fastest_mode": max(runs, key=lambda mode: runs[mode]["peer_steps_per_second"]),
+            "auto_engine": auto,
+            "auto_fraction_of_matmul_peak": runs[auto]["fraction_of_matmul_peak"],
         }
         if peers >= CHUNKS_FROM:
             by_chunk = {}

@@ -165,13 +165,13 @@ def blobs(n=400, seed=0):
     return x, y
 
 
-def make_trainer(seed=0, schedule=None, lr=0.1):
+def make_trainer(seed=0, schedule=None, lr=0.1, optimizer="sgd"):
     torch.manual_seed(0)
     x, y = blobs()
     return Trainer(
         torch.nn.Linear(2, 3), (x[:300], y[:300]), (x[300:], y[300:]),
         lr=lr, momentum=0.9, weight_decay=0.0, batch_size=32, seed=seed, device=torch.device("cpu"),
-        schedule=schedule,
+        schedule=schedule, optimizer=optimizer,
     )
 
 

@@ -13,7 +13,8 @@ from peer.config import SimulationConfig
 from peer.sim import SimClock, SpeedProfile, VirtualTimeLoop
 from peer.sim.batched import BatchedTraining, BatchingError, StackedTrainer, batching_refusal
 from peer.simulate import build_trainers, simulate
-from peer.tasks import load_task
+from peer.tasks import Task, load_task
+from peer.tasks.augment import CropAndFlip
 from peer.trainer import Trainer
 
 torch.set_num_threads(1)
@@ -47,12 +48,14 @@ def assert_same_models(alone: list[Trainer], stacked: list[StackedTrainer]) -> N
         {"weight_decay": 0.01, "momentum": 0.0, "lr_schedule": "cosine:0.1"},
         {"batch_size": "second-smallest shard"},  # the smallest shards take full-batch steps, the others not
         {"threads": 2},  # chunks on two threads
+        {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.1},  # AdamW's moments and bias correction per peer
+        {"optimizer": "adamw", "lr": 0.003, "batch_size": "second-smallest shard"},
     ],
-    ids=["plain", "sam", "decay-schedule", "full-batch", "threads"],
+    ids=["plain", "sam", "decay-schedule", "full-batch", "threads", "adamw", "adamw-full-batch"],
 )
 def test_a_batched_step_trains_each_peer_as_it_would_alone(task, settings):
     if settings.get("batch_size"):
-        settings = {"batch_size": sorted(len(t.train_y) for t in twins(task)[0])[1]}
+        settings = {**settings, "batch_size": sorted(len(t.train_y) for t in twins(task)[0])[1]}
     alone, stacked, engine = twins(task, **settings)
     for _ in range(3):  # the momentum and the schedule carry over from one call to the next
         losses_alone = [trainer.train(4) for trainer in alone]
@@ -226,3 +229,65 @@ def test_the_engine_settings_are_checked():
         SimulationConfig(engine="vectorised")
     with pytest.raises(ValueError, match="threads"):
         SimulationConfig(threads=0)
+
+
+def tiny_images() -> Task:
+    """uint8 RGB images with a crop-and-flip augmentation and a GroupNorm CNN that scales them."""
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (120, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = (images.float().mean(dim=(1, 2, 3)) > 127.5).long()
+    return Task(
+        "tiny-images", images[:100], labels[:100], images[100:], labels[100:], 2,
+        lambda: nn.Sequential(
+            Scale(), nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 2)
+        ),
+        augmentation=CropAndFlip(2),
+    )
+
+
+class Scale(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255
+
+
+def tiny_text() -> Task:
+    """Token windows with a label per position, learnt by an embedding and a linear head with AdamW."""
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 5, (90, 9), generator=generator)
+    return Task(
+        "tiny-text", tokens[:80, :-1], tokens[:80, 1:], tokens[80:, :-1], tokens[80:, 1:], 5,
+        lambda: nn.Sequential(nn.Embedding(5, 6), nn.Linear(6, 5)),
+        optimizer="adamw", learning_rate=0.01, groups=torch.arange(80) % 4,
+    )
+
+
+@pytest.mark.parametrize("make_task", [tiny_images, tiny_text], ids=["augmented-images", "labels-per-position"])
+def test_augmented_images_and_labels_per_position_train_batched_as_alone(make_task):
+    task = make_task()
+    task.validate()
+    config = SimulationConfig(peers=3, partition="iid", rounds=2, local_steps=3, batch_size=8)
+    alone = build_trainers(config, task, CPU)
+    stacked = build_trainers(config, task, CPU, trainer_class=StackedTrainer)
+    engine = BatchedTraining(stacked, chunk=2)
+    for _ in range(2):
+        losses_alone = [trainer.train(3) for trainer in alone]
+        assert engine.run([(trainer, 3) for trainer in stacked]) == pytest.approx(losses_alone, rel=1e-4)
+    assert_same_models(alone, stacked)
+    assert [one.evaluate() for one in alone] == [pytest.approx(other.evaluate(), rel=1e-5) for other in stacked]
+    engine.close()
+
+
+def test_an_adamw_peer_whose_optimiser_is_reset_starts_its_moments_and_step_count_afresh(task):
+    alone, stacked, engine = twins(task, optimizer="adamw", lr=0.003)
+    engine.run([(trainer, 4) for trainer in stacked])
+    stacked[0].reset_optimizer()
+    assert float(engine.adam_steps[0]) == 0 and float(engine.adam_steps[1]) == 4
+    assert all(float(stack[0].abs().sum()) == 0 for stack in (*engine.momentum.values(), *engine.second_moment.values()))
+    for trainer in alone:
+        trainer.train(4)
+    alone[0].reset_optimizer()
+    for trainer in alone:
+        trainer.train(2)
+    engine.run([(trainer, 2) for trainer in stacked])
+    assert_same_models(alone, stacked)
+    engine.close()

@@ -15,7 +15,14 @@ from gossip.protocols.dpsgd import DPSGD
 from gossip.settings import GossipSettings
 from gossip.view import Entry
 from peer.checkpoint import (
-    FILE, Checkpoint, CheckpointError, check_fits, check_progress, read_checkpoint, read_model, write_checkpoint,
+    FILE,
+    Checkpoint,
+    CheckpointError,
+    check_fits,
+    check_progress,
+    read_checkpoint,
+    read_model,
+    write_checkpoint,
 )
 from peer.metrics import MetricsLog, RoundRecord
 from peer.net.node import resume_training
@@ -125,12 +132,13 @@ def test_a_checkpoint_of_a_trained_model_is_within_the_guards_bound_and_is_loade
     assert all(torch.equal(trainer.state()[name], trained.state()[name]) for name in saved.model)
 
 
-def test_training_goes_on_from_a_checkpoint_exactly_as_if_it_had_not_stopped():
-    going_on = make_trainer(seed=5)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_training_goes_on_from_a_checkpoint_exactly_as_if_it_had_not_stopped(optimizer):
+    going_on = make_trainer(seed=5, optimizer=optimizer)
     going_on.train(23)  # within an epoch of batches, with momentum built up
     saved_model, saved_training = going_on.state(), going_on.training_state()
     going_on.train(40)
-    restarted = make_trainer(seed=99)  # another generator: what it draws must come from the checkpoint
+    restarted = make_trainer(seed=99, optimizer=optimizer)  # another generator: what it draws must come from the checkpoint
     restarted.load_training_state(saved_training)
     restarted.load_state(saved_model)
     restarted.train(40)
@@ -146,6 +154,7 @@ def test_training_goes_on_from_a_checkpoint_exactly_as_if_it_had_not_stopped():
         (lambda t: t.update({"momentum.9": torch.ones(3, 2)}), "parameter the model does not have"),
         (lambda t: t.update({"batch_order": torch.tensor([0, 5000])}), "batch order"),
         (lambda t: t.update({"generator": torch.zeros(3, dtype=torch.uint8)}), "generator"),
+        (lambda t: t.update({"exp_avg.0": torch.ones(3, 2)}), "belongs to another optimiser than sgd"),
     ],
 )
 def test_a_training_state_that_does_not_fit_is_refused_and_changes_nothing(damage, reason):
@@ -302,3 +311,16 @@ def test_a_protocol_that_keeps_no_state_refuses_a_checkpoint_that_holds_some():
     protocol.restore_state({}, {})
     with pytest.raises(ValueError, match="keeps no state"):
         protocol.restore_state({"view": torch.ones(1)}, {})
+
+
+def test_an_adamw_state_keeps_both_moments_and_the_step_of_every_parameter():
+    trainer = make_trainer(optimizer="adamw", lr=0.01)
+    trainer.train(3)
+    state = trainer.training_state()
+    assert sorted(name for name in state if "." in name) == [
+        "exp_avg.0", "exp_avg.1", "exp_avg_sq.0", "exp_avg_sq.1", "step.0", "step.1",
+    ]
+    assert float(state["step.0"]) == 3
+    damaged = {**state, "exp_avg_sq.1": torch.full((3,), float("nan"))}
+    with pytest.raises(ValueError, match="exp_avg_sq 'exp_avg_sq.1' does not fit the model, or is not finite"):
+        make_trainer(optimizer="adamw").load_training_state(damaged)

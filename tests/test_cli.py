@@ -35,6 +35,28 @@ def test_a_target_accuracy_shows_in_the_table_and_the_summary(capsys, tmp_path):
     assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_target_loss_shows_in_the_table_and_the_summary_and_plot_draws_the_loss(capsys, tmp_path, monkeypatch):
+    import peer.plot
+
+    drawn, plot_runs = [], peer.plot.plot_runs
+
+    def plot(runs, out, **options):
+        drawn.append(options)
+        plot_runs(runs, out, **options)
+
+    monkeypatch.setattr(peer.plot, "plot_runs", plot)
+    # An untrained mnist1d model's loss is near ln 10 = 2.3, so 2.5 is reached at once.
+    code, out, _ = run_cli(capsys, *FAST, "--target-loss", "2.5", "--out", str(tmp_path), "--plot")
+    assert code == 0 and drawn == [{"y": "loss"}]
+    assert "to mean loss 2.5" in out and "after 1 round," in out and "to mean accuracy" not in out
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["target_loss"] == 2.5 and summary["target_accuracy"] is None
+    assert summary["rounds_to_target"] == 1 and summary["virtual_seconds_to_target"] > 0
+    assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_config_file_supplies_settings_and_flags_win(capsys, tmp_path):
     (tmp_path / "run.toml").write_text('peers = 5\nrounds = 1\nlocal-steps = 1\npartition = "iid"\ntopology = "complete"\n')
     code, _, _ = run_cli(capsys, "--config", str(tmp_path / "run.toml"), "--peers", "3", "--out", str(tmp_path / "o"))
@@ -50,7 +72,8 @@ BAD_INPUTS = {
     "unknown topology": (["--topology", "hypercube"], "topology"),
     "unknown task": (["--task", "imagenet"], "task"),
     "disconnected graph": (["--topology", "erdos:0.01", "--peers", "12"], "disconnected"),
-    "one peer": (["--peers", "1"], "peers"),
+    "no peer": (["--peers", "0"], "--peers: Input should be greater than or equal to 1"),
+    "one peer with faults": (["--peers", "1", "--faults", "crash:0.5@1"], "--faults: --peers 1 trains one peer alone"),
     "missing data directory": (["--task", "fashion-mnist", "--data-dir", "/nonexistent/data"], "--data-dir"),
     "dirichlet alpha zero": (["--partition", "dirichlet:0"], "alpha"),
     "dirichlet alpha negative": (["--partition", "dirichlet:-1"], "alpha"),

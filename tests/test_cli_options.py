@@ -16,7 +16,7 @@ from peer.errors import ConfigError
 
 FAST = ["--peers", "3", "--rounds", "2", "--local-steps", "1", "--partition", "iid"]
 # Settings that are refused before anything runs: a command that ends at once, with exit code 2.
-REFUSED = ["--peers", "1"]
+REFUSED = ["--peers", "0"]
 
 
 def exit_code(argv):

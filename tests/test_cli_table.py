@@ -8,7 +8,7 @@ from rich.progress import TimeElapsedColumn, TimeRemainingColumn
 
 from peer.cli import _progress, _summary_table, main
 from peer.config import SimulationConfig, SwarmConfig
-from peer.curve import CurvePoint, time_to_target
+from peer.curve import CurvePoint, Target, time_to_target
 from peer.summary import summary as common_summary
 
 
@@ -31,7 +31,7 @@ def swarm_summary(**changes):
     summary = common_summary(
         config, peers=3, rounds_completed=3, accuracies=[0.6, 0.61, 0.62], losses=[1.0, 1.1, 1.2],
         bytes_sent=12_340_000, bytes_received=12_340_000, rejected=0, missed_exchanges=1, local_steps=90,
-        wall_seconds=42.0, to_target=time_to_target(points, config.target_accuracy, wall_clock=True),
+        wall_seconds=42.0, to_target=time_to_target(points, Target.of(config), wall_clock=True),
     )
     summary.update(
         peers_finished=3, failed_peers={}, consensus_distance=0.125, last_round=2, speeds="same",
@@ -51,6 +51,7 @@ def test_a_swarms_table_shows_wall_clock_figures_and_no_simulated_ones():
         "codec / error feedback": "none / none",
         "test accuracy: mean": "0.6100",
         "test accuracy: min / max": "0.6000 / 0.6200",
+        "test loss: mean": "1.1000",
         "consensus distance": "0.125",
         "bytes sent, all peers": "12.34 MB",
         "missed exchanges": "1",
@@ -72,6 +73,21 @@ def test_a_swarms_table_says_which_peers_failed_how_it_ended_and_how_the_slow_pe
     assert table["failed peers"] == "peer-2 (exit code -9)"
     assert table["interrupted"] == "by Ctrl-C; 3 rounds completed"
     assert table["to mean accuracy 0.5"] == "not reached"
+
+
+def test_a_loss_target_has_its_row_to_mean_loss_in_the_table_and_no_accuracy_row():
+    config = SwarmConfig(peers=3, rounds=3, target_loss=0.6)
+    points = [
+        CurvePoint(round=0, peers=3, mean_accuracy=0.3, min_accuracy=0.2, max_accuracy=0.4, bytes_sent=4_000_000,
+                   seconds=6.0, mean_loss=0.9, min_loss=0.8, max_loss=1.0),
+        CurvePoint(round=1, peers=3, mean_accuracy=0.55, min_accuracy=0.5, max_accuracy=0.6, bytes_sent=8_000_000,
+                   seconds=12.5, mean_loss=0.55, min_loss=0.5, max_loss=0.6),
+    ]
+    _, table = rows(swarm_summary(**time_to_target(points, Target.of(config), wall_clock=True)))
+    assert table["to mean loss 0.6"] == "after 2 rounds, 8.00 MB, 12.5 s wall clock"
+    assert not any(name.startswith("to mean accuracy") for name in table)
+    _, unreached = rows(swarm_summary(**time_to_target(points[:1], Target.of(config), wall_clock=True)))
+    assert unreached["to mean loss 0.6"] == "not reached"
 
 
 def test_a_simulations_table_shows_simulated_time_and_the_training_engine():

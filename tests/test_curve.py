@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from peer.curve import CurveBuilder, time_to_target
+from peer.curve import CurveBuilder, LatestAccuracies, Target, time_to_target
 from peer.metrics import ConsensusByRound, RoundRecord, consensus_distance
 
 
@@ -65,13 +65,77 @@ def test_time_to_target_is_the_first_round_whose_mean_reached_it():
         for peer, accuracy in zip("ab", accuracies):
             curve.add(record(peer, round_, accuracy, sent=100 * (round_ + 1), time=10.0 * (round_ + 1)))
     points = curve.points()
-    assert time_to_target(points, 0.8, wall_clock=False) == {
-        "target_accuracy": 0.8, "rounds_to_target": 2, "bytes_to_target": 400, "virtual_seconds_to_target": 20.0,
+    assert time_to_target(points, Target.of({"target_accuracy": 0.8}), wall_clock=False) == {
+        "target_accuracy": 0.8, "target_loss": None, "rounds_to_target": 2, "bytes_to_target": 400,
+        "virtual_seconds_to_target": 20.0,
     }
-    assert time_to_target(points, 0.95, wall_clock=True) == {
-        "target_accuracy": 0.95, "rounds_to_target": None, "bytes_to_target": None, "wall_seconds_to_target": None,
+    assert time_to_target(points, Target.of({"target_accuracy": 0.95}), wall_clock=True) == {
+        "target_accuracy": 0.95, "target_loss": None, "rounds_to_target": None, "bytes_to_target": None,
+        "wall_seconds_to_target": None,
     }
     assert time_to_target(points, None, wall_clock=False)["rounds_to_target"] is None
+
+
+def test_points_carry_the_mean_min_and_max_test_loss_of_the_round():
+    curve = CurveBuilder()
+    curve.add(record("a", 0, 0.5, loss=2.0))
+    curve.add(record("b", 0, 0.7, loss=1.0))
+    (point,) = curve.points()
+    assert (point.mean_loss, point.min_loss, point.max_loss) == (1.5, 1.0, 2.0)
+
+
+def test_a_round_whose_records_carry_no_loss_has_no_mean_loss_and_never_reaches_a_loss_target():
+    curve = CurveBuilder()
+    curve.add(dataclasses.replace(record("a", 0, 0.5), loss=None))  # a metrics file of an earlier version
+    (point,) = curve.points()
+    assert point.mean_loss is None and point.mean_accuracy == 0.5
+    assert not Target("loss", 10.0, lower_is_better=True).reached(point)
+
+
+def test_a_loss_target_is_reached_when_the_mean_loss_falls_to_it():
+    curve = CurveBuilder()
+    for round_, losses in enumerate([(2.0, 1.0), (1.0, 0.5), (0.5, 0.5), (0.25, 1.0)]):
+        for peer, loss in zip("ab", losses):
+            curve.add(record(peer, round_, 0.5, loss=loss, sent=100 * (round_ + 1), time=10.0 * (round_ + 1)))
+    points = curve.points()
+    target = Target.of({"target_accuracy": None, "target_loss": 0.75})
+    assert target == Target("loss", 0.75, lower_is_better=True) and str(target) == "mean loss 0.75"
+    # Round 0's mean loss is 1.5, above the target; round 1's is 0.75: at it is reached.
+    assert time_to_target(points, target, wall_clock=False) == {
+        "target_accuracy": None, "target_loss": 0.75, "rounds_to_target": 2, "bytes_to_target": 400,
+        "virtual_seconds_to_target": 20.0,
+    }
+    assert time_to_target(points, Target.of({"target_loss": 0.3}), wall_clock=True) == {
+        "target_accuracy": None, "target_loss": 0.3, "rounds_to_target": None, "bytes_to_target": None,
+        "wall_seconds_to_target": None,
+    }
+
+
+def test_a_nan_mean_loss_never_reaches_a_loss_target():
+    curve = CurveBuilder()
+    curve.add(record("a", 0, 0.1, loss=float("nan")))
+    assert not Target("loss", 1.0, lower_is_better=True).reached(curve.points()[0])
+
+
+def test_a_target_is_read_from_settings_or_a_summary_and_none_when_neither_is_given():
+    class Settings:
+        target_accuracy, target_loss = None, 0.25
+
+    assert Target.of(Settings()) == Target("loss", 0.25, lower_is_better=True)
+    assert Target.of({"target_accuracy": 0.9, "target_loss": None}) == Target("accuracy", 0.9, lower_is_better=False)
+    assert Target.of({"target_accuracy": None}) is None and Target.of({}) is None
+
+
+def test_a_run_without_rounds_carries_the_peers_latest_losses():
+    curve = LatestAccuracies(peers=2)
+    curve.add(record("a", 0, 0.5, loss=2.0, time=1.0))
+    assert curve.latest() is None  # b has not been evaluated yet
+    curve.add(record("b", 0, 0.6, loss=1.0, time=2.0))
+    curve.add(record("a", 1, 0.7, loss=0.5, time=3.0))
+    latest = curve.latest()
+    assert (latest.mean_loss, latest.min_loss, latest.max_loss) == (0.75, 0.5, 1.0)
+    assert Target("loss", 0.75, lower_is_better=True).reached(latest)
+    assert not Target("loss", 0.7, lower_is_better=True).reached(latest)
 
 
 def test_consensus_by_round_matches_the_exact_distance_in_any_order():

@@ -107,7 +107,7 @@ def test_natural_partition_gives_each_peer_its_part(task: Task) -> None:
 @pytest.mark.parametrize(
     ("n_peers", "owners", "message"),
     [
-        (4, None, "the task has no natural split; use iid, dirichlet:ALPHA or shards:K"),
+        (4, None, r"the task has no natural split for 4 peers \(.*\): use fewer peers, or iid, dirichlet:ALPHA or shards:K"),
         (4, np.repeat(np.arange(5), 4), r"peers 0..4 \(5 distinct\), not 0..3: load the task for 4 peers"),
         (4, np.repeat([0, 1, 2, 4], 5), r"not 0..3"),
         (4, np.repeat(np.arange(4), 4), "must name an integer peer for each of 20 samples"),

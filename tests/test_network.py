@@ -172,7 +172,7 @@ def test_a_running_peer_serves_live_metrics_and_shows_in_status(tmp_path):
         code, out, err = run(["status", "--initial-peers", address, "--json"], timeout=120)
         assert code == 0, err
         (row,) = json.loads(out)["peers"]
-        assert row["state"] == "live" and row["round"] >= 1 and 0 <= row["accuracy"] <= 1
+        assert row["state"] == "live" and row["round"] >= 1 and 0 <= row["accuracy"] <= 1 and row["loss"] > 0
         with open(tmp_path / "watch.log", "w") as log:
             watch = start(["status", "--initial-peers", address, "--json", "--watch", "1"], log)
         try:

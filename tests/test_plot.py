@@ -1,6 +1,9 @@
 """Figures of runs and topologies: what they are labelled with, and that they are written."""
 
 import dataclasses
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -32,6 +35,12 @@ def test_labels_name_the_method_and_what_differs_and_the_title_what_is_shared(ru
     labels, title = describe(runs)
     assert labels == ["dpsgd, ring, uncompressed, error-feedback none", "dpsgd, ring, codec int8, error-feedback choco"]
     assert title == "mnist1d, iid, 3 peers, 3 rounds x 2 local steps"
+
+
+def test_the_reference_is_labelled_as_one_peer_on_all_the_data_not_by_the_algorithm_it_did_not_run(runs, tmp_path):
+    simulate(SimulationConfig(**{**SMALL, "peers": 1}, out=tmp_path / "alone"))
+    labels, _ = describe([runs[0], load_run(tmp_path / "alone")])
+    assert labels == ["dpsgd, ring, uncompressed, 3 peers", "one peer on all the data (reference)"]
 
 
 def test_runs_with_the_same_settings_are_told_apart_by_their_folder(runs):
@@ -102,3 +111,43 @@ def test_peer_plot_refuses_an_unknown_axis(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["plot", "a", "--x", "epochs", "--out", "x.png"])
     assert exit_.value.code == 2 and "--x" in capsys.readouterr().err
+
+
+def test_peer_plot_y_loss_writes_a_png_of_the_mean_test_loss(runs, tmp_path):
+    assert main(["plot", str(runs[0].folder), str(runs[1].folder), "--y", "loss", "--out", str(tmp_path / "l.png")]) == 0
+    assert_image(tmp_path / "l.png", min_width=1200)
+
+
+def drawn(monkeypatch, runs, **options):
+    """The figure that plot_runs draws, instead of writing it."""
+    import peer.plot
+
+    figures = []
+    monkeypatch.setattr(peer.plot, "_save", lambda figure, out: figures.append(figure))
+    plot_runs(runs, Path("unused.png"), **options)
+    return figures[0].axes[0]
+
+
+def test_the_loss_axis_shows_each_runs_mean_loss_and_the_loss_target_they_share(monkeypatch, tmp_path):
+    simulate(SimulationConfig(**SMALL, out=tmp_path / "run", target_loss=1.5))
+    run = load_run(tmp_path / "run")
+    axis = drawn(monkeypatch, [run], y="loss")
+    assert axis.get_ylabel() == "test loss (mean over peers; band: min to max)"
+    curve, target = axis.lines
+    assert list(curve.get_ydata()) == [point.mean_loss for point in run.points]
+    assert list(target.get_ydata()) == [1.5, 1.5] and target.get_label() == "target 1.5"
+    # On the accuracy axis a loss target has no line.
+    assert len(drawn(monkeypatch, [run]).lines) == 1
+
+
+def test_plotting_the_loss_of_metrics_without_loss_is_a_clear_error(runs, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(runs[0].folder, old)
+    lines = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
+    (old / "metrics.jsonl").write_text("".join(json.dumps({**line, "loss": None}) + "\n" for line in lines))
+    with pytest.raises(ConfigError, match="its metrics hold no test loss to plot; plot its accuracy"):
+        plot_runs([load_run(old)], tmp_path / "l.png", y="loss")
+    assert main(["plot", str(old), "--y", "loss", "--out", str(tmp_path / "l.png")]) == 2
+    assert "no test loss" in capsys.readouterr().err
+    plot_runs([load_run(old)], tmp_path / "a.png")  # its accuracy still plots
+    assert_image(tmp_path / "a.png")

@@ -90,5 +90,47 @@ def test_a_run_can_stop_once_it_reaches_its_target():
 def test_stopping_at_a_target_needs_one():
     from peer.config import ConfigError, build_config
 
-    with pytest.raises(ConfigError, match="needs --target-accuracy"):
+    with pytest.raises(ConfigError, match="--stop-at-target needs --target-accuracy or --target-loss"):
         build_config(SimulationConfig, {}, {"stop_at_target": True})
+
+
+def test_a_run_can_stop_once_its_mean_loss_falls_to_a_loss_target():
+    # mnist1d starts near ln 10 = 2.3; these peers are below 2.0 after a few rounds.
+    config = SimulationConfig(**{**SMALL, "rounds": 30, "local_steps": 5, "target_loss": 2.0, "stop_at_target": True})
+    summary = simulate(config).summary
+    assert summary["stopped_at_target"] and summary["rounds_completed"] < 30
+    assert summary["rounds_to_target"] == summary["rounds_completed"]
+    assert summary["target_loss"] == 2.0 and summary["target_accuracy"] is None
+    assert summary["mean_loss"] <= 2.0
+
+
+def test_a_run_that_evaluates_a_sample_of_peers_stops_once_the_samples_mean_reaches_the_target():
+    config = SimulationConfig(
+        **{**SMALL, "rounds": 30, "local_steps": 5, "target_loss": 2.0, "stop_at_target": True, "eval_peers": 2}
+    )
+    summary = simulate(config).summary
+    assert summary["stopped_at_target"] and summary["rounds_completed"] < 30
+    assert summary["rounds_to_target"] == summary["rounds_completed"] and summary["eval_peers"] == 2
+
+
+def test_a_run_without_rounds_stops_once_the_peers_latest_losses_fall_to_the_target():
+    config = SimulationConfig(
+        peers=4, topology="ring", task="mnist1d", partition="iid", rounds=30, local_steps=5, seed=0,
+        algorithm="async-gossip", target_loss=2.1, stop_at_target=True,
+    )
+    summary = simulate(config).summary
+    assert summary["stopped_at_target"] and summary["rounds_completed"] < 30
+    assert summary["rounds_to_target"] is not None and summary["virtual_seconds_to_target"] > 0
+
+
+def test_a_run_without_a_target_reports_neither_target():
+    summary = simulate(SimulationConfig(**{**SMALL, "rounds": 1})).summary
+    assert summary["target_accuracy"] is None and summary["target_loss"] is None
+    assert summary["rounds_to_target"] is None and summary["virtual_seconds_to_target"] is None
+
+
+def test_a_run_is_refused_both_a_target_accuracy_and_a_target_loss():
+    from peer.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="--target-accuracy and --target-loss: a run has one target; give one of them"):
+        build_config(SimulationConfig, {}, {"target_accuracy": 0.5, "target_loss": 1.0})

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from peer.tasks import TASK_NAMES, Task, TaskError, load_task
-from peer.tasks import fashion_mnist
+from peer.tasks import TASK_NAMES, Task, TaskError, fashion_mnist, load_task
 from peer.tasks.fashion_mnist import load_fashion_mnist
 from tests.helpers import idx_bytes, write_fashion_files
 
@@ -67,7 +66,7 @@ def user_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_task_names_are_the_builtins() -> None:
-    assert TASK_NAMES == ("mnist1d", "fashion-mnist", "logistic")
+    assert TASK_NAMES == ("mnist1d", "fashion-mnist", "cifar10", "logistic", "shakespeare")
 
 
 def test_mnist1d_loads_caches_and_leaves_global_rngs_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -207,7 +206,7 @@ def test_download_rejects_a_wrong_checksum(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_unknown_task_lists_the_choices() -> None:
-    message = "unknown task 'cifar': use one of mnist1d, fashion-mnist, logistic, mnist1d:SAMPLES, or"
+    message = "unknown task 'cifar': use one of mnist1d, fashion-mnist, cifar10, logistic, shakespeare, mnist1d:SAMPLES, or"
     with pytest.raises(TaskError, match=message):
         load_task("cifar", None)
 

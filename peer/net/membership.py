@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import signal
 import time
@@ -55,6 +56,7 @@ class PeerRecord:
     left: bool = False  # a tombstone: the peer withdrew before its record expired
     announced: float = 0.0  # DHT time of the announcement
     accuracy: float | None = None  # test accuracy at the peer's last evaluation
+    loss: float | None = None  # test loss at that evaluation
     proof: str = ""  # in a private swarm, the swarm key's HMAC of peer_id
     client: bool = False  # accepts no connections: nobody dials it, it fetches models
 
@@ -64,7 +66,7 @@ class PeerRecord:
         if not isinstance(value, dict) or value.get("peer_id") != peer_id:
             return None
         try:
-            accuracy = value.get("accuracy")
+            accuracy, loss = value.get("accuracy"), value.get("loss")
             record = cls(
                 peer_id=peer_id,
                 addresses=[str(a) for a in value["addresses"]][:16],
@@ -73,13 +75,16 @@ class PeerRecord:
                 left=bool(value.get("left", False)),
                 announced=float(value.get("announced", 0.0)),
                 accuracy=float(accuracy) if accuracy is not None else None,
+                loss=float(loss) if loss is not None else None,
                 proof=str(value.get("proof", ""))[:128],
                 client=value.get("client", False) is True,
             )
         except (KeyError, TypeError, ValueError):
             return None
         if record.accuracy is not None and not 0 <= record.accuracy <= 1:  # NaN fails this too
-            return replace(record, accuracy=None)
+            record = replace(record, accuracy=None)
+        if record.loss is not None and not 0 <= record.loss < math.inf:
+            record = replace(record, loss=None)
         return record
 
 
@@ -124,9 +129,9 @@ class Membership:
         # of the view until they refresh their record, which a dead peer never does.
         self._suspects: dict[PeerId, float] = {}
 
-    def evaluated(self, accuracy: float) -> None:
-        """Announce this accuracy with the next refresh of our record."""
-        self.record = replace(self.record, accuracy=accuracy)
+    def evaluated(self, accuracy: float, loss: float | None = None) -> None:
+        """Announce this accuracy and loss with the next refresh of our record."""
+        self.record = replace(self.record, accuracy=accuracy, loss=loss)
 
     async def announce(self, round_: int) -> None:
         self.record = replace(self.record, round=round_, announced=get_dht_time())

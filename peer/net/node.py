@@ -38,7 +38,7 @@ from gossip.transport import Clock
 from gossip.wire import Limits
 from peer.checkpoint import Checkpoint, CheckpointError, check_fits, check_progress, read_checkpoint, write_checkpoint
 from peer.config import BOOTSTRAP_ENV, RunConfig
-from peer.curve import LatestAccuracies, time_to_target
+from peer.curve import LatestAccuracies, Target, time_to_target
 from peer.errors import ConfigError
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
 from peer.net.access import Access, access_from, load_identity, peer_id_of
@@ -195,8 +195,8 @@ class Node:
 
 def prepare_training(config: RunConfig, resumed: Checkpoint | None) -> Training:
     torch.set_num_threads(config.threads)
-    task = load_task(config.task, config.data_dir, peers=config.shards)
-    shards = partition(task.train_y, config.shards, config.partition, config.seed, owners=task.owners)
+    task = load_task(config.task, config.data_dir, peers=config.shards, download=config.download)
+    shards = partition(task.partition_labels(), config.shards, config.partition, config.seed, owners=task.owners)
     # Every peer holds the whole task, so each can work out the optimum of the split.
     optimum = split_optimum(config, task, shards)
     trainer = peer_trainer(config, task, shards[config.shard], config.shard, resolve_device(config.device), optimum)
@@ -366,7 +366,7 @@ class PeerRun:
         if self.snapshots:
             self.snapshots.publish(self.training.trainer.state(), record.round + 1)
         if record.accuracy is not None:
-            self.node.membership.evaluated(record.accuracy)
+            self.node.membership.evaluated(record.accuracy, record.loss)
         if self.live:
             # Without neighbours, the models this peer mixed stand in for them.
             neighbours = (
@@ -395,7 +395,7 @@ class PeerRun:
         accuracy, loss = (last.accuracy, last.loss) if last else (None, None)
         if holds_final_model and not (last and last.round == config.rounds - 1):
             accuracy, loss = await self.clock.compute(trainer.evaluate, steps=0)
-            self.node.membership.evaluated(accuracy)  # shown by `peer status` once we have left
+            self.node.membership.evaluated(accuracy, loss)  # shown by `peer status` once we have left
         summary = self.summary(accuracy, loss, holds_final_model)
         if config.out:
             self.save()
@@ -411,7 +411,7 @@ class PeerRun:
             bytes_received=counters.bytes_received, rejected=counters.rejected,
             missed_exchanges=self.metrics.missed_exchanges, local_steps=self.metrics.local_steps,
             wall_seconds=time.perf_counter() - self.started,
-            to_target=time_to_target(self.metrics.curve.points(), config.target_accuracy, wall_clock=True),
+            to_target=time_to_target(self.metrics.curve.points(), Target.of(config), wall_clock=True),
         )
         summary.update(
             peer=node.me, swarm=config.swarm, shard=config.shard, shards=config.shards,
@@ -421,6 +421,7 @@ class PeerRun:
             failed_dials=dict(node.transport.failed_dials), broken_streams=node.transport.broken_streams,
             records_ignored=dict(node.membership.rejected),
             rollbacks=self.training.trainer.rollbacks, squared_error=self.training.trainer.squared_error(),
+            optimizer=self.training.trainer.optimizer_kind, eval_samples=config.eval_samples,
             **self.protocol.figures(),
         )
         if self.resumed:

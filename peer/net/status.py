@@ -41,6 +41,7 @@ async def swarm_status(dht: hivemind.DHT, swarm: str, timeout: float, access: Ac
             "peer": record.peer_id,
             "round": record.round,
             "accuracy": record.accuracy,
+            "loss": record.loss,
             "state": "left" if record.left else "live",
             "age_seconds": round(now - record.announced, 1) if record.announced else None,
             "expires_in_seconds": round(expiry - now, 1),

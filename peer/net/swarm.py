@@ -16,7 +16,7 @@ from pathlib import Path
 from peer.checkpoint import FILE as CHECKPOINT
 from peer.checkpoint import read_model
 from peer.config import SwarmConfig, TrainingConfig, fitted
-from peer.curve import CurveBuilder, time_to_target
+from peer.curve import CurveBuilder, Target, time_to_target
 from peer.errors import ConfigError
 from peer.metrics import consensus_distance, prepare_out, write_json_atomic
 from peer.net.access import load_swarm_key
@@ -251,7 +251,7 @@ def run_swarm(config: SwarmConfig, on_progress: Callable[[int], None] | None = N
         rejected=sum(s["rejected_total"] for s in summaries),
         missed_exchanges=sum(s["missed_exchanges_total"] for s in summaries),
         local_steps=sum(s["local_steps_total"] for s in summaries), wall_seconds=time.perf_counter() - started,
-        to_target=time_to_target(points, config.target_accuracy, wall_clock=True),
+        to_target=time_to_target(points, Target.of(config), wall_clock=True),
     )
     summary.update(
         peers_finished=sum(s["rounds_completed"] == config.rounds for s in summaries),

@@ -5,8 +5,9 @@ row (its module's parameters are views of it), so all a protocol does with one p
 unchanged. Training asked for through the simulated clock does not run at once: the requests
 made before the earliest of them is due to finish run together, each local step one vmapped
 forward and backward pass over the stack, and every peer resumes when its own training would
-have ended. Each peer keeps its own batch order, learning-rate schedule position, SAM
-perturbation and rollback to its last finite model; only the arithmetic is shared.
+have ended. Each peer keeps its own batch order, augmentations, learning-rate schedule position,
+optimiser state (SGD's momentum, or AdamW's moments and step count), SAM perturbation and
+rollback to its last finite model; only the arithmetic is shared.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
 from peer.errors import ConfigError
-from peer.trainer import Trainer, test_counts
+from peer.trainer import Trainer, label_losses, test_counts
 
 # Peers per vmapped pass. For the default model at 1,000 peers, 64 to 256 ran within the noise of each other
 # and 32 or 1,024 slower (scripts/bench_simulation_scale.py); the smaller chunk holds less memory.
@@ -101,8 +101,9 @@ class StackedTrainer(Trainer):
 
     def reset_optimizer(self) -> None:
         self._settle()
-        for buffer in self.engine.momentum.values():
+        for buffer in (*self.engine.momentum.values(), *self.engine.second_moment.values()):
             buffer[self.row].zero_()
+        self.engine.adam_steps[self.row] = 0
 
     @torch.no_grad()
     def _copy_in(self, state) -> None:
@@ -129,20 +130,23 @@ class BatchedTraining:
 
     def __init__(self, trainers: list[StackedTrainer], *, workers: int = 1, chunk: int = CHUNK_PEERS):
         first = trainers[0]
-        defaults = first.optimizer.defaults
-        self.momentum_factor, self.weight_decay = defaults["momentum"], defaults["weight_decay"]
+        self.optimizer_kind, defaults = first.optimizer_kind, first.optimizer.defaults
+        self.momentum_factor, self.weight_decay = defaults.get("momentum", 0.0), defaults["weight_decay"]
+        self.betas, self.eps = defaults.get("betas"), defaults.get("eps")
         self.lr, self.schedule, self.sam_rho = first.lr, first.schedule, first.sam_rho
+        self.augmentation = first.augmentation
         for trainer in trainers:
-            mine = trainer.optimizer.defaults
-            if (trainer.lr, trainer.schedule, trainer.sam_rho, mine["momentum"], mine["weight_decay"]) != (
-                self.lr, self.schedule, self.sam_rho, self.momentum_factor, self.weight_decay
-            ):
+            if _optimiser_settings(trainer) != _optimiser_settings(first):
                 raise BatchingError("the peers' optimiser settings differ; batched training needs one set for all")
         self.names = [name for name, _ in first.model.named_parameters()]
         self.weights = {
             name: torch.stack([dict(t.model.named_parameters())[name].detach() for t in trainers]) for name in self.names
         }
+        # SGD's momentum, or AdamW's first moment; AdamW's second moment and step count per peer.
         self.momentum = {name: torch.zeros_like(stack) for name, stack in self.weights.items()}
+        adamw = self.optimizer_kind == "adamw"
+        self.second_moment = {name: torch.zeros_like(stack) for name, stack in self.weights.items()} if adamw else {}
+        self.adam_steps = torch.zeros(len(trainers), device=first.device)
         self.last_finite = {name: stack.clone() for name, stack in self.weights.items()}
         for row, trainer in enumerate(trainers):
             trainer.engine, trainer.row = self, row
@@ -227,6 +231,7 @@ class BatchedTraining:
         batch = max(t.batch_size for t in trainers)
         rows = torch.empty(steps, len(trainers), batch, dtype=torch.long, device=device)
         weights = torch.zeros(steps, len(trainers), batch, device=device)
+        changes = self._augmentation_draws(trainers, steps, batch)
         for column, trainer in enumerate(trainers):
             offset = self.offsets[trainer.row]
             drawn = [trainer.next_rows() for _ in range(steps)]
@@ -240,7 +245,7 @@ class BatchedTraining:
                 weights[:, column] = 1.0
         rates = torch.tensor(
             [[self._rate(t.steps_taken + step) for t in trainers] for step in range(steps)],
-            dtype=self.data_x.dtype, device=device,
+            dtype=self.weights[self.names[0]].dtype, device=device,
         )
         stack_rows = torch.tensor([t.row for t in trainers], device=device)
         count = max(math.ceil(len(trainers) / self.chunk), min(self.workers, len(trainers)))
@@ -248,7 +253,8 @@ class BatchedTraining:
         parts = [slice(bounds[i], bounds[i + 1]) for i in range(count)]
 
         def train_part(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._train_chunk(stack_rows[part], rows[:, part], weights[:, part], rates[:, part])
+            drawn = None if changes is None else changes[:, part]
+            return self._train_chunk(stack_rows[part], rows[:, part], weights[:, part], rates[:, part], drawn)
 
         results = list(self._pool.map(train_part, parts)) if self._pool and len(parts) > 1 else [
             train_part(part) for part in parts
@@ -264,42 +270,90 @@ class BatchedTraining:
     def _rate(self, step: int) -> float:
         return self.lr * self.schedule.factor(step) if self.schedule else self.lr
 
+    def _augmentation_draws(self, trainers: list[StackedTrainer], steps: int, batch: int) -> torch.Tensor | None:
+        """Each peer's augmentation numbers for each step's batch (steps, peers, batch, ...), drawn from its
+        own generator as it would draw them alone; None without augmentation."""
+        if self.augmentation is None:
+            return None
+        per_peer = []
+        for trainer in trainers:
+            size = min(batch, trainer.batch_size)
+            drawn = torch.stack([trainer.augmentation_draw(size) for _ in range(steps)])
+            # Padding rows of a full-batch step are weighted 0: any numbers do for them.
+            per_peer.append(torch.nn.functional.pad(drawn, (0, 0, 0, batch - size)))
+        return torch.stack(per_peer, dim=1)
+
     def _train_chunk(
-        self, stack_rows: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, rates: torch.Tensor
+        self, stack_rows: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, rates: torch.Tensor,
+        changes: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K steps of momentum SGD (as torch.optim.SGD takes them) for the peers in ``stack_rows``;
-        returns their summed losses and which of them stayed finite (the others are rolled back)."""
+        """K steps of the peers' optimiser (as torch.optim.SGD or AdamW takes them) for the peers in
+        ``stack_rows``; returns their summed losses and which of them stayed finite (the others are rolled back)."""
         module = self._modules.get()
         try:
+            state = self._optimiser_rows(stack_rows)
             params = {name: self.weights[name][stack_rows] for name in self.names}
-            momentum = {name: self.momentum[name][stack_rows] for name in self.names}
             loss_sum = torch.zeros(len(stack_rows), device=stack_rows.device)
             for step in range(rows.shape[0]):
                 x, y, w = self.data_x[rows[step]], self.data_y[rows[step]], weights[step]
+                if changes is not None:
+                    x = self.augmentation.apply(x.flatten(0, 1), changes[step].flatten(0, 1)).view_as(x)
                 losses, grads = self._gradients(module, params, x, y, w)
                 if self.sam_rho:
                     grads = self._sharpness_aware(module, params, grads, x, y, w)
-                rate = rates[step]
-                for name in self.names:
-                    grad = grads[name]
-                    if self.weight_decay:
-                        grad = grad + self.weight_decay * params[name]
-                    momentum[name] = self.momentum_factor * momentum[name] + grad
-                    params[name] = params[name] - per_row(rate, grad) * momentum[name]
+                self._update(params, grads, state, rates[step])
                 loss_sum += losses
             finite = torch.ones(len(stack_rows), dtype=torch.bool, device=stack_rows.device)
             for tensor in params.values():
                 finite &= torch.isfinite(tensor).flatten(1).all(dim=1)
-            for name in self.names:
-                kept = torch.where(per_row(finite, params[name]), params[name], self.last_finite[name][stack_rows])
-                self.weights[name].index_copy_(0, stack_rows, kept)
-                self.last_finite[name].index_copy_(0, stack_rows, kept)
-                # Momentum built from non-finite gradients would bring the NaN straight back.
-                cleared = torch.where(per_row(finite, momentum[name]), momentum[name], torch.zeros((), device=finite.device))
-                self.momentum[name].index_copy_(0, stack_rows, cleared)
+            self._keep(stack_rows, params, state, finite)
             return loss_sum, finite
         finally:
             self._modules.put(module)
+
+    def _optimiser_rows(self, stack_rows: torch.Tensor) -> dict[str, Any]:
+        return {
+            "momentum": {name: self.momentum[name][stack_rows] for name in self.names},
+            "second_moment": {name: stack[stack_rows] for name, stack in self.second_moment.items()},
+            "steps": self.adam_steps[stack_rows],
+        }
+
+    def _update(
+        self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], state: dict[str, Any], rate: torch.Tensor
+    ) -> None:
+        """One optimiser step of every row, as torch.optim.SGD (momentum, L2 decay) or AdamW (decoupled decay) takes it."""
+        momentum, second = state["momentum"], state["second_moment"]
+        if self.optimizer_kind == "adamw":
+            (beta1, beta2), state["steps"] = self.betas, state["steps"] + 1
+            first_correction, second_root = 1 - beta1 ** state["steps"], (1 - beta2 ** state["steps"]).sqrt()
+        for name in self.names:
+            grad, rates = grads[name], per_row(rate, grads[name])
+            if self.optimizer_kind == "adamw":
+                momentum[name] = beta1 * momentum[name] + (1 - beta1) * grad
+                second[name] = beta2 * second[name] + (1 - beta2) * grad * grad
+                denominator = second[name].sqrt() / per_row(second_root, grad) + self.eps
+                step = momentum[name] / per_row(first_correction, grad) / denominator
+                params[name] = params[name] * (1 - rates * self.weight_decay) - rates * step
+                continue
+            if self.weight_decay:
+                grad = grad + self.weight_decay * params[name]
+            momentum[name] = self.momentum_factor * momentum[name] + grad
+            params[name] = params[name] - rates * momentum[name]
+
+    def _keep(
+        self, stack_rows: torch.Tensor, params: dict[str, torch.Tensor], state: dict[str, Any], finite: torch.Tensor
+    ) -> None:
+        """Write the trained rows back, a row that is no longer finite put back to its last finite model."""
+        zero = torch.zeros((), device=finite.device)
+        for name in self.names:
+            kept = torch.where(per_row(finite, params[name]), params[name], self.last_finite[name][stack_rows])
+            self.weights[name].index_copy_(0, stack_rows, kept)
+            self.last_finite[name].index_copy_(0, stack_rows, kept)
+            # Optimiser state built from non-finite gradients would bring the NaN straight back.
+            for stacks, rows in ((self.momentum, state["momentum"]), (self.second_moment, state["second_moment"])):
+                if name in rows:
+                    stacks[name].index_copy_(0, stack_rows, torch.where(per_row(finite, rows[name]), rows[name], zero))
+        self.adam_steps.index_copy_(0, stack_rows, torch.where(finite, state["steps"], zero))
 
     @staticmethod
     def _gradients(
@@ -308,7 +362,7 @@ class BatchedTraining:
         """Each peer's mean loss on its batch and its gradient: one pass of the loss summed over peers."""
 
         def peer_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            per_sample = F.cross_entropy(functional_call(module, p, (x,)), y, reduction="none")
+            per_sample = label_losses(functional_call(module, p, (x,)), y).reshape(len(w), -1).mean(dim=1)
             return (per_sample * w).sum() / w.sum().clamp(min=1.0)
 
         leaves = {name: tensor.detach().requires_grad_() for name, tensor in params.items()}
@@ -343,7 +397,7 @@ class BatchedTraining:
                 self._modules.put(module)
 
         counts = list(self._pool.map(count, parts)) if self._pool else [count(part) for part in parts]
-        n = len(trainer.test_y)
+        n = trainer.test_y.numel()
         return float(sum(c for c, _ in counts)) / n, float(sum(loss for _, loss in counts)) / n
 
     def close(self) -> None:
@@ -352,6 +406,14 @@ class BatchedTraining:
         self.settle()
         if self._pool is not None:
             self._pool.shutdown()
+
+
+def _optimiser_settings(trainer: Trainer) -> tuple:
+    defaults = trainer.optimizer.defaults
+    return (
+        trainer.optimizer_kind, trainer.lr, trainer.schedule, trainer.sam_rho, trainer.augmentation,
+        defaults.get("momentum"), defaults["weight_decay"], defaults.get("betas"), defaults.get("eps"),
+    )
 
 
 def per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

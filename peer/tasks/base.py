@@ -1,18 +1,51 @@
-"""The Task record every training task is loaded into, and its checks."""
+"""The Task record every training task is loaded into, and its checks.
+
+A task's samples are float32 features, uint8 images (the model scales them) or int64 token ids
+(the model embeds them). Each sample has one class label, or one per position (a language
+model's next tokens): loss and accuracy are then taken over every label of every sample.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Literal
 
 import torch
+
+from peer.tasks.augment import Augmentation
 
 
 class TaskError(ValueError):
     """A task could not be loaded or is malformed; the message says what to do."""
+
+
+OPTIMIZERS = ("sgd", "adamw")
+SAMPLE_DTYPES = (torch.float32, torch.uint8, torch.int64)
+
+
+# Set while load_task runs for a run given --download; PEER_DOWNLOAD=1 allows it for every run.
+_DOWNLOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("download", default=False)
+DOWNLOAD_ENV = "PEER_DOWNLOAD"
+
+
+def downloads_allowed() -> bool:
+    """Whether a loader may fetch missing files: --download, or PEER_DOWNLOAD=1."""
+    return _DOWNLOAD.get() or os.environ.get(DOWNLOAD_ENV) == "1"
+
+
+@contextlib.contextmanager
+def allowing_downloads(allowed: bool) -> Iterator[None]:
+    token = _DOWNLOAD.set(allowed)
+    try:
+        yield
+    finally:
+        _DOWNLOAD.reset(token)
 
 
 def cache_dir() -> Path:
@@ -22,7 +55,7 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True, eq=False)  # eq=False: field-wise equality on tensors is ambiguous
 class Task:
-    """A classification dataset and a factory for the model that learns it."""
+    """A classification dataset (one label per sample, or per position) and a factory for the model that learns it."""
 
     name: str
     train_x: torch.Tensor
@@ -31,10 +64,17 @@ class Task:
     test_y: torch.Tensor
     num_classes: int
     make_model: Callable[[], torch.nn.Module]
-    # A step size that trains this model well with SGD and momentum 0.9; used when --lr is not given.
+    # A step size that trains this model well with its optimiser; used when --lr is not given.
     learning_rate: float = 0.05
+    # The local optimiser that suits the model (SGD with momentum, or AdamW); used when --optimizer is not given.
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # Random changes to each training batch (e.g. crops and flips of images), drawn from each peer's seed.
+    augmentation: Augmentation | None = None
     # The peer (0..P-1) each training sample was generated for, when the task comes split: the natural partition.
     owners: torch.Tensor | None = None
+    # What iid, Dirichlet and shard partitions split by when it is not the label: e.g. each text
+    # window's speaker, where the labels are the next characters. One int64 per training sample.
+    groups: torch.Tensor | None = None
     # L2 regularisation lambda; used when --weight-decay is not given.
     weight_decay: float = 0.0
     # Given the peers' training shards [(x_i, y_i)] and lambda, the exact minimiser of the mean over
@@ -42,8 +82,14 @@ class Task:
     # make_model().state_dict(); runs report their squared distance to it.
     optimum: Callable[[list[tuple[torch.Tensor, torch.Tensor]], float], dict[str, torch.Tensor]] | None = None
 
+    def partition_labels(self) -> torch.Tensor:
+        """The label of each training sample that partitions split by: its group, or its class."""
+        return self.train_y if self.groups is None else self.groups
+
     def validate(self) -> None:
         """Raise TaskError unless the data and the model fit together."""
+        if self.optimizer not in OPTIMIZERS:
+            raise TaskError(f"task {self.name!r}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not self.learning_rate > 0:
             raise TaskError(f"task {self.name!r}: learning_rate must be > 0, got {self.learning_rate!r}")
         if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
@@ -59,7 +105,13 @@ class Task:
                 f"task {self.name!r}: train and test samples differ in shape "
                 f"({tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])})"
             )
+        if self.train_y.shape[1:] != self.test_y.shape[1:] or self.train_x.dtype != self.test_x.dtype:
+            raise TaskError(
+                f"task {self.name!r}: train and test differ in label shape or sample type "
+                f"({tuple(self.train_y.shape[1:])} {self.train_x.dtype} vs {tuple(self.test_y.shape[1:])} {self.test_x.dtype})"
+            )
         self._validate_owners()
+        self._validate_groups()
         self._validate_model()
 
     def _validate_owners(self) -> None:
@@ -81,23 +133,32 @@ class Task:
             missing, last = int(gaps[0]), int(peers[-1])
             raise TaskError(f"{where} must name every peer from 0 to {last}, but peer {missing} has no samples")
 
+    def _validate_groups(self) -> None:
+        if self.groups is not None and (
+            not isinstance(self.groups, torch.Tensor) or self.groups.dtype != torch.int64
+            or tuple(self.groups.shape) != (len(self.train_y),)
+        ):
+            raise TaskError(f"task {self.name!r}: groups must be an int64 torch.Tensor with one group per training sample")
+        if self.groups is None and self.train_y.dim() > 1:
+            raise TaskError(f"task {self.name!r}: labels per position need groups (one per sample) for partitions to split by")
+
     def _validate_split(self, split: str, x: torch.Tensor, y: torch.Tensor) -> None:
         where = f"task {self.name!r}: {split}"
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TaskError(f"{where}_x and {split}_y must be torch.Tensors")
-        if x.dtype != torch.float32:
-            raise TaskError(f"{where}_x must be float32, got {x.dtype}")
+        if x.dtype not in SAMPLE_DTYPES:
+            raise TaskError(f"{where}_x must be float32 features, uint8 images or int64 token ids, got {x.dtype}")
         if y.dtype != torch.int64:
             raise TaskError(f"{where}_y must be int64 class labels, got {y.dtype}")
-        if y.dim() != 1:
-            raise TaskError(f"{where}_y must be 1-D, got shape {tuple(y.shape)}")
+        if y.dim() not in (1, 2):
+            raise TaskError(f"{where}_y must hold one label per sample or one per position, got shape {tuple(y.shape)}")
         if x.dim() < 1 or len(x) != len(y):
             raise TaskError(f"{where}_x has {len(x) if x.dim() else 0} samples but {split}_y has {len(y)} labels")
         if len(y) == 0:
             raise TaskError(f"{where} set is empty")
         if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
             raise TaskError(f"{where}_y must lie in [0, {self.num_classes}), got [{int(y.min())}, {int(y.max())}]")
-        if not bool(torch.isfinite(x).all()):
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise TaskError(f"{where}_x contains NaN or infinite values")
 
     def _validate_model(self) -> None:
@@ -112,7 +173,8 @@ class Task:
             except Exception as err:
                 shape = tuple(self.train_x[:2].shape)
                 raise TaskError(f"{where}: the model fails on input of shape {shape}: {err}") from err
-        expected = (min(2, len(self.train_x)), self.num_classes)
+        expected = (min(2, len(self.train_x)), *self.train_y.shape[1:], self.num_classes)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise TaskError(f"{where}: the model must output shape {expected} (samples, num_classes), got {got}")
+            layout = "(samples, num_classes)" if self.train_y.dim() == 1 else "(samples, positions, num_classes)"
+            raise TaskError(f"{where}: the model must output shape {expected} {layout}, got {got}")

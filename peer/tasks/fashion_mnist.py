@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peer.tasks.base import Task, TaskError, cache_dir
+from peer.tasks.base import Task, TaskError, cache_dir, downloads_allowed
 
 NUM_CLASSES = 10
 IMAGE_SIDE = 28
@@ -30,7 +30,7 @@ SHA256 = {
 }
 _FIX = (
     f"pass --data-dir pointing at the folder that contains {FOLDER_NAME}/ (e.g. ~/data), "
-    "or set PEER_DOWNLOAD=1 to download it"
+    "or give --download (or set PEER_DOWNLOAD=1) to download it"
 )
 _UNSIGNED_BYTE = 0x08  # the IDX type code of every Fashion-MNIST file
 
@@ -110,7 +110,7 @@ def _find_or_download(data_dir: Path | None) -> Path:
         if all((folder / name).is_file() for name in SHA256):
             return folder
     target = _download_target(data_dir)
-    if os.environ.get("PEER_DOWNLOAD") == "1":
+    if downloads_allowed():
         _download(target)
         return target
     if data_dir is None:

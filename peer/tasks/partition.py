@@ -109,7 +109,10 @@ def _shards(labels: np.ndarray, n_peers: int, per_peer: int, rng: np.random.Gene
 def _natural(n_samples: int, n_peers: int, owners: np.ndarray | torch.Tensor | None) -> list[np.ndarray]:
     """Sample s to peer owners[s]: the split the task generated its data with."""
     if owners is None:
-        raise PartitionError("the task has no natural split; use iid, dirichlet:ALPHA or shards:K")
+        raise PartitionError(
+            f"the task has no natural split for {n_peers} peers (some tasks have none; one by speaker has at most "
+            "one peer per speaker): use fewer peers, or iid, dirichlet:ALPHA or shards:K"
+        )
     owners = owners.cpu().numpy() if isinstance(owners, torch.Tensor) else np.asarray(owners)
     if owners.shape != (n_samples,) or not np.issubdtype(owners.dtype, np.integer):
         raise PartitionError(

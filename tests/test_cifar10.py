@@ -6,6 +6,8 @@ import io
 import os
 import pickle
 import tarfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -341,7 +343,7 @@ def test_download_without_torchvision_fetches_the_archive_and_checks_its_md5(
         requested.append(url)
         return io.BytesIO(archive)
 
-    monkeypatch.setattr(cifar10.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setenv("PEER_DOWNLOAD", "1")
     task = load_task("cifar10", tmp_path / "data")
     assert requested == [cifar10.DOWNLOAD_URL] and task.train_x.shape == (20, 3, 32, 32)
@@ -352,7 +354,7 @@ def test_download_without_torchvision_fetches_the_archive_and_checks_its_md5(
 
 def test_download_rejects_a_wrong_md5_and_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cifar10, "_torchvision_datasets", lambda: None)
-    monkeypatch.setattr(cifar10.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
     monkeypatch.setenv("PEER_DOWNLOAD", "1")
     assert "does not match its published MD5" in one_line_error(tmp_path)
     assert not any((tmp_path / "cifar10").iterdir())
@@ -360,10 +362,10 @@ def test_download_rejects_a_wrong_md5_and_keeps_nothing(tmp_path: Path, monkeypa
 
 def test_a_failed_download_says_so_and_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def unreachable(url: str, timeout: float) -> io.BytesIO:
-        raise cifar10.urllib.error.URLError("no route to host")
+        raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(cifar10, "_torchvision_datasets", lambda: None)
-    monkeypatch.setattr(cifar10.urllib.request, "urlopen", unreachable)
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
     monkeypatch.setenv("PEER_DOWNLOAD", "1")
     message = one_line_error(tmp_path)
     assert message.startswith(f"downloading {cifar10.DOWNLOAD_URL} failed (<urlopen error no route to host>): ")

@@ -4,6 +4,8 @@ import collections
 import hashlib
 import io
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -197,7 +199,7 @@ def test_download_keeps_the_file_only_when_its_checksum_matches(monkeypatch: pyt
         requested.append(url)
         return io.BytesIO(payload)
 
-    monkeypatch.setattr(shakespeare.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setenv("PEER_DOWNLOAD", "1")
     with pytest.raises(TaskError, match="does not match its published SHA-256"):
         load_task("shakespeare", None)
@@ -282,7 +284,7 @@ def test_the_real_file_has_65_characters_many_speakers_and_splits_for_8_peers() 
 
 def test_the_download_setting_allows_a_download_for_one_load_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     payload = TEXT.encode()
-    monkeypatch.setattr(shakespeare.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
     monkeypatch.setattr(shakespeare, "SHA256", hashlib.sha256(payload).hexdigest())
     with pytest.raises(TaskError, match="give --download"):
         load_task("shakespeare", tmp_path / "elsewhere")

@@ -7,6 +7,8 @@ import io
 import random
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +191,7 @@ def test_download_fetches_and_checks_missing_files(tmp_path: Path, monkeypatch: 
         requested.append(url)
         return io.BytesIO(served[url.rsplit("/", 1)[1]])
 
-    monkeypatch.setattr(fashion_mnist.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setenv("PEER_DOWNLOAD", "1")
     task = load_task("fashion-mnist", tmp_path / "data")
     assert task.train_x.shape == (20, 1, 28, 28)
@@ -198,7 +200,7 @@ def test_download_fetches_and_checks_missing_files(tmp_path: Path, monkeypatch: 
 
 
 def test_download_rejects_a_wrong_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fashion_mnist.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
     monkeypatch.setenv("PEER_DOWNLOAD", "1")
     with pytest.raises(TaskError, match="does not match its published SHA-256"):
         load_fashion_mnist(tmp_path)

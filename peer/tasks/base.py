@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import math
 import os
+import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,8 @@ SAMPLE_DTYPES = (torch.float32, torch.uint8, torch.int64)
 # Set while load_task runs for a run given --download; PEER_DOWNLOAD=1 allows it for every run.
 _DOWNLOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("download", default=False)
 DOWNLOAD_ENV = "PEER_DOWNLOAD"
+_DOWNLOAD_CHUNK = 1 << 20
+DIGEST_NAMES = {"sha256": "SHA-256", "md5": "MD5"}
 
 
 def downloads_allowed() -> bool:
@@ -46,6 +52,31 @@ def allowing_downloads(allowed: bool) -> Iterator[None]:
         yield
     finally:
         _DOWNLOAD.reset(token)
+
+
+def fetch_checked(url: str, target: Path, algorithm: str, digest: str, otherwise: str) -> None:
+    """Download ``url`` to ``target``, kept only when its ``algorithm`` digest (sha256, md5) is the
+    published ``digest``: streamed beside it, then renamed, so that an interrupted or rejected
+    download leaves nothing that looks complete. ``otherwise``: what the user can do instead."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    hasher = hashlib.new(algorithm, usedforsecurity=False)
+    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    while chunk := response.read(_DOWNLOAD_CHUNK):
+                        hasher.update(chunk)
+                        file.write(chunk)
+            except (urllib.error.URLError, OSError) as error:
+                reason = " ".join(str(error).split())
+                raise TaskError(f"downloading {url} failed ({reason}): check the connection or {otherwise}") from error
+        if hasher.hexdigest() != digest:
+            raise TaskError(f"{url} does not match its published {DIGEST_NAMES[algorithm]}; retry later or {otherwise}")
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def cache_dir() -> Path:

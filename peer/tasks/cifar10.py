@@ -12,8 +12,6 @@ import os
 import pickle
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 
 from peer.tasks.augment import CropAndFlip
-from peer.tasks.base import Task, TaskError, cache_dir, downloads_allowed
+from peer.tasks.base import Task, TaskError, cache_dir, downloads_allowed, fetch_checked
 
 # The standard class order: label i is CLASSES[i].
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -216,33 +214,8 @@ def _download(folder: Path) -> Path:
             raise TaskError(f"torchvision left no {BATCHES_FOLDER}/ in {folder}: put {_SOURCES} there yourself")
         return source
     target = folder / BATCHES_ARCHIVE
-    _fetch_checked(DOWNLOAD_URL, DOWNLOAD_MD5, target)
+    fetch_checked(DOWNLOAD_URL, target, "md5", DOWNLOAD_MD5, f"put {_SOURCES} in {target.parent}")
     return target
-
-
-def _fetch_checked(url: str, md5: str, target: Path) -> None:
-    """Download url to target, kept only when its MD5 matches: written beside it, then renamed."""
-    digest = hashlib.md5(usedforsecurity=False)
-    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    while chunk := response.read(_CHUNK):
-                        digest.update(chunk)
-                        tmp.write(chunk)
-            except (urllib.error.URLError, OSError) as err:
-                raise TaskError(
-                    f"downloading {url} failed ({_one_line(err)}): check the connection "
-                    f"or put {_SOURCES} in {target.parent}"
-                ) from err
-        if digest.hexdigest() != md5:
-            raise TaskError(f"{url} does not match its published MD5; retry later or put {_SOURCES} in {target.parent}")
-        os.replace(tmp_name, target)
-    except BaseException:
-        # An interrupted or rejected download leaves nothing that looks like the archive.
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _cached_arrays(source: Path) -> dict[str, np.ndarray]:

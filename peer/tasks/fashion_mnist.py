@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
-import os
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 
@@ -15,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peer.tasks.base import Task, TaskError, cache_dir, downloads_allowed
+from peer.tasks.base import Task, TaskError, cache_dir, downloads_allowed, fetch_checked
 
 NUM_CLASSES = 10
 IMAGE_SIDE = 28
@@ -129,21 +124,6 @@ def _download_target(data_dir: Path | None) -> Path:
 
 
 def _download(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     for name, digest in SHA256.items():
-        if (folder / name).is_file():
-            continue
-        url = DOWNLOAD_URL + name
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                payload = response.read()
-        except (urllib.error.URLError, OSError) as err:
-            raise TaskError(
-                f"downloading {url} failed: {err}; check the connection or put the files in {folder}"
-            ) from err
-        if hashlib.sha256(payload).hexdigest() != digest:
-            raise TaskError(f"{url} does not match its published SHA-256; retry later or put the files in {folder}")
-        # Write then rename, so an interrupted download never leaves a file that looks complete.
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=name, suffix=".tmp", delete=False) as tmp:
-            tmp.write(payload)
-        os.replace(tmp.name, folder / name)
+        if not (folder / name).is_file():
+            fetch_checked(DOWNLOAD_URL + name, folder / name, "sha256", digest, f"put the files in {folder}")

@@ -10,17 +10,12 @@ by, and the natural partition gives whole speakers to peers, as LEAF's Shakespea
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from peer.tasks.base import Task, TaskError, cache_dir, downloads_allowed
+from peer.tasks.base import Task, TaskError, cache_dir, downloads_allowed, fetch_checked
 from peer.tasks.gpt import make_char_gpt
 
 FOLDER_NAME = "tinyshakespeare"
@@ -193,15 +188,4 @@ def _download_target(data_dir: Path | None) -> Path:
 
 
 def _download(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(DOWNLOAD_URL, timeout=60) as response:
-            payload = response.read()
-    except (urllib.error.URLError, OSError) as err:
-        raise TaskError(f"downloading {DOWNLOAD_URL} failed: {err}; check the connection or put the file at {target}") from err
-    if hashlib.sha256(payload).hexdigest() != SHA256:
-        raise TaskError(f"{DOWNLOAD_URL} does not match its published SHA-256; retry later or put the file at {target}")
-    # Write then rename, so an interrupted download never leaves a file that looks complete.
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=FILE_NAME, suffix=".tmp", delete=False) as tmp:
-        tmp.write(payload)
-    os.replace(tmp.name, target)
+    fetch_checked(DOWNLOAD_URL, target, "sha256", SHA256, f"put the file at {target}")

@@ -27,7 +27,7 @@ from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attacke
 from peer.summary import summary as common_summary
 from peer.tasks import Task, load_task, partition
 from peer.trainer import Trainer, peer_trainer, resolve_device, split_optimum
-from topology import parse_topology
+from topology import Topology, parse_topology
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,7 @@ class World:
         self.sampled = evaluation_sample(
             [peer for peer in self.initial if peer not in self.attackers], config.eval_peers, config.seed
         )
-        # Newcomers have their place on the graph and their share of the data from the start; one peer has no graph.
-        self.topology = None if self.alone else parse_topology(
-            config.topology, len(self.ids), weights=config.weights, seed=config.seed
-        )
-        if self.topology is not None:
-            self.protocol.check_topology(self.topology, config)
+        self.topology = self._topology()
         self.task = load_task(config.task, config.data_dir, peers=len(self.ids), download=config.download)
         trainers = self._trainers()
         self.trainers = dict(zip(self.ids, trainers))
@@ -175,6 +170,16 @@ class World:
             attack, self.attackers, self.topology, self.ids, HonestModels(self.trainers[self.ids[0]].state()),
             live=lambda peer: peer in self.nodes and peer not in self.gone, seed=config.seed,
         ) if attack else None
+
+    def _topology(self) -> Topology | None:
+        """The graph of every peer, newcomers included (they have their place on it from the start);
+        None for one peer, which has no graph."""
+        if self.alone:
+            return None
+        config = self.config
+        topology = parse_topology(config.topology, len(self.ids), weights=config.weights, seed=config.seed)
+        self.protocol.check_topology(topology, config)
+        return topology
 
     def _trainers(self) -> list[Trainer]:
         """Every peer's trainer, newcomers' included, and the engine that trains them (batched or one by one)."""

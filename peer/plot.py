@@ -81,11 +81,7 @@ def _x_label(axis: str, runs: list[Run]) -> str:
     return "time (s)" if len(clocks) > 1 else ("wall-clock time (s)" if clocks.pop() else "simulated time (s)")
 
 
-def plot_runs(runs: list[Run], out: Path, x: str = "round", *, y: str = "accuracy", log_x: bool = False) -> None:
-    """Mean test accuracy (``y``: or loss) with its min-max band across peers, one curve per run,
-    and the runs' target where they share one; beside it the consensus distance for the runs that
-    recorded it. ``log_x``: a logarithmic x axis, for runs whose bytes or time differ by orders of
-    magnitude."""
+def _check_plottable(runs: list[Run], x: str, y: str) -> None:
     if x not in X_AXES:
         raise ConfigError(f"--x {x!r}: choose one of {', '.join(X_AXES)}")
     if y not in METRICS:
@@ -95,6 +91,14 @@ def plot_runs(runs: list[Run], out: Path, x: str = "round", *, y: str = "accurac
             raise ConfigError(f"{run.folder} has no evaluated round yet; plot it once a round has been evaluated")
         if y == "loss" and any(point.mean_loss is None for point in run.points):
             raise ConfigError(f"{run.folder}: its metrics hold no test loss to plot; plot its accuracy (--y accuracy)")
+
+
+def plot_runs(runs: list[Run], out: Path, x: str = "round", *, y: str = "accuracy", log_x: bool = False) -> None:
+    """Mean test accuracy (``y``: or loss) with its min-max band across peers, one curve per run,
+    and the runs' target where they share one; beside it the consensus distance for the runs that
+    recorded it. ``log_x``: a logarithmic x axis, for runs whose bytes or time differ by orders of
+    magnitude."""
+    _check_plottable(runs, x, y)
     labels, title = describe(runs)
     with_consensus = [run for run in runs if any(distance > 0 for _, distance in run.consensus)]
     columns = 2 if with_consensus else 1

@@ -26,7 +26,7 @@ from peer.sim.batched import CHUNK_PEERS, BatchedTraining, BatchingError, Stacke
 from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers
 from peer.summary import summary as common_summary
 from peer.tasks import Task, load_task, partition
-from peer.trainer import Trainer, peer_trainer, resolve_device, split_optimum
+from peer.trainer import Trainer, evaluation_set, peer_trainer, resolve_device, split_optimum
 from topology import Topology, parse_topology
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,10 @@ def build_trainers(
     trainer reports its distance to it."""
     shards = partition(task.partition_labels(), peers or config.peers, config.partition, config.seed, owners=task.owners)
     optimum = split_optimum(config, task, shards)
+    test = evaluation_set(config, task)  # one copy for every peer
     return [
-        peer_trainer(config, task, shard, index, device, optimum, trainer_class) for index, shard in enumerate(shards)
+        peer_trainer(config, task, shard, index, device, optimum, trainer_class, test)
+        for index, shard in enumerate(shards)
     ]
 
 

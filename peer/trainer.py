@@ -327,9 +327,10 @@ def split_optimum(config: TrainingConfig, task: Task, shards: list[np.ndarray]) 
 
 def peer_trainer(
     config: TrainingConfig, task: Task, shard: np.ndarray, index: int, device: torch.device, optimum: State | None = None,
-    trainer_class: type[Trainer] = Trainer,
+    trainer_class: type[Trainer] = Trainer, test: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Trainer:
-    """Peer ``index``'s trainer: its part of the training set and the run's settings.
+    """Peer ``index``'s trainer: its part of the training set and the run's settings; ``test``: the
+    run's evaluation set (``evaluation_set``), given to share one copy among many peers.
 
     With --init same the model is drawn from --seed, so every peer of a run (simulated or real)
     starts from the same one; with --init independent each peer draws its own. The batch order
@@ -337,11 +338,10 @@ def peer_trainer(
     """
     torch.manual_seed(config.seed if config.init == "same" else config.seed * 100_003 + index + 1)
     rows = torch.as_tensor(shard, dtype=torch.long)
-    tested = evaluation_rows(len(task.test_y), config.eval_samples, config.seed)
     return trainer_class(
         task.make_model(),
         (task.train_x[rows], task.train_y[rows]),
-        (task.test_x, task.test_y) if tested is None else (task.test_x[tested], task.test_y[tested]),
+        test or evaluation_set(config, task),
         lr=config.lr or task.learning_rate,
         momentum=config.momentum,
         weight_decay=weight_decay(config, task),
@@ -354,6 +354,12 @@ def peer_trainer(
         optimizer=config.optimizer or task.optimizer,
         augmentation=task.augmentation,
     )
+
+
+def evaluation_set(config: TrainingConfig, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test samples the run evaluates on: all, or the fixed --eval-samples of them."""
+    tested = evaluation_rows(len(task.test_y), config.eval_samples, config.seed)
+    return (task.test_x, task.test_y) if tested is None else (task.test_x[tested], task.test_y[tested])
 
 
 def evaluation_rows(test_samples: int, wanted: int | None, seed: int) -> torch.Tensor | None:

@@ -158,6 +158,8 @@ def test_eval_samples_takes_the_same_fixed_test_rows_for_every_peer():
     task = load_task("mnist1d")
     trainers = build_trainers(SimulationConfig(peers=3, eval_samples=100, seed=3), task, torch.device("cpu"))
     assert all(torch.equal(t.test_y, task.test_y[rows]) for t in trainers)
+    # One copy of the subset for the whole run, not one per peer.
+    assert len({t.test_x.data_ptr() for t in trainers}) == 1
 
 
 def test_a_step_is_counted_in_flops_and_only_big_steps_train_one_by_one_on_a_cpu():

@@ -38,6 +38,7 @@ class StepResult:
     expected: frozenset[PeerId]  # the in-neighbours of this step
     missing: frozenset[PeerId]  # of those, the ones whose model did not arrive in time
     newest_step: int  # the step at least half the in-neighbours have reached (see most_have_reached)
+    sent: State | None = None  # what the neighbours decode of our model (kept by an exchange that mixes it)
 
     @property
     def heard(self) -> int:
@@ -201,7 +202,12 @@ class NeighbourExchange(Exchange):
         timeout: float,
         mixing: MixingRule | None = None,
         codec: Codec | None = None,
+        mix_as_sent: bool = False,
     ):
+        """With ``mix_as_sent`` our own model enters the mix as the neighbours decode it, and each
+        step's result says what that was (``StepResult.sent``): every peer of a link then mixes the
+        same two models, which error feedback on what a lossy codec dropped needs."""
+        self.mix_as_sent = mix_as_sent
         self.transport = transport
         self.clock = clock
         self.neighbourhood = neighbourhood
@@ -299,10 +305,12 @@ class NeighbourExchange(Exchange):
         finally:
             for pull in pulls:
                 pull.cancel()
+        own = self._decode(message) if self.mix_as_sent else exchanged(state)
         mixed = mix_screened(
-            self.mixing, self.transport, exchanged(state), self.neighbourhood.self_weight(step),
+            self.mixing, self.transport, own, self.neighbourhood.self_weight(step),
             {peer: (weights[peer], received[peer].tensors) for peer in sorted(received)}, step,
         )
         expected = frozenset(weights)
         newest = most_have_reached(step, [m.round for m in received.values()], len(expected))
-        return StepResult({**state, **mixed}, expected, expected - frozenset(received), newest)
+        sent = own if self.mix_as_sent else None
+        return StepResult({**state, **mixed}, expected, expected - frozenset(received), newest, sent)

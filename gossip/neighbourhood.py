@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 
@@ -213,3 +214,44 @@ class OverlayNeighbourhood(Neighbourhood):
                     "%s; the token stays put with probability %g meanwhile", reason, PERIODIC_STAY
                 )
             return graph.walk_row(PERIODIC_STAY)
+
+
+class RandomGroups(Neighbourhood):
+    """Groups of ``size`` live peers, drawn afresh at every step, each averaging uniformly within.
+
+    Every peer with the same view of the live peers draws the same groups (a shuffle seeded by the
+    run's seed and the step), so the members of a group send to each other and wait for nobody
+    else. When the live peers do not divide into groups of ``size``, those left over keep their
+    own model for that step; the draw changes every step, so nobody is left over for long.
+    """
+
+    def __init__(self, me: PeerId, view: Callable[[], Iterable[PeerId]], size: int, *, seed: int = 0):
+        if size < 2:
+            raise ValueError(f"a group has at least 2 peers, got {size}")
+        self.me = me
+        self._view = view
+        self.size = size
+        self._seed = seed
+
+    def group(self, step: int) -> list[PeerId]:
+        """This peer's group at ``step``, itself included."""
+        peers = sorted(set(self._view()) | {self.me})
+        random.Random(f"{self._seed}:{step}").shuffle(peers)
+        index = peers.index(self.me)
+        if index >= len(peers) - len(peers) % self.size:
+            return [self.me]
+        first = index - index % self.size
+        return peers[first:first + self.size]
+
+    def out_neighbours(self, step: int) -> list[PeerId]:
+        return [peer for peer in self.group(step) if peer != self.me]
+
+    def in_weights(self, step: int) -> dict[PeerId, float]:
+        group = self.group(step)
+        return {peer: 1.0 / len(group) for peer in group if peer != self.me}
+
+    def self_weight(self, step: int) -> float:
+        return 1.0 / len(self.group(step))
+
+    def linked(self, step: int) -> set[PeerId]:
+        return set(self.out_neighbours(step))

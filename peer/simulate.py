@@ -21,6 +21,7 @@ from peer.flops import step_flops
 from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
+from peer.sim.averaging import AveragingRoom
 from peer.sim.alone import REFERENCE_LABEL, LocalTraining
 from peer.sim.batched import CHUNK_PEERS, BatchedTraining, BatchingError, StackedTrainer, batching_refusal
 from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers
@@ -147,6 +148,7 @@ class World:
         self.network = SimNetwork(
             LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
         )
+        self.averaging = AveragingRoom(self.network, config.gossip.codec) if self.protocol.averages(self.settings) else None
         self.speeds = config.peer_speeds
         self.slow = frozenset(self.ids[i] for i in self.speeds.slow())
         # Each peer computes at its own speed; a coordinator (FedAvg's server) at --step-time.
@@ -215,7 +217,8 @@ class World:
         )
         neighbourhood = self._neighbourhood(peer_id) if self.protocol.needs_neighbourhood() else None
         context = ProtocolContext(
-            transport, clock, trainer, neighbourhood, node.round_finished, self.gossip, deadline=config.duration
+            transport, clock, trainer, neighbourhood, node.round_finished, self.gossip, deadline=config.duration,
+            averaging=self.averaging.join(peer_id) if self.averaging else None,
         )
         node.protocol = self.protocol.build(context, self.settings, peers=self.initial, joining=joining)
         self.built.append((peer_id, node.protocol))

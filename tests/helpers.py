@@ -87,6 +87,17 @@ def wait_for_exits(processes, timeout, what="the peers"):
         time.sleep(0.2)
 
 
+def wait_for_round(swarm, round_, timeout, *, everyone=False):
+    """Wait until a peer of a ``LocalSwarm`` (with ``everyone``: every peer) has recorded ``round_``,
+    with no peer exiting meanwhile."""
+    deadline = time.monotonic() + timeout
+    reached = min if everyone else max
+    while reached(swarm.last_round(i) for i in swarm.processes) < round_:
+        assert time.monotonic() < deadline, f"the swarm did not complete round {round_}"
+        assert all(p.poll() is None for p in swarm.processes.values()), "a peer exited early"
+        time.sleep(0.1)
+
+
 # --- live metrics -----------------------------------------------------------------------
 
 

@@ -207,3 +207,75 @@ def assert_walk_unaffected(walk: Walk):
     assert [round_ for _, round_ in walk.visits] == list(range(walk.rounds))
     assert walk.value(walk.holders()[-1]) == walk.start_value() + walk.rounds
     assert walk.live_copies() == [(walk.holders()[-1], 0, (0, walk.rounds))]
+
+
+# --- DiLoCo ---------------------------------------------------------------------------------
+
+
+class OuterSwarm:
+    """One DiLoCo per peer (``p0``, ``p1``, ...), each a vector model that starts at ``start`` and
+    drifts by its own amount a step (peer i by ``drifts[i]``), so that every outer step is predictable."""
+
+    def __init__(self, drifts, *, mix="all", rounds, local_steps=1, start=0.0, codec="none", timeout=5.0,
+                 optimizer="nesterov", lr=0.7, momentum=0.9, network=None):
+        from gossip.outer import OuterOptimizer
+        from gossip.protocols.diloco import OuterMix
+        from peer.sim.averaging import AveragingRoom
+
+        self.network = network or SimNetwork(LinkModel(latency=0.01))
+        self.ids = [f"p{i}" for i in range(len(drifts))]
+        self.rounds, self.local_steps = rounds, local_steps
+        self.mix = OuterMix.parse(mix)
+        self.gossip = GossipSettings(timeout=timeout, codec=codec)
+        self.room = AveragingRoom(self.network, self.gossip.codec)
+        self.topology = parse_topology("ring", len(drifts))
+        self.clock = SimClock()
+        self.outer = lambda: OuterOptimizer(optimizer, lr, momentum)
+        self.learners = {peer: VectorLearner(torch.tensor([start]), drift=d) for peer, d in zip(self.ids, drifts)}
+        self.reports = {peer: [] for peer in self.ids}
+        self.protocols, self.tasks = {}, {}
+        for peer in self.ids:
+            self.add(peer, self.network.attach(peer))
+
+    def add(self, peer, transport, *, joining=False):
+        from gossip.protocols.diloco import DiLoCo
+
+        async def finished(report, peer=peer):
+            self.reports[peer].append(report)
+
+        neighbourhood = GraphNeighbourhood(self.topology, self.ids, peer) if self.mix.kind == "neighbours" else None
+        context = ProtocolContext(
+            transport, self.clock, self.learners[peer], neighbourhood, finished, self.gossip,
+            averaging=self.room.join(peer) if self.mix.kind == "all" else None,
+        )
+        self.protocols[peer] = DiLoCo(context, self.mix, self.outer(), local_steps=self.local_steps, joining=joining)
+        return self.protocols[peer]
+
+    def start(self, peer, first_round=0):
+        self.tasks[peer] = asyncio.get_running_loop().create_task(self.protocols[peer].run(self.rounds, first_round))
+
+    def arrive(self, peer, drift):
+        """A newcomer, started at once: it asks a running peer where the swarm is."""
+        self.ids.append(peer)
+        self.learners[peer] = VectorLearner(torch.tensor([-100.0]), drift=drift)
+        self.reports[peer] = []
+        self.add(peer, self.network.attach(peer), joining=True)
+        self.start(peer)
+
+    def crash(self, peer):
+        self.network.crash(peer)
+        self.tasks[peer].cancel()
+
+    async def run(self, first_round=0):
+        for peer in self.ids:
+            if peer not in self.tasks:
+                self.start(peer, first_round)
+        async with asyncio.timeout(100_000):
+            while pending := [t for t in self.tasks.values() if not t.done()]:
+                await asyncio.wait(pending)
+        for task in self.tasks.values():
+            if not task.cancelled():
+                task.result()
+
+    def values(self):
+        return {peer: learner.value.item() for peer, learner in self.learners.items()}

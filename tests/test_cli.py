@@ -105,7 +105,7 @@ BAD_INPUTS = {
     "no threads": (["--threads", "0"], "--threads"),
     # A flag the chosen method does not use is refused, never ignored.
     "sam radius with plain gossip": (["--algorithm", "dpsgd", "--sam-rho", "0.1"], "--sam-rho: only for --algorithm dfedsam or async-gossip; dpsgd does not use it"),
-    "a topology with sampling": (["--algorithm", "modest", "--topology", "star"], "--topology: only for --algorithm dpsgd, dfedsam, srrw or async-gossip; modest does not use it"),
+    "a topology with sampling": (["--algorithm", "modest", "--topology", "star"], "--topology: only for --algorithm dpsgd, dfedsam, srrw, async-gossip or diloco; modest does not use it"),
     "gossip steps with sampling": (["--algorithm", "modest", "--gossip-steps", "3"], "--gossip-steps: only for --algorithm dpsgd or dfedsam; modest does not use it"),
     "error feedback with a token": (["--algorithm", "srrw", "--error-feedback", "choco"], "--error-feedback: only for --algorithm dpsgd or dfedsam; srrw does not use it"),
     "tokens with plain gossip": (["--tokens", "2"], "--tokens: only for --algorithm srrw; dpsgd does not use it"),

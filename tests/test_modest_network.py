@@ -2,7 +2,6 @@
 sampling swarm on loopback goes on, and finishes, after most of its peers crash."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from gossip.settings import GossipSettings
 from peer.config import SwarmConfig
 from peer.net.node import fingerprint
 from peer.net.swarm import LocalSwarm, final_accuracies
-from tests.helpers import wait_for_exits
+from tests.helpers import wait_for_exits, wait_for_round
 
 STATE = {"layer.weight": torch.zeros(3, 4), "layer.bias": torch.zeros(3)}
 
@@ -73,11 +72,7 @@ def test_modest_survivors_go_on_after_most_peers_crash(tmp_path):
     swarm = LocalSwarm(config, tmp_path, extra_args=("--pace", "1"))
     try:
         swarm.bootstrap()
-        deadline = time.monotonic() + 120
-        while max(swarm.last_round(i) for i in swarm.processes) < 1:
-            assert time.monotonic() < deadline, "the swarm did not complete round 1"
-            assert all(p.poll() is None for p in swarm.processes.values()), "a peer exited early"
-            time.sleep(0.1)
+        wait_for_round(swarm, 1, 120)
         for index in victims:
             swarm.kill(index)
         killed_at = max(swarm.last_round(i) for i in swarm.processes)

@@ -38,7 +38,9 @@ Class attributes (a subclass sets what differs from the default):
 
 Class methods: ``build`` makes one from the run's settings in either world; ``check`` refuses
 settings that do not go together; ``for_swarm`` fits the settings to a swarm of known size;
-``learning_rate`` may replace the run's schedule; ``check_topology`` refuses a graph it cannot use; ``combine``, ``describe_overlay`` and
+``learning_rate`` may replace the run's schedule; ``check_topology`` refuses a graph it cannot use;
+``averages`` says whether its peers average in groups (the world then gives them a ``GroupAveraging``,
+``gossip.averaging``); ``combine``, ``describe_overlay`` and
 ``table_rows`` turn the peers' ``figures`` into a run's summary and its result table.
 """
 
@@ -51,6 +53,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from gossip.averaging import GroupAveraging
 from gossip.exchange import Exchange
 from gossip.learner import Learner
 from gossip.message import PeerId
@@ -94,6 +97,8 @@ class ProtocolContext:
     round_finished: Callable[[RoundReport], Awaitable[None]]
     gossip: GossipSettings = field(default_factory=GossipSettings)
     deadline: float | None = None  # clock seconds after which no round starts (None: rounds only)
+    # The world's averaging in groups, for a protocol whose ``averages`` says it needs one (else None).
+    averaging: GroupAveraging | None = None
 
     def past_deadline(self) -> bool:
         return self.deadline is not None and self.clock.now() >= self.deadline
@@ -173,6 +178,11 @@ class Protocol(ABC):
     @classmethod
     def check_topology(cls, topology: Any, settings: Settings) -> None:
         """ValueError when the run's graph (a ``topology.Topology``) does not suit it."""
+
+    @classmethod
+    def averages(cls, settings: Settings) -> bool:
+        """Whether its peers average in groups with these settings (``ProtocolContext.averaging``)."""
+        return False
 
     @classmethod
     def learning_rate(cls, settings: Settings, schedule: Any) -> Any:

@@ -32,6 +32,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from gossip.catchup import SnapshotServer, catch_up
 from gossip.learner import State
 from gossip.neighbourhood import OverlayNeighbourhood
+from gossip.outer import floating
 from gossip.protocols import ProtocolContext, RoundReport, build_protocol, protocol_named
 from gossip.settings import GossipSettings
 from gossip.transport import Clock
@@ -42,6 +43,7 @@ from peer.curve import LatestAccuracies, Target, time_to_target
 from peer.errors import ConfigError
 from peer.metrics import MetricsLog, RoundRecord, prepare_out, write_json_atomic
 from peer.net.access import Access, access_from, load_identity, peer_id_of
+from peer.net.averaging import HivemindAveraging, all_reduce_compression, group_prefix
 from peer.net.clock import WallClock
 from peer.net.dialback import DialBackService
 from peer.net.live_metrics import LiveMetrics
@@ -149,6 +151,8 @@ def _start_hint(reason: str, config: RunConfig) -> str:
 
 async def run_peer(config: RunConfig, on_record: Callable[[RoundRecord], None] | None = None) -> dict:
     access_from(config.swarm_key, config.allow_peers)  # a bad key file is an error before anything starts
+    if config.protocol.averages(config):
+        all_reduce_compression(config.gossip.codec.spec)  # so is a codec that its all-reduce cannot carry
     if config.out:
         prepare_out(config.out, resume=config.resume, overwrite=config.overwrite)
     resumed = read_checkpoint(config.out) if config.resume else None  # before any work, should there be none
@@ -191,6 +195,7 @@ class Node:
     identity_lock: Any = None
     scratch: tempfile.TemporaryDirectory | None = None
     serving: bool = True
+    averaging: HivemindAveraging | None = None  # its averaging in groups, where the protocol averages
 
 
 def prepare_training(config: RunConfig, resumed: Checkpoint | None) -> Training:
@@ -271,6 +276,8 @@ async def _run_peer(
     finally:
         if keep_alive:
             keep_alive.cancel()
+        if node.averaging:
+            node.averaging.close()  # before the DHT, whose daemon it talks through
         await _leave(node.membership, node.transport if node.serving else None, node.dht)
         if node.identity_lock:
             node.identity_lock.close()
@@ -311,8 +318,12 @@ class PeerRun:
             on_record=self._round_done, pace=0.0 if protocol.one_model else config.pace, wall_time=True,
         )
         finished = paced(self.peer_node.round_finished, self.clock, config.pace if protocol.one_model else 0.0)
+        if protocol.averages(config):
+            # Integers (counters) are not averaged: the all-reduce carries floats, and a mean of counters is none.
+            node.averaging = start_averaging(config, node, floating(trainer.state()))
         context = ProtocolContext(
-            transport, self.clock, trainer, self.neighbourhood, finished, config.gossip, deadline=config.duration
+            transport, self.clock, trainer, self.neighbourhood, finished, config.gossip, deadline=config.duration,
+            averaging=node.averaging,
         )
         # Built (and serving) before anyone can learn of us; it learns the swarm in enter().
         self.protocol = self.peer_node.protocol = build_protocol(config.algorithm, context, config)
@@ -427,6 +438,18 @@ class PeerRun:
         if self.resumed:
             summary["resumed_from_round"] = self.resumed.round
         return summary
+
+
+def start_averaging(config: RunConfig, node: Node, reference: State) -> HivemindAveraging:
+    """The peer's averaging in groups: hivemind's all-reduce with the peers of its swarm and
+    fingerprint (whose records key is secret in a private swarm), each group's members checked
+    against the swarm's records as the transport checks a stream's peer."""
+    membership = node.membership
+    return HivemindAveraging(
+        node.dht, group_prefix(membership.key, membership.record.fingerprint), reference, membership.is_member,
+        client_mode=config.client_mode, compression=all_reduce_compression(config.gossip.codec.spec),
+        counters=node.transport.counters, allreduce_timeout=config.gossip.timeout,  # no longer than an exchange
+    )
 
 
 async def _leave(membership: Membership | None, transport: P2PTransport | None, dht: hivemind.DHT) -> None:

@@ -95,6 +95,13 @@ class SimNetwork:
         """By every peer of the network, up or down, since the start."""
         return self._bytes_sent
 
+    def count_collective(self, peer_id: PeerId, size: int) -> None:
+        """A peer's part in a collective (an all-reduce): ``size`` bytes sent and as many received."""
+        counters = self._endpoints[peer_id].counters
+        counters.bytes_sent += size
+        counters.bytes_received += size
+        self._bytes_sent += size
+
     def rejected(self) -> int:
         return sum(endpoint.counters.rejected for endpoint in self._endpoints.values())
 

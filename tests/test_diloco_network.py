@@ -1,0 +1,47 @@
+"""DiLoCo between real peers on loopback: with one peer SIGKILLed mid-run, the others finish every
+outer round, through hivemind's all-reduce and through random pairs alike."""
+
+import json
+
+import pytest
+
+from peer.config import SwarmConfig
+from peer.net.swarm import LocalSwarm
+from tests.helpers import wait_for_exits, wait_for_round
+
+pytestmark = pytest.mark.network
+
+
+def records(swarm: LocalSwarm, index: int) -> list[dict]:
+    path = swarm.folder(index) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("mix", ["all", "gossip:1"])
+def test_the_survivors_finish_every_outer_round_after_a_peer_is_killed(tmp_path, mix):
+    rounds, victim, survivors = 8, 3, [0, 1, 2]
+    config = SwarmConfig(
+        peers=4, rounds=rounds, algorithm="diloco", outer_mix=mix, local_steps=5, partition="iid",
+        exchange_timeout=8, join_timeout=90,
+    )
+    # --pace: a round takes at least 1.5 s, so that the victim dies while the run goes on.
+    swarm = LocalSwarm(config, tmp_path, extra_args=("--pace", "1.5"))
+    try:
+        swarm.bootstrap()
+        wait_for_round(swarm, 1, 150, everyone=True)
+        swarm.kill(victim)
+        killed_at = max(swarm.last_round(i) for i in survivors)
+        assert killed_at < rounds - 2, "the run was almost over before the peer was killed"
+        wait_for_exits([swarm.processes[i] for i in survivors], 180, "the survivors")
+    finally:
+        swarm.stop()
+    logs = "\n".join((swarm.folder(i) / "log.txt").read_text() for i in survivors)
+    assert [swarm.processes[i].returncode for i in survivors] == [0, 0, 0], logs
+    for index in survivors:
+        assert [r["round"] for r in records(swarm, index)] == list(range(rounds)), logs
+    summaries = swarm.summaries()
+    assert all(summaries[i]["rounds_completed"] == rounds for i in survivors)
+    # After the crash every survivor still averaged with others (in pairs, one of three left over each round).
+    later = {i: [r["neighbours_heard"] for r in records(swarm, i) if r["round"] > killed_at + 1] for i in survivors}
+    assert all(max(heard) >= 1 for heard in later.values()), later
+    assert "Traceback" not in logs

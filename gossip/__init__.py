@@ -11,12 +11,14 @@
 - ``message.py``: a message (header and tensors) and its exact size on the wire.
 - ``mixing.py``: mixing rules, and the plain weighted average.
 - ``model_codec.py``: a whole model as one flat vector for a codec.
-- ``neighbourhood.py``: whom a peer talks to and with what weight: a fixed graph or a live overlay.
+- ``neighbourhood.py``: whom a peer talks to and with what weight: a fixed graph, a live overlay or random groups.
 - ``robust.py``: robust mixing rules (clipping, trimmed mean, median) and the outlier guard.
 - ``sampling.py``: hash order and finding live peers by ping, for decentralised sampling.
 - ``settings.py``: timeout, codec, error feedback, mixing rule and staleness, and the exchange they make.
 - ``token.py``: a walking token as data: its wire form, its checks, and which copy is current.
 - ``transport.py``: the Transport and Clock interfaces every protocol is written against.
+- ``averaging.py``: averaging in groups (an all-reduce), the interface each world implements.
+- ``outer.py``: the outer optimiser of outer-optimizer training, and the error feedback of its pseudo-gradients.
 - ``validation.py``: checks that a received state matches our model (names, shapes, dtypes, finite).
 - ``variance.py``: variance-corrected averaging.
 - ``view.py``: a sampling peer's view of the swarm, merged from every message, and its wire form.

@@ -12,5 +12,6 @@
 - ``ports.py``: whether a TCP port can be listened on, and which process holds it when it cannot.
 - ``clock.py``: the wall clock, with local work in a worker thread so the peer keeps serving.
 - ``live_metrics.py``: Prometheus metrics of a running peer, served over HTTP at /metrics.
+- ``averaging.py``: averaging in groups through hivemind's all-reduce, each group's members checked against the swarm.
 - ``reaper.py``: a watcher process that kills a peer's DHT and p2p processes once the peer is gone.
 """

@@ -7,6 +7,7 @@
 - ``faults.py``: ``--faults``: peers that crash, leave or join, partitions, and crashes of a token's holder.
 - ``byzantine.py``: ``--byzantine``: omniscient attackers that gossip crafted models.
 - ``batched.py``: ``--engine batched``: many peers' local training as one vmapped step.
+- ``averaging.py``: averaging in groups, exact over the live peers of a round, charged as a ring all-reduce.
 - ``alone.py``: ``--peers 1``: the single-peer reference, one peer training alone on all the data.
 """
 

@@ -236,7 +236,8 @@ class DiLoCo(Protocol):
     async def _average_all(self, round_: int, delta: State) -> Combined:
         total = self.feedback.with_residual(delta)
         me = self.context.transport.peer_id
-        sent = self.models.decode(*_reordered(self.models.encode(total, message_seed(me, "outer", round_))))
+        tensors, meta, codec = self.models.encode(total, message_seed(me, "outer", round_))
+        sent = self.models.decode(tensors, codec, meta)  # what every member of the group will average
         expected = len(self.context.transport.reachable())
         averaged = await self.context.averaging.average(round_, sent, self.context.gossip.timeout)
         if averaged is None:
@@ -347,8 +348,3 @@ def _paired(reference: State) -> State:
     """The layout of what a group exchanges: a start point and a pseudo-gradient."""
     return {**_prefixed("start.", reference), **_prefixed("delta.", reference)}
 
-
-def _reordered(encoded: tuple[dict[str, torch.Tensor], dict[str, int], str]) -> tuple[dict[str, torch.Tensor], str, dict]:
-    """``ModelMessages.encode``'s result in the order ``decode`` takes it."""
-    tensors, meta, codec = encoded
-    return tensors, codec, meta

@@ -16,7 +16,10 @@ With a lossy ``--codec`` the pseudo-gradients are compressed, and what the codec
 to the next one (error feedback); start points travel through the same codec with nothing fed
 back (only the pull between them sees its error).
 
-A newcomer asks a running peer for its start point, outer momentum and round, and starts there.
+A round whose average fails (no group formed, a member died mid-way) moves nobody: the peer keeps
+its start point and sends its pseudo-gradient with the next round's. If the others' average did
+not fail, it then takes their start point and outer momentum, so that one missed round does not
+set it apart for good. A newcomer asks a running peer for the same, and for its round.
 A checkpoint holds the outer momentum and the error feedback's residual besides the model (the
 start point of the next round) and the inner optimiser's state, so a resumed peer takes the same
 next outer step.

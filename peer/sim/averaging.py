@@ -42,6 +42,7 @@ class AveragingRoom:
         self.members: set[PeerId] = set()
         self._groups: dict[int, _Group] = {}  # the rounds whose group has not handed out its mean yet
         self._over: set[int] = set()  # the rounds whose group has
+        self._size: int | None = None  # bytes of one contribution on the wire: the same every round
 
     def join(self, peer: PeerId) -> SimAveraging:
         self.members.add(peer)
@@ -90,9 +91,11 @@ class AveragingRoom:
 
     def _charge(self, members: list[PeerId], contribution: State) -> float:
         """Count each member's traffic of a ring all-reduce; the seconds it takes."""
-        tensors, _, _ = ModelMessages(contribution, self.codec).encode(contribution, seed=0)
-        size, k = wire_bytes(tensors), len(members)
-        moved = 2 * (k - 1) * size // k
+        if self._size is None:
+            tensors, _, _ = ModelMessages(contribution, self.codec).encode(contribution, seed=0)
+            self._size = wire_bytes(tensors)
+        k = len(members)
+        moved = 2 * (k - 1) * self._size // k
         for peer in members:
             self.network.count_collective(peer, moved)
         link = self.network.default_link

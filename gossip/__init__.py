@@ -18,7 +18,7 @@
 - ``token.py``: a walking token as data: its wire form, its checks, and which copy is current.
 - ``transport.py``: the Transport and Clock interfaces every protocol is written against.
 - ``averaging.py``: averaging in groups (an all-reduce), the interface each world implements.
-- ``outer.py``: the outer optimiser of outer-optimizer training, and the error feedback of its pseudo-gradients.
+- ``outer.py``: the outer optimiser of outer-optimizer training, its fragments, and the error feedback of its pseudo-gradients.
 - ``validation.py``: checks that a received state matches our model (names, shapes, dtypes, finite).
 - ``variance.py``: variance-corrected averaging.
 - ``view.py``: a sampling peer's view of the swarm, merged from every message, and its wire form.

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gossip.codecs import BlockInt8, Codec, CodecError, Identity, RandK, TopK
+from gossip.codecs import BlockInt8, ChunkTopK, Codec, CodecError, Identity, RandK, TopK
 from gossip.exchange import (
     Exchange,
     StepInbox,
@@ -274,10 +274,13 @@ def default_consensus_step(codec: Codec) -> float:
     Dense codecs keep nearly all of a difference, so the step is 1. A sparsifier keeps a
     fraction of it, and the step must shrink with that fraction or the peers drift apart;
     these factors are the largest that stayed stable on MNIST-1D over ratios 0.01 to 0.25
-    (top-k keeps the largest entries, so it tolerates four times random-k's step).
+    (top-k keeps the largest entries, so it tolerates four times random-k's step; chunk top-k
+    keeps the largest of each chunk, and is given top-k's).
     """
     if isinstance(codec, TopK):
         return min(1.0, 4 * float(codec.ratio))
+    if isinstance(codec, ChunkTopK):
+        return min(1.0, 4 * float(codec.density))
     if isinstance(codec, RandK):
         return min(1.0, float(codec.ratio))
     return 1.0

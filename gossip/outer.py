@@ -53,20 +53,87 @@ class OuterOptimizer:
         self.velocity = {name: tensor.clone() for name, tensor in velocity.items()}
 
 
+def split_fragments(state: State, count: int) -> tuple[tuple[str, ...], ...]:
+    """The names of ``state``'s tensors in ``count`` fragments of consecutive tensors (layer order),
+    each about as large as the others: a fragment ends once it reaches its share of the total, or
+    when the tensors left are just enough to give every later fragment one."""
+    names = list(state)
+    if not 1 <= count <= len(names):
+        raise ValueError(f"{count} fragments need between 1 and {len(names)} (the model's tensors), got {count}")
+    total = sum(state[name].numel() for name in names)
+    fragments: list[tuple[str, ...]] = []
+    current: list[str] = []
+    filled = 0
+    for index, name in enumerate(names):
+        current.append(name)
+        filled += state[name].numel()
+        later = count - len(fragments) - 1  # fragments still to start after this one
+        left = len(names) - index - 1
+        if later and (filled * count >= total * (len(fragments) + 1) or left == later):
+            fragments.append(tuple(current))
+            current = []
+    fragments.append(tuple(current))
+    return tuple(fragments)
+
+
+def subset(state: State, names: tuple[str, ...]) -> State:
+    return {name: state[name] for name in names}
+
+
+FEEDBACK_HELP = "none, residual or residual:BETA (BETA in [0, 1]: the share of the residual carried over)"
+
+
 class ErrorFeedback:
     """What a lossy codec dropped from a pseudo-gradient, added to the next one so that it is sent
-    later rather than lost: e <- e + d; send c = C(e); e <- e - c."""
+    later rather than lost: e <- beta e + d; send c = C(e); e <- e - c.
 
-    def __init__(self) -> None:
+    ``beta`` 1 keeps all of it (classic error feedback); below 1 the residual decays, which makes it
+    an accumulator of past pseudo-gradients, as SparseLoCo uses one in place of outer momentum; 0
+    drops what the codec left out (no feedback). Tensors are kept by name, so that fragments of a
+    model (each sent in its own rounds) keep residuals of their own.
+    """
+
+    def __init__(self, beta: float = 1.0) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"error feedback BETA must be in [0, 1], got {beta:g}")
+        self.beta = beta
         self.residual: State = {}
+        self.unsent: State = {}  # pseudo-gradients of a round whose combination failed
+
+    @classmethod
+    def parse(cls, spec: str) -> ErrorFeedback:
+        if spec == "none":
+            return cls(0.0)
+        kind, has_beta, beta = spec.partition(":")
+        if kind == "residual" and not has_beta:
+            return cls()
+        try:
+            if kind == "residual":
+                return cls(float(beta))
+        except ValueError:
+            pass
+        raise ValueError(f"--error-feedback {spec[:40]!r} is not one of {FEEDBACK_HELP}")
 
     def with_residual(self, delta: State) -> State:
-        return {name: d + self.residual[name] if name in self.residual else d for name, d in delta.items()}
+        """What to send instead of ``delta``: it plus the residual (and whatever a failed round held back)."""
+        total = {}
+        for name, d in delta.items():
+            if self.beta and name in self.residual:
+                d = d + self.beta * self.residual[name]
+            total[name] = d + self.unsent.pop(name) if name in self.unsent else d
+        return total
 
     def keep(self, total: State, sent: State) -> None:
         """``total`` was to be sent and ``sent`` is what the others received."""
-        self.residual = {name: tensor - sent[name] for name, tensor in total.items()}
+        if self.beta:
+            self.residual.update({name: tensor - sent[name] for name, tensor in total.items()})
 
-    def load(self, residual: State) -> None:
+    def hold(self, total: State) -> None:
+        """Nothing was sent: all of ``total`` goes with the next pseudo-gradient of its tensors, whatever BETA."""
+        self.unsent.update(total)
+        for name in total:
+            self.residual.pop(name, None)
+
+    def load(self, residual: State, unsent: State) -> None:
         self.residual = {name: tensor.clone() for name, tensor in residual.items()}
-
+        self.unsent = {name: tensor.clone() for name, tensor in unsent.items()}

@@ -1,10 +1,11 @@
 """Validated settings of a run; the same keys come from flags or a TOML file (flags win).
 
-Every spec (codec, mixing, schedule, staleness, faults, attackers, speeds) is parsed once, as the
-settings are validated, into the typed values that the rest of the program uses (``gossip``,
-``schedule``, ``fault_events``, ``attack``, ``peer_speeds``). Which settings the chosen protocol
-takes, refuses or cannot combine is the protocol's to say (``gossip.protocols.base``): a setting
-that some protocol takes and this one does not is refused with the reason, never ignored.
+Every spec (codec, mixing, schedule, staleness, faults, attackers, speeds, bandwidths) is parsed
+once, as the settings are validated, into the typed values that the rest of the program uses
+(``gossip``, ``schedule``, ``fault_events``, ``attack``, ``peer_speeds``, ``peer_bandwidths``).
+Which settings the chosen protocol takes, refuses or cannot combine is the protocol's to say
+(``gossip.protocols.base``): a setting that some protocol takes and this one does not is refused
+with the reason, never ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from gossip.choco import ERROR_FEEDBACK_SPECS, default_consensus_step, parse_error_feedback
 from gossip.codecs import CodecError, parse_codec
 from gossip.mixing import MixingRule, WeightedAverage
+from gossip.outer import FEEDBACK_HELP, ErrorFeedback
 from gossip.protocols import Protocol, names, protocol_named, registered
 from gossip.robust import ROBUST_SPECS, parse_robust
 from gossip.settings import GossipSettings
@@ -30,6 +32,7 @@ from peer.errors import ConfigError
 from peer.lr_schedule import CosineDecay
 from peer.sim.byzantine import ByzantineSpec, check_byzantine, parse_byzantine
 from peer.sim.faults import Fault, parse_faults
+from peer.sim.links import BANDWIDTHS_HELP, Bandwidths, parse_bandwidths
 from peer.sim.speeds import SPEEDS_HELP, Speeds, parse_speeds
 
 C = TypeVar("C", bound="TrainingConfig")
@@ -161,7 +164,8 @@ class CommonSettings(BaseModel):
     exchange_timeout: float = Field(30.0, gt=0, description="seconds to wait for a neighbour's model")
     codec: str = Field("none", description="model compression: none, fp16, bf16, int8[:BLOCK], topk:RATIO, randk:RATIO, or e.g. topk:0.01+int8")
     error_feedback: str | None = Field(
-        None, description=f"{ERROR_FEEDBACK_SPECS}; choco when --codec is lossy, none otherwise"
+        None, description=f"for models: {ERROR_FEEDBACK_SPECS}; for pseudo-gradients (diloco): {FEEDBACK_HELP}; "
+        "choco or residual when --codec is lossy, none otherwise",
     )
     consensus_step: float | None = Field(
         None, gt=0, le=1, description="CHOCO's consensus step size; 1 for dense codecs, less for top-k and random-k"
@@ -229,6 +233,13 @@ class CommonSettings(BaseModel):
             raise ValueError(refusal)
         if self.target_accuracy is not None and self.target_loss is not None:
             raise ValueError("--target-accuracy and --target-loss: a run has one target; give one of them")
+        compresses = self.protocol.compresses
+        if self.error_feedback is not None and _feedback_target(self.error_feedback) not in ("", compresses):
+            valid = ERROR_FEEDBACK_SPECS if compresses == "models" else FEEDBACK_HELP
+            raise ValueError(
+                f"--error-feedback {self.error_feedback}: {self.algorithm}'s codec compresses {compresses}, whose error "
+                f"feedback is {valid}"
+            )
         self.gossip  # noqa: B018 - raises ValueError for gossip settings that do not go together
         self.protocol.check(self)
         return self
@@ -271,24 +282,48 @@ class CommonSettings(BaseModel):
     @classmethod
     def _known_error_feedback(cls, spec: str | None) -> str | None:
         if spec is not None:
-            parse_error_feedback(spec)
+            _feedback_target(spec)
         return spec
+
+    @cached_property
+    def error_feedback_spec(self) -> str:
+        """The error feedback that runs: the one given, or the protocol's own for a lossy codec."""
+        if self.error_feedback is not None:
+            return self.error_feedback
+        if parse_codec(self.codec).lossless or "error_feedback" not in self.protocol.taken():
+            return "none"
+        return "choco" if self.protocol.compresses == "models" else "residual"
 
     @cached_property
     def gossip(self) -> GossipSettings:
         """How models are exchanged and mixed; ValueError for settings that do not go together."""
         codec = parse_codec(self.codec)
-        # Error feedback keeps a copy per link, updated by both ends at each exchange: by default
-        # only where a lossy codec needs it and the protocol has such links.
-        lossy_links = not codec.lossless and "error_feedback" in self.protocol.taken()
+        # Error feedback on models keeps a copy per link, updated by both ends at each exchange; on
+        # updates it is the protocol's own business.
+        feedback = self.error_feedback_spec if self.protocol.compresses == "models" else "none"
         return GossipSettings(
             timeout=self.exchange_timeout,
             codec=codec,
-            error_feedback=self.error_feedback or ("choco" if lossy_links else "none"),
+            error_feedback=feedback,
             consensus_step=self.consensus_step or default_consensus_step(codec),
             mixing=parse_mixing(self.mixing),
             staleness=Staleness(parse_staleness(self.staleness), self.max_staleness),
         )
+
+
+def _feedback_target(spec: str) -> str:
+    """What an error feedback spec feeds back into: "models", "updates", or "" for none; ValueError
+    naming both kinds' forms for a bad one."""
+    if spec == "none":
+        return ""
+    try:
+        if spec.partition(":")[0] == "residual":
+            ErrorFeedback.parse(spec)
+            return "updates"
+        parse_error_feedback(spec)
+    except ValueError as error:
+        raise ValueError(f"{error}; for models: {ERROR_FEEDBACK_SPECS}; for pseudo-gradients: {FEEDBACK_HELP}") from None
+    return "models"
 
 
 def _protocols_own_settings() -> dict[str, tuple[Any, Any]]:
@@ -346,7 +381,14 @@ class SimulationConfig(TrainingConfig):
     step_time: float = Field(0.01, gt=0, description="simulated seconds per local step")
     speeds: str = Field("same", description=f"how fast each peer computes: {SPEEDS_HELP}")
     link_latency: float = Field(0.01, ge=0, description="simulated one-way latency, seconds")
-    link_bandwidth: float = Field(100.0, gt=0, description="simulated link bandwidth, Mbit/s")
+    link_bandwidth: float = Field(
+        100.0, gt=0,
+        description="simulated bandwidth of each peer's uplink and of its downlink, Mbit/s: everything a peer sends "
+        "shares its uplink, everything it receives its downlink",
+    )
+    bandwidths: str = Field(
+        "same", description=f"how each peer's link bandwidths vary around --link-bandwidth: {BANDWIDTHS_HELP}"
+    )
     link_loss: float = Field(0.0, ge=0, le=1, description="probability that a message is lost")
     plot: bool = Field(False, description="write OUT/run.png, the run's learning curve (needs --out)")
     stop_at_target: bool = Field(
@@ -409,6 +451,7 @@ class SimulationConfig(TrainingConfig):
         self.protocol.for_swarm(self, self.peers)
         self.fault_events  # noqa: B018 - parsed now: a bad spec is an error before anything runs
         self.peer_speeds  # noqa: B018
+        self.peer_bandwidths  # noqa: B018
         return self
 
     def compute_threads(self, every_core: bool) -> int:
@@ -429,6 +472,11 @@ class SimulationConfig(TrainingConfig):
     def peer_speeds(self) -> Speeds:
         """Each peer's seconds per local step, the newcomers' included."""
         return parse_speeds(self.speeds, self.peers + self.newcomers(), self.step_time, self.seed)
+
+    @cached_property
+    def peer_bandwidths(self) -> Bandwidths:
+        """Each peer's uplink and downlink, Mbit/s, the newcomers' included."""
+        return parse_bandwidths(self.bandwidths, self.peers + self.newcomers(), self.link_bandwidth, self.seed)
 
 
 BOOTSTRAP_ENV = "PEER_INITIAL_PEERS"

@@ -25,7 +25,7 @@ NAMED = ("algorithm", "topology", "codec")
 SETTINGS = (
     "task", "partition", "peers", "rounds", "local_steps", "batch_size", "lr", "lr_schedule", "init", "mixing",
     "gossip_steps", "sam_rho", "error_feedback", "consensus_step", "sample_size", "aggregators", "success_fraction",
-    "mix_point", "speeds", "staleness", "duration", "faults", "byzantine", "seed",
+    "mix_point", "speeds", "bandwidths", "fragments", "overlap", "staleness", "duration", "faults", "byzantine", "seed",
 )
 DPI = 150
 

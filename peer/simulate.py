@@ -17,14 +17,16 @@ from gossip.protocols import Protocol, ProtocolContext
 from gossip.protocols.base import COORDINATOR
 from peer.config import SimulationConfig, fitted
 from peer.curve import LatestAccuracies, Target, time_to_target
+from peer.errors import ConfigError
 from peer.flops import step_flops
 from peer.metrics import ConsensusByRound, MetricsLog, RoundRecord, consensus_distance, prepare_out, write_json_atomic
 from peer.runtime import PeerNode
 from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeLoop
-from peer.sim.averaging import AveragingRoom
 from peer.sim.alone import REFERENCE_LABEL, LocalTraining
+from peer.sim.averaging import AveragingRoom
 from peer.sim.batched import CHUNK_PEERS, BatchedTraining, BatchingError, StackedTrainer, batching_refusal
 from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers
+from peer.sim.links import MBIT
 from peer.summary import summary as common_summary
 from peer.tasks import Task, load_task, partition
 from peer.trainer import Trainer, evaluation_set, peer_trainer, resolve_device, split_optimum
@@ -138,6 +140,10 @@ class World:
         self.task = load_task(config.task, config.data_dir, peers=len(self.ids), download=config.download)
         trainers = self._trainers()
         self.trainers = dict(zip(self.ids, trainers))
+        try:
+            self.protocol.check_model(trainers[0].state(), config)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         # The peers whose evaluations make each evaluated round's point of the curve.
         evaluating = len(self.sampled) if self.sampled else config.peers - len(self.attackers)
         self.metrics = MetricsLog(
@@ -145,9 +151,7 @@ class World:
             curve=None if self.protocol.rounds_shared else LatestAccuracies(evaluating),
         )
         self.consensus = ConsensusByRound(None if self.faults else evaluating)
-        self.network = SimNetwork(
-            LinkModel(config.link_latency, config.link_bandwidth * 1e6 / 8, config.link_loss), seed=config.seed
-        )
+        self.network = self._network()
         self.averaging = AveragingRoom(self.network, config.gossip.codec) if self.protocol.averages(self.settings) else None
         self.speeds = config.peer_speeds
         self.slow = frozenset(self.ids[i] for i in self.speeds.slow())
@@ -174,6 +178,16 @@ class World:
             attack, self.attackers, self.topology, self.ids, HonestModels(self.trainers[self.ids[0]].state()),
             live=lambda peer: peer in self.nodes and peer not in self.gone, seed=config.seed,
         ) if attack else None
+
+    def _network(self) -> SimNetwork:
+        """Each peer's uplink and downlink as --bandwidths gives them; a coordinator's at --link-bandwidth."""
+        config = self.config
+        link = LinkModel(config.link_latency, config.link_loss)
+        network = SimNetwork(link, bandwidth=config.link_bandwidth * MBIT, seed=config.seed)
+        bandwidths = config.peer_bandwidths
+        for peer, up, down in zip(self.ids, bandwidths.up, bandwidths.down):
+            network.set_bandwidth(peer, up * MBIT, down * MBIT)
+        return network
 
     def _topology(self) -> Topology | None:
         """The graph of every peer, newcomers included (they have their place on it from the start);
@@ -404,6 +418,8 @@ class World:
             batch_size=config.batch_size,
             lr=self.trainers[self.ids[0]].lr,
             speeds=config.speeds,
+            bandwidths=config.bandwidths,
+            averaged_bytes_peak=self.averaging.peak_bytes if self.averaging else None,
             slow_peers=sorted(self.slow),
             faults=config.faults,
             byzantine=config.byzantine,

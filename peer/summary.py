@@ -45,7 +45,7 @@ def summary(
         "init": config.init,
         "mixing": config.mixing,
         "codec": config.gossip.codec.spec,
-        "error_feedback": config.gossip.error_feedback,
+        "error_feedback": config.error_feedback_spec,
         "sam_rho": config.sharpness_radius() or None,
         "mean_accuracy": _mean(accuracies),
         "min_accuracy": min(accuracies, default=None),

@@ -217,9 +217,9 @@ class OuterSwarm:
     drifts by its own amount a step (peer i by ``drifts[i]``), so that every outer step is predictable."""
 
     def __init__(self, drifts, *, mix="all", rounds, local_steps=1, start=0.0, codec="none", timeout=5.0,
-                 optimizer="nesterov", lr=0.7, momentum=0.9, network=None):
-        from gossip.outer import OuterOptimizer
-        from gossip.protocols.diloco import OuterMix
+                 optimizer="nesterov", lr=0.7, momentum=0.9, network=None, parts=1, streaming=None, feedback="residual"):
+        from gossip.outer import ErrorFeedback, OuterOptimizer
+        from gossip.protocols.diloco import OuterMix, Streaming
         from peer.sim.averaging import AveragingRoom
 
         self.network = network or SimNetwork(LinkModel(latency=0.01))
@@ -231,7 +231,11 @@ class OuterSwarm:
         self.topology = parse_topology("ring", len(drifts))
         self.clock = SimClock()
         self.outer = lambda: OuterOptimizer(optimizer, lr, momentum)
-        self.learners = {peer: VectorLearner(torch.tensor([start]), drift=d) for peer, d in zip(self.ids, drifts)}
+        self.streaming = streaming or Streaming()
+        self.feedback = lambda: ErrorFeedback.parse(feedback)
+        self.learners = {
+            peer: VectorLearner(torch.full((parts,), float(start)), drift=d, parts=parts) for peer, d in zip(self.ids, drifts)
+        }
         self.reports = {peer: [] for peer in self.ids}
         self.protocols, self.tasks = {}, {}
         for peer in self.ids:
@@ -248,7 +252,10 @@ class OuterSwarm:
             transport, self.clock, self.learners[peer], neighbourhood, finished, self.gossip,
             averaging=self.room.join(peer) if self.mix.kind == "all" else None,
         )
-        self.protocols[peer] = DiLoCo(context, self.mix, self.outer(), local_steps=self.local_steps, joining=joining)
+        self.protocols[peer] = DiLoCo(
+            context, self.mix, self.outer(), local_steps=self.local_steps, joining=joining, streaming=self.streaming,
+            feedback=self.feedback(),
+        )
         return self.protocols[peer]
 
     def start(self, peer, first_round=0):
@@ -279,3 +286,6 @@ class OuterSwarm:
 
     def values(self):
         return {peer: learner.value.item() for peer, learner in self.learners.items()}
+
+    def vectors(self):
+        return {peer: learner.value.tolist() for peer, learner in self.learners.items()}

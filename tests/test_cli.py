@@ -107,7 +107,7 @@ BAD_INPUTS = {
     "sam radius with plain gossip": (["--algorithm", "dpsgd", "--sam-rho", "0.1"], "--sam-rho: only for --algorithm dfedsam or async-gossip; dpsgd does not use it"),
     "a topology with sampling": (["--algorithm", "modest", "--topology", "star"], "--topology: only for --algorithm dpsgd, dfedsam, srrw, async-gossip or diloco; modest does not use it"),
     "gossip steps with sampling": (["--algorithm", "modest", "--gossip-steps", "3"], "--gossip-steps: only for --algorithm dpsgd or dfedsam; modest does not use it"),
-    "error feedback with a token": (["--algorithm", "srrw", "--error-feedback", "choco"], "--error-feedback: only for --algorithm dpsgd or dfedsam; srrw does not use it"),
+    "error feedback with a token": (["--algorithm", "srrw", "--error-feedback", "choco"], "--error-feedback: only for --algorithm dpsgd, dfedsam or diloco; srrw does not use it"),
     "tokens with plain gossip": (["--tokens", "2"], "--tokens: only for --algorithm srrw; dpsgd does not use it"),
     "alpha with plain gossip": (["--alpha", "2"], "--alpha: only for --algorithm srrw; dpsgd does not use it"),
     "a sample with plain gossip": (["--sample-size", "3"], "--sample-size: only for --algorithm modest or fedavg; dpsgd does not use it"),

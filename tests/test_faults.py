@@ -135,7 +135,9 @@ def test_two_halves_cut_apart_mix_again_once_the_partition_heals(tmp_path):
         return sum(r["neighbours_heard"] for r in records if r["round"] == round_)
 
     full = sum(r["neighbours_expected"] for r in records if r["round"] == 0)
-    assert heard(0) == heard(1) == full
+    # Round 1's last models may still be on their way when the cut comes (a downlink takes two
+    # messages one after the other), so only round 0 is sure to be whole before it.
+    assert heard(0) == full
     assert heard(2) < full and heard(3) < full  # the models across the cut were lost
     assert heard(5) == full
     assert summary["missed_exchanges_total"] > 0 and summary["rejected_total"] == 0

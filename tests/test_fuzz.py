@@ -58,7 +58,8 @@ WEIRD = [
     None, True, False, 0, -1, 1, 7, 255, 2**31 - 1, 2**32, 2**53 + 1, 2**62, 2**63 - 1, 2**64 - 1, -(2**63),
     0.0, -0.0, 0.5, 1e30, -1e30, math.nan, math.inf, -math.inf, 5e-324,
     "", "model", "gimme", "float32", "float16", "int64", "bool", "complex64", "none", "fp16", "topk:0.25+int8",
-    "topk:0+int8", "randk:2", "int8:1", "x" * 300, "é" * 100, b"", b"x",
+    "topk:0+int8", "randk:2", "int8:1", "quant:3", "quant:4:8", "chunktopk:0.25:4:8", "chunktopk:0.5:5",
+    "x" * 300, "é" * 100, b"", b"x",
     [], [0], [-1], [20], [5, 4], [2**40, 2**40], [0, 2**62], [2**62, 0, 2**62], [1] * 9, [[1]], {}, {"a": 1}, {1: 2},
 ]
 FLOAT_POISON = [math.nan, math.inf, -math.inf, 1e30, -1e30, 3.4e38, -0.0, 1e-45]
@@ -81,7 +82,7 @@ def valid_messages(sender: str) -> list[bytes]:
     generator = torch.Generator().manual_seed(0)
     state = {name: torch.randn(t.shape, generator=generator) for name, t in REFERENCE.items()}
     messages = [Message(MODEL, sender, STEP, state)]
-    for spec in ("fp16", "int8", "topk:0.25+int8", "randk:0.5"):
+    for spec in ("fp16", "int8", "topk:0.25+int8", "randk:0.5", "quant:2:8", "chunktopk:0.25:4:8", "topk:0.25+quant:4"):
         tensors, meta, codec = ModelMessages(REFERENCE, parse_codec(spec)).encode(state, seed=7)
         messages.append(Message(MODEL, sender, STEP, tensors, meta, codec))
     others = {
@@ -216,7 +217,10 @@ class Mutator:
             "sender": lambda: self.random.choice([VICTIM, NEIGHBOUR, STRANGER, peer("other")]).to_base58(),
             "kind": lambda: self.random.choice(["model", "gimme", "note", "", "snapshot", "MODEL"]),
             "round": lambda: self.random.choice([0, STEP - 1, STEP, STEP + 1, STEP + 1000, 2**62 - 1]),
-            "codec": lambda: self.random.choice(["none", "fp16", "bf16", "int8", "topk:0.25+int8", "randk:0.5", "zip"]),
+            "codec": lambda: self.random.choice([
+                "none", "fp16", "bf16", "int8", "topk:0.25+int8", "randk:0.5", "zip",
+                "quant:2:8", "quant:4", "chunktopk:0.25:4:8", "chunktopk:0.5:2:16", "topk:0.25+quant:4",
+            ]),
         }[field]()
         return self.join(header, payload)
 

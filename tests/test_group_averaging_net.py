@@ -24,11 +24,21 @@ pytestmark = pytest.mark.timeout(60)
 
 REFERENCE = {"w": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.float64)}
 MATCHMAKING = 1.0  # seconds: peers started together find each other well within it on loopback
+FRAGMENTS = (("w",), ("b",))  # two disjoint fragments of REFERENCE, averaged in turn as outer-optimizer training may
 
 
 def state(k: float) -> dict[str, torch.Tensor]:
     """k times a fixed state of small integers: means of such states are exact in float32."""
     return {"w": k * torch.arange(12.0).reshape(3, 4), "b": k * torch.arange(5.0, dtype=torch.float64)}
+
+
+def fragment(k: float, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in state(k).items() if name in names}
+
+
+def averager_processes() -> set[int]:
+    """This process's descendants: the DHT nodes' processes and daemons, and every averager's process."""
+    return set(descendants(os.getpid()))
 
 
 def members_only(*members: str):
@@ -137,3 +147,77 @@ async def test_a_member_killed_while_its_group_is_matched_is_left_out_and_the_ot
     for result in survivors:
         assert result is not None and result.group == everyone_left
         assert all(torch.equal(result.state[name], state(2)[name]) for name in REFERENCE)
+
+
+@pytest.mark.network
+async def test_peers_averaging_two_fragments_in_turn_get_the_exact_mean_of_each_every_round_counted_together(dhts):
+    nodes = [dhts[0], dhts[1]]
+    everyone = frozenset(dht.peer_id.to_base58() for dht, _ in nodes)
+    with averagings(nodes, "fragments") as peers:
+        for round_ in range(4):
+            names = FRAGMENTS[round_ % 2]
+            results = await asyncio.gather(
+                *(p.average(round_, fragment(round_ + k, names), timeout=20) for p, k in zip(peers, (1, 3)))
+            )
+            for result in results:
+                assert result is not None and result.group == everyone
+                assert result.state.keys() == set(names)
+                for name, tensor in result.state.items():
+                    assert tensor.dtype == REFERENCE[name].dtype and torch.equal(tensor, state(round_ + 2)[name])
+    # Both fragments' traffic in the same counters: in a pair each sends half its tensors (float32) and
+    # receives half the mean, so a fragment's whole size each way per round, and each fragment averaged twice.
+    assert all(p.counters.bytes_sent == p.counters.bytes_received == 2 * 4 * (12 + 5) for p in peers)
+
+
+@pytest.mark.network
+async def test_two_fragments_averaged_at_once_each_get_their_exact_mean(dhts):
+    # As with --overlap, where one round's fragment may still travel as the next starts: each
+    # fragment's averager starts (a fork) while the other's may already be matching.
+    nodes = [dhts[0], dhts[1]]
+    with averagings(nodes, "overlapping") as peers:
+        calls = [
+            p.average(round_, fragment(k, FRAGMENTS[round_]), timeout=20)
+            for p, k in zip(peers, (1, 3)) for round_ in (0, 1)
+        ]
+        results = await asyncio.gather(*calls)
+    for result, round_ in zip(results, (0, 1, 0, 1)):
+        assert result is not None and len(result.group) == 2 and result.state.keys() == set(FRAGMENTS[round_])
+        assert all(torch.equal(tensor, state(2)[name]) for name, tensor in result.state.items())
+
+
+@pytest.mark.network
+async def test_peers_averaging_different_fragments_of_a_round_are_never_grouped(dhts):
+    with averagings([dhts[0], dhts[1]], "apart") as (first, second):
+        results = await asyncio.gather(
+            first.average(3, fragment(1, FRAGMENTS[0]), timeout=3), second.average(3, fragment(3, FRAGMENTS[1]), timeout=3)
+        )
+    assert results == [None, None]  # each fragment is matched under a group prefix of its own
+    assert first.counters.rejected == second.counters.rejected == 0
+
+
+@pytest.mark.network
+async def test_a_fragment_not_laid_out_as_the_reference_is_refused_with_value_error_before_any_averager_starts(dhts):
+    wrong = [
+        ({"w": torch.zeros(3, 4), "x": torch.zeros(2)}, "x: not in the reference state"),
+        ({"w": torch.zeros(4, 3)}, "w: (4, 3) torch.float32, averaged as (3, 4) torch.float32"),
+        ({"b": torch.zeros(5)}, "b: (5,) torch.float32, averaged as (5,) torch.float64"),
+        ({}, "nothing to average"),
+    ]
+    before = averager_processes()
+    with averagings([dhts[0]], "unknown") as (peer,):
+        for state_, message in wrong:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await peer.average(0, state_, timeout=3)
+        assert averager_processes() == before
+
+
+@pytest.mark.network
+async def test_close_stops_the_averager_of_every_fragment_and_later_rounds_get_none(dhts):
+    before = averager_processes()
+    with averagings([dhts[0]], "closed") as (peer,):
+        for round_, names in enumerate(FRAGMENTS):  # alone: no group, but each fragment's averager starts
+            assert await peer.average(round_, fragment(1, names), timeout=1) is None
+        started = averager_processes() - before
+        assert len(started) == len(FRAGMENTS)
+    assert not started & averager_processes()  # gone (and reaped) once closed
+    assert await peer.average(2, fragment(1, FRAGMENTS[0]), timeout=1) is None

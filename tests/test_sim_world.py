@@ -1,4 +1,4 @@
-"""The simulated world: virtual time, link delays, loss and crashes."""
+"""The simulated world: virtual time, link delays, loss and crashes. Shared links: tests/test_links.py."""
 
 import asyncio
 import time
@@ -78,8 +78,8 @@ def _message(size_bytes: int) -> Message:
     return Message("data", "a", 0, {"x": torch.zeros(size_bytes, dtype=torch.uint8)})
 
 
-def test_arrival_time_is_latency_plus_transmission_and_links_serialise():
-    network = SimNetwork(LinkModel(latency=0.05, bandwidth=1000.0))
+def test_arrival_time_is_latency_plus_transmission_and_a_senders_messages_serialise():
+    network = SimNetwork(LinkModel(latency=0.05), bandwidth=1000.0)
     a, b = network.attach("a"), network.attach("b")
     arrivals = []
 
@@ -92,7 +92,7 @@ def test_arrival_time_is_latency_plus_transmission_and_links_serialise():
 
     async def main():
         await a.send("b", message)
-        await a.send("b", message)  # queued behind the first on the same link
+        await a.send("b", message)  # queued behind the first on a's uplink
         await asyncio.sleep(10)
 
     run(main())
@@ -103,7 +103,7 @@ def test_arrival_time_is_latency_plus_transmission_and_links_serialise():
 
 
 def test_request_gets_the_handlers_reply():
-    network = SimNetwork(LinkModel(latency=0.1, bandwidth=1e9))
+    network = SimNetwork(LinkModel(latency=0.1), bandwidth=1e9)
     a, b = network.attach("a"), network.attach("b")
 
     async def echo(message):
@@ -176,5 +176,9 @@ def test_a_crashed_peer_receives_nothing():
 def test_link_model_rejects_nonsense():
     with pytest.raises(ValueError, match="loss"):
         LinkModel(loss=1.5)
+    with pytest.raises(ValueError, match="latency"):
+        LinkModel(latency=-1)
     with pytest.raises(ValueError, match="bandwidth"):
-        LinkModel(bandwidth=0)
+        SimNetwork(bandwidth=0)
+    with pytest.raises(ValueError, match="bandwidth"):
+        SimNetwork().set_bandwidth("a", 1e6, down=-1)

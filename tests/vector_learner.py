@@ -11,9 +11,12 @@ from gossip.learner import Learner, State
 
 
 class VectorLearner(Learner):
-    def __init__(self, value: torch.Tensor, drift: float = 0.0):
+    """With ``parts`` > 1 its state is the vector cut into that many tensors, ``x0``, ``x1``, ..."""
+
+    def __init__(self, value: torch.Tensor, drift: float = 0.0, parts: int = 1):
         self.value = value.clone().double()
         self.drift = drift
+        self.parts = parts
         self.steps = 0
 
     def train(self, steps: int) -> float:
@@ -22,7 +25,12 @@ class VectorLearner(Learner):
         return 0.0
 
     def state(self) -> State:
-        return {"x": self.value.clone()}
+        if self.parts == 1:
+            return {"x": self.value.clone()}
+        return {f"x{i}": piece.clone() for i, piece in enumerate(self.value.chunk(self.parts))}
 
     def load_state(self, state: State) -> None:
-        self.value = state["x"].clone()
+        if self.parts == 1:
+            self.value = state["x"].clone()
+        else:
+            self.value = torch.cat([state[f"x{i}"] for i in range(self.parts)])

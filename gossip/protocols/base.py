@@ -16,6 +16,8 @@ Class attributes (a subclass sets what differs from the default):
                       everyone (or ""): a setting that some protocol takes or owns is refused
                       for every protocol that does neither
 ``refuses``           common settings it cannot use, each with the reason
+``compresses``        what a lossy ``--codec`` compresses: "models" (error feedback by CHOCO or
+                      EControl) or "updates" (error feedback by a residual)
 ``catches_up``        a newcomer starts from a running peer's model and round
                       (``gossip.catchup``); False: it enters the swarm through ``enter``
 ``rounds_shared``     the peers number their rounds alike (False: each counts its own
@@ -38,7 +40,8 @@ Class attributes (a subclass sets what differs from the default):
 
 Class methods: ``build`` makes one from the run's settings in either world; ``check`` refuses
 settings that do not go together; ``for_swarm`` fits the settings to a swarm of known size;
-``learning_rate`` may replace the run's schedule; ``check_topology`` refuses a graph it cannot use;
+``learning_rate`` may replace the run's schedule; ``check_topology`` refuses a graph it cannot use,
+and ``check_model`` a model;
 ``averages`` says whether its peers average in groups (the world then gives them a ``GroupAveraging``,
 ``gossip.averaging``); ``combine``, ``describe_overlay`` and
 ``table_rows`` turn the peers' ``figures`` into a run's summary and its result table.
@@ -122,6 +125,10 @@ class Protocol(ABC):
     family: ClassVar[str] = ""
     own_settings: ClassVar[Mapping[str, tuple[Any, Any]]] = {}
     takes: ClassVar[Mapping[str, str]] = {}
+    # What a lossy --codec compresses: whole models ("models": --error-feedback choco or econtrol
+    # keeps per-link copies) or updates ("updates": --error-feedback residual sends later what the
+    # codec left out).
+    compresses: ClassVar[str] = "models"
     refuses: ClassVar[Mapping[str, str]] = {}
     catches_up: ClassVar[bool] = True
     rounds_shared: ClassVar[bool] = True
@@ -178,6 +185,10 @@ class Protocol(ABC):
     @classmethod
     def check_topology(cls, topology: Any, settings: Settings) -> None:
         """ValueError when the run's graph (a ``topology.Topology``) does not suit it."""
+
+    @classmethod
+    def check_model(cls, state: Mapping[str, Any], settings: Settings) -> None:
+        """ValueError when the task's model (a state: names to tensors) does not suit the settings."""
 
     @classmethod
     def averages(cls, settings: Settings) -> bool:

@@ -12,9 +12,14 @@ peers' pseudo-gradients become the outer gradient g that ``gossip.outer`` applie
   the start points together, so that they stay close without any global average.
 - ``neighbours``: the same update with the topology's mixing weights in place of a random group.
 
+With ``all`` the model may be streamed (Streaming DiLoCo): ``--fragments F`` combines one fragment
+of consecutive tensors per round, in turn, each with its own start point (the others train on), and
+``--overlap T`` lets a combination travel while the next T inner steps run, merging its outer update
+with the local copy when it lands.
+
 With a lossy ``--codec`` the pseudo-gradients are compressed, and what the codec dropped is added
-to the next one (error feedback); start points travel through the same codec with nothing fed
-back (only the pull between them sees its error).
+to the next one (``--error-feedback residual[:BETA]``); start points travel through the same codec
+with nothing fed back (only the pull between them sees its error).
 
 A round whose average fails (no group formed, a member died mid-way) moves nobody: the peer keeps
 its start point and sends its pseudo-gradient with the next round's. If the others' average did
@@ -27,6 +32,7 @@ next outer step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -40,7 +46,7 @@ from gossip.learner import State
 from gossip.message import Message, PeerId
 from gossip.model_codec import ModelMessages
 from gossip.neighbourhood import Neighbourhood, RandomGroups
-from gossip.outer import ErrorFeedback, OuterOptimizer, difference, floating
+from gossip.outer import ErrorFeedback, OuterOptimizer, difference, floating, split_fragments, subset
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport, Settings
 from gossip.transport import PeerUnreachable
 from gossip.validation import InvalidState, check_state
@@ -74,6 +80,25 @@ class OuterMix:
 
 
 @dataclass(frozen=True)
+class Streaming:
+    """How the model is combined piece by piece (Streaming DiLoCo): ``fragments`` groups of
+    consecutive tensors, fragment f at rounds f, f + F, ...; each combination travels while the next
+    ``overlap`` inner steps run, and is then merged with the local copy, keeping ``keep`` of it."""
+
+    fragments: int = 1
+    overlap: int = 0
+    keep: float = 0.5
+
+
+@dataclass
+class Pending:
+    """A fragment's combination on its way."""
+
+    fragment: tuple[str, ...]
+    task: asyncio.Task
+
+
+@dataclass(frozen=True)
 class Combined:
     gradient: State | None  # the outer gradient; None: no outer step this round
     expected: int  # the peers this round's combination waited for
@@ -93,8 +118,21 @@ class DiLoCo(Protocol):
         "outer_momentum": (float | None, Field(
             None, ge=0, lt=1, description="diloco: the outer momentum (default: 0.9 with --outer-mix all, else 0.3)",
         )),
+        "fragments": (int, Field(
+            1, ge=1, description="diloco: split the model into this many fragments of consecutive tensors; fragment f "
+            "is combined at outer rounds f, f + F, ..., so a round sends 1/F of the model (needs --outer-mix all)",
+        )),
+        "overlap": (int, Field(
+            0, ge=0, description="diloco: inner steps that go on while a combination travels; its outer update is "
+            "merged in that many steps later (0: wait for it; at most --local-steps; needs --outer-mix all)",
+        )),
+        "overlap_keep": (float, Field(
+            0.5, ge=0, le=1, description="diloco: the share of the local copy kept when a late outer update is merged "
+            "(0: take the update as it is)",
+        )),
     }
-    takes = {"topology": "", "weights": "", "duration": ""}
+    takes = {"topology": "", "weights": "", "duration": "", "error_feedback": ""}
+    compresses = "updates"
     catches_up = False
     mixes_neighbours = True
 
@@ -105,7 +143,11 @@ class DiLoCo(Protocol):
             settings.outer_optimizer or DEFAULT_OPTIMIZER[mix.kind], settings.outer_lr,
             DEFAULT_MOMENTUM[mix.kind] if settings.outer_momentum is None else settings.outer_momentum,
         )
-        return cls(context, mix, outer, local_steps=settings.local_steps, seed=settings.seed, joining=joining)
+        return cls(
+            context, mix, outer, local_steps=settings.local_steps, seed=settings.seed, joining=joining,
+            streaming=Streaming(settings.fragments, settings.overlap, settings.overlap_keep),
+            feedback=ErrorFeedback.parse(settings.error_feedback_spec),
+        )
 
     @classmethod
     def check(cls, settings: Settings) -> None:
@@ -119,10 +161,29 @@ class DiLoCo(Protocol):
                         f"--{name} sets the graph of --outer-mix neighbours; --outer-mix {settings.outer_mix} does not "
                         "use one (leave it out, or give --outer-mix neighbours)"
                     )
+        if mix.kind != "all" and (settings.fragments > 1 or settings.overlap):
+            raise ValueError(
+                "--fragments and --overlap stream the model through the all-reduce: give them with --outer-mix all "
+                f"(--outer-mix {settings.outer_mix} exchanges whole start points with each group)"
+            )
+        if settings.overlap > settings.local_steps:
+            raise ValueError(
+                f"--overlap {settings.overlap} is more inner steps than a round has (--local-steps "
+                f"{settings.local_steps}): a combination must land before the next one leaves"
+            )
         if mix.kind == "all" and settings.given("mixing"):
             raise ValueError(
                 "--mixing needs every pseudo-gradient, and an all-reduce hands back only their mean; use it with "
                 "--outer-mix gossip:S or neighbours"
+            )
+
+    @classmethod
+    def check_model(cls, state: Mapping[str, Any], settings: Settings) -> None:
+        tensors = len(floating(dict(state)))
+        if settings.fragments > tensors:
+            raise ValueError(
+                f"--fragments {settings.fragments}: a fragment is one tensor or more, and this model has {tensors}; "
+                f"give at most {tensors}"
             )
 
     @classmethod
@@ -136,6 +197,7 @@ class DiLoCo(Protocol):
         momentum = settings.outer_momentum
         return {
             **super().options(settings),
+            "error_feedback": settings.error_feedback_spec,
             "outer_optimizer": settings.outer_optimizer or DEFAULT_OPTIMIZER[kind],
             "outer_momentum": DEFAULT_MOMENTUM[kind] if momentum is None else momentum,
         }
@@ -144,8 +206,9 @@ class DiLoCo(Protocol):
     def table_rows(cls, summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         step = f"{summary['outer_optimizer']}, lr {summary['outer_lr']:g}, momentum {summary['outer_momentum']:g}"
         rows = [("outer step", step)]
-        if summary["codec"] != "none":
-            rows.append(("pseudo-gradients", f"{summary['codec']}, error feedback"))
+        if summary["fragments"] > 1 or summary["overlap"]:
+            late = f", merged {summary['overlap']} inner steps later keeping {summary['overlap_keep']:g} of the local copy"
+            rows.append(("streaming", f"{summary['fragments']} fragments, one a round{late if summary['overlap'] else ''}"))
         return rows
 
     @classmethod
@@ -157,18 +220,24 @@ class DiLoCo(Protocol):
 
     def __init__(
         self, context: ProtocolContext, mix: OuterMix, outer: OuterOptimizer, *, local_steps: int, seed: int = 0,
-        joining: bool = False,
+        joining: bool = False, streaming: Streaming = Streaming(), feedback: ErrorFeedback | None = None,
     ):
         super().__init__(context)
         self.mix = mix
         self.outer = outer
         self.local_steps = local_steps
         self.joining = joining
-        self.feedback = ErrorFeedback()
+        self.streaming = streaming
+        self.feedback = feedback or ErrorFeedback()
         self.stray = False  # its last average failed: at the next round it takes the swarm's start point
         start = floating(context.learner.state())
         self.reference = start
-        self.start = start  # the start point of this round
+        self.fragments = split_fragments(start, streaming.fragments)
+        # Each fragment's start point: where it was when it was last combined (set again when the run
+        # starts, from the model then and the start points a checkpoint gave).
+        self.start = dict(start)
+        self.saved_start: State = {}
+        self.pending: Pending | None = None  # the combination on its way, while inner steps overlap it
         self.welcome = Message(WELCOME, context.transport.peer_id, 0)  # what a newcomer is given, set by _publish
         self.combine = self._combiner(seed)
         context.transport.serve(HELLO, self._on_hello)
@@ -177,7 +246,8 @@ class DiLoCo(Protocol):
         if self.mix.kind == "all":
             if self.context.averaging is None:
                 raise ValueError("--outer-mix all needs the world's averaging in groups, and none was given")
-            self.models = ModelMessages(self.reference, self.context.gossip.codec)
+            codec = self.context.gossip.codec
+            self.models = {names: ModelMessages(subset(self.reference, names), codec) for names in self.fragments}
             return self._average_all
         neighbourhood: Neighbourhood | None = self.context.neighbourhood
         if self.mix.kind == "gossip":
@@ -195,58 +265,102 @@ class DiLoCo(Protocol):
     # --- a round -----------------------------------------------------------------------------
 
     async def run(self, rounds: int, first_round: int = 0) -> None:
-        learner, clock = self.context.learner, self.context.clock
+        learner = self.context.learner
         if self.mix.kind != "all":
             self.exchange.set_run_length(rounds)
+        self.start = {**floating(learner.state()), **self.saved_start}
         round_ = first_round
         if self.joining:
             round_ = max(first_round, await self._join(rounds))
             learner.set_progress(round_ * self.local_steps)
+        try:
+            await self._rounds(rounds, round_)
+        finally:
+            if self.pending is not None:  # a crash or a cancelled run leaves no combination behind
+                self.pending.task.cancel()
+        self._publish(rounds)
+
+    async def _rounds(self, rounds: int, round_: int) -> None:
+        learner = self.context.learner
         while round_ < rounds:
-            self._publish(round_, floating(learner.state()))
             if self.stray:
+                await self._settle(late=True)
                 round_ = await self._resync(rounds, round_)
-                self._publish(round_, floating(learner.state()))
-            loss = await clock.compute(learner.train, self.local_steps, steps=self.local_steps)
-            trained = learner.state()
-            started = clock.now()
-            combined = await self.combine(round_, difference(self.start, trained))
-            if combined.gradient is None:  # nothing averaged: start the next round where this one started
-                learner.load_state({**trained, **self.start})
-            else:
-                learner.load_state({**trained, **self.outer.step(self.start, combined.gradient)})
+            self._publish(round_)
+            loss, waited, combined = await self._train()
+            fragment = self.fragments[round_ % len(self.fragments)]
+            delta = difference(subset(self.start, fragment), learner.state())
+            self.pending = Pending(fragment, asyncio.ensure_future(self.combine(round_, delta)))
+            await asyncio.sleep(0)  # the combination sends its share now, before the round is reported
             out_of_time = self.context.past_deadline()
+            if not (self.streaming.overlap and round_ + 1 < rounds and not out_of_time):
+                seconds, combined = await self._settle(late=False)
+                waited += seconds
             await self.context.round_finished(RoundReport(
-                round_, loss, combined.expected, combined.heard, exchange_seconds=clock.now() - started,
-                local_steps=self.local_steps, last=out_of_time,
+                round_, loss, combined.expected if combined else 0, combined.heard if combined else 0,
+                exchange_seconds=waited, local_steps=self.local_steps, last=out_of_time,
             ))
             if out_of_time:
                 return
-            next_round = max(round_ + 1, combined.newest)
+            next_round = max(round_ + 1, combined.newest if combined and self.pending is None else 0)
             if next_round > round_ + 1:
                 learner.set_progress(next_round * self.local_steps)
             round_ = next_round
-        self._publish(rounds, floating(learner.state()))
 
-    def _publish(self, round_: int, start: State) -> None:
-        """Start ``round_`` at ``start``; a newcomer gets both, with the outer momentum that goes with them."""
-        self.start = start
+    async def _train(self) -> tuple[float, float, Combined | None]:
+        """A round's inner steps: the mean loss, the seconds spent waiting for the last round's
+        combination (when it overlaps them: it lands ``overlap`` steps in) and what it combined."""
+        learner, clock, steps = self.context.learner, self.context.clock, self.local_steps
+        if self.pending is None:
+            return await clock.compute(learner.train, steps, steps=steps), 0.0, None
+        early = self.streaming.overlap
+        loss = await clock.compute(learner.train, early, steps=early)
+        waited, combined = await self._settle(late=True)
+        if early < steps:
+            later = await clock.compute(learner.train, steps - early, steps=steps - early)
+            loss = (loss * early + later * (steps - early)) / steps
+        return loss, waited, combined
+
+    async def _settle(self, *, late: bool) -> tuple[float, Combined | None]:
+        """Wait for the combination on its way (if any) and apply its outer step to its fragment:
+        the seconds waited, and the combination. ``late``: inner steps ran meanwhile, and the
+        update is merged with them."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return 0.0, None
+        clock, learner = self.context.clock, self.context.learner
+        started = clock.now()
+        combined: Combined = await pending.task
+        waited = clock.now() - started
+        start = subset(self.start, pending.fragment)
+        # A failed combination leaves its fragment where it started: its pseudo-gradient goes out later.
+        moved = start if combined.gradient is None else self.outer.step(start, combined.gradient)
+        local = learner.state()
+        keep = self.streaming.keep if late else 0.0
+        merged = {name: torch.lerp(moved[name], local[name], keep) if keep else moved[name] for name in pending.fragment}
+        learner.load_state({**local, **merged})
+        self.start.update(moved)
+        return waited, combined
+
+    def _publish(self, round_: int) -> None:
+        """A newcomer asking now starts ``round_`` at our start points, with the outer momentum that goes with them."""
         velocity = {name: self.outer.velocity[name].clone() if name in self.outer.velocity else torch.zeros_like(t)
-                    for name, t in start.items()}
-        tensors = {**_prefixed("start.", start), **_prefixed("velocity.", velocity)}
+                    for name, t in self.start.items()}
+        tensors = {**_prefixed("start.", self.start), **_prefixed("velocity.", velocity)}
         self.welcome = Message(WELCOME, self.context.transport.peer_id, round_, tensors, meta={"stray": self.stray})
 
     async def _average_all(self, round_: int, delta: State) -> Combined:
         total = self.feedback.with_residual(delta)
         me = self.context.transport.peer_id
-        tensors, meta, codec = self.models.encode(total, message_seed(me, "outer", round_))
-        sent = self.models.decode(tensors, codec, meta)  # what every member of the group will average
+        models = self.models[tuple(delta)]
+        tensors, meta, codec = models.encode(total, message_seed(me, "outer", round_))
+        sent = models.decode(tensors, codec, meta)  # what every member of the group will average
         expected = len(self.context.transport.reachable())
         averaged = await self.context.averaging.average(round_, sent, self.context.gossip.timeout)
         if averaged is None:
             # Applied alone, its own pseudo-gradient would move its start point away from everyone
             # else's for good: it is kept for the next round instead, and the start point too.
-            self.feedback.keep(total, {name: torch.zeros_like(tensor) for name, tensor in total.items()})
+            self.feedback.hold(total)
             self.stray = expected > 0
             return Combined(None, expected, 0, round_)
         self.feedback.keep(total, sent)
@@ -254,10 +368,11 @@ class DiLoCo(Protocol):
 
     async def _average_with_group(self, round_: int, delta: State) -> Combined:
         total = self.feedback.with_residual(delta)
-        result = await self.exchange.step(round_, {**_prefixed("start.", self.start), **_prefixed("delta.", total)})
+        start = self.start
+        result = await self.exchange.step(round_, {**_prefixed("start.", start), **_prefixed("delta.", total)})
         self.feedback.keep(total, _unprefixed("delta.", result.sent))
         mean_start, mean_delta = _unprefixed("start.", result.state), _unprefixed("delta.", result.state)
-        gradient = {name: mean_delta[name] + self.start[name] - mean_start[name] for name in self.start}
+        gradient = {name: mean_delta[name] + start[name] - mean_start[name] for name in start}
         return Combined(gradient, len(result.expected), result.heard, result.newest_step)
 
     # --- newcomers ---------------------------------------------------------------------------
@@ -317,27 +432,33 @@ class DiLoCo(Protocol):
             yield reply
 
     def _take(self, welcome: Message) -> None:
-        self.context.learner.load_state({**self.context.learner.state(), **_unprefixed("start.", welcome.tensors)})
+        self.start = _unprefixed("start.", welcome.tensors)
+        self.context.learner.load_state({**self.context.learner.state(), **self.start})
         self.outer.load_velocity(_unprefixed("velocity.", welcome.tensors))
 
     # --- what the program asks of it ---------------------------------------------------------
 
     def save_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {**_prefixed("velocity.", self.outer.velocity), **_prefixed("residual.", self.feedback.residual)}
+        """The outer momentum, the error feedback's tensors and, where fragments are combined in turn
+        (so that the model is not every fragment's start point), the start points."""
+        parts = {"velocity.": self.outer.velocity, "residual.": self.feedback.residual, "unsent.": self.feedback.unsent}
+        if len(self.fragments) > 1:
+            parts["start."] = self.start
+        tensors = {name: tensor for prefix, state in parts.items() for name, tensor in _prefixed(prefix, state).items()}
         return tensors, {"outer_optimizer": self.outer.kind}
 
     def restore_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta.get("outer_optimizer") != self.outer.kind:
             raise ValueError(f"it was saved with the {meta.get('outer_optimizer')!r} outer optimizer, not {self.outer.kind!r}")
-        velocity, residual = _unprefixed("velocity.", tensors), _unprefixed("residual.", tensors)
-        if len(velocity) + len(residual) != len(tensors):
-            raise ValueError("it holds tensors other than an outer velocity and a residual")
-        for part in (velocity, residual):
+        parts = {prefix: _unprefixed(prefix, tensors) for prefix in ("velocity.", "residual.", "unsent.", "start.")}
+        if sum(map(len, parts.values())) != len(tensors):
+            raise ValueError("it holds tensors other than an outer velocity, error feedback and start points")
+        for part in parts.values():
             if part:
-                check_state(part, self.reference)
-        self.outer.load_velocity(velocity)
-        self.feedback.load(residual)
-
+                check_state(part, {name: ref for name, ref in self.reference.items() if name in part})
+        self.outer.load_velocity(parts["velocity."])
+        self.feedback.load(parts["residual."], parts["unsent."])
+        self.saved_start = parts["start."]
 
 def _prefixed(prefix: str, state: State) -> State:
     return {prefix + name: tensor for name, tensor in state.items()}

@@ -325,6 +325,10 @@ class PeerRun:
             transport, self.clock, trainer, self.neighbourhood, finished, config.gossip, deadline=config.duration,
             averaging=node.averaging,
         )
+        try:
+            config.protocol.check_model(trainer.state(), config)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         # Built (and serving) before anyone can learn of us; it learns the swarm in enter().
         self.protocol = self.peer_node.protocol = build_protocol(config.algorithm, context, config)
         if resumed:

@@ -1,13 +1,26 @@
-"""Averaging in groups in the simulator: one group per round, of the live peers, exact.
+"""Averaging in groups in the simulator: one group per round, of the live peers.
 
 A round's group is the peers that were members and up when its first peer arrived. It averages as
 soon as every one of them that is still up has arrived, or ``timeout`` seconds after the first
 did, without the others; a peer that went down meanwhile is left out (as a member that fails
 during a real all-reduce). The mean is taken in a fixed order, so runs replay exactly.
 
-Cost, as a ring all-reduce over the default link: each of k members sends and receives
-2 (k - 1) / k times its contribution's size on the wire (through the run's codec), and the mean
-arrives that many bytes over the bandwidth plus 2 (k - 1) latencies after the group is complete.
+What it costs depends on the run's codec. With k members, each contributing S bytes on the wire
+(through the codec; S is measured once per layout of the tensors averaged, as one round may
+average some of a model's tensors and the next round others):
+
+- a dense codec (``not codec.sparse``: none, the casts, int8): a ring all-reduce. Each member
+  sends and receives 2 (k - 1) / k S bytes, in 2 (k - 1) hops. Its all-gather half carries the
+  mean through the codec too, so every member gets decode(encode(mean)) (the mean itself when
+  the codec is lossless).
+- a sparse codec (``codec.sparse``: top-k, random-k): a sum of sparse encodings is not sparse, so
+  the group gathers every member's encoding instead. Each member sends and receives (k - 1) S
+  bytes, in k - 1 hops, and gets the exact mean of the contributions (which callers decode
+  from their encoding before they hand them in).
+
+The network holds every member's uplink and downlink for it (``SimNetwork.collective``): the mean
+arrives once all of them were free, plus those bytes over the slowest member link, plus a latency
+per hop.
 """
 
 from __future__ import annotations
@@ -23,6 +36,9 @@ from gossip.learner import State
 from gossip.message import PeerId
 from gossip.model_codec import ModelMessages
 from peer.sim.network import SimNetwork
+
+# What decides a contribution's size on the wire: its tensors' names, shapes and dtypes.
+Layout = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 
 
 @dataclass
@@ -42,7 +58,8 @@ class AveragingRoom:
         self.members: set[PeerId] = set()
         self._groups: dict[int, _Group] = {}  # the rounds whose group has not handed out its mean yet
         self._over: set[int] = set()  # the rounds whose group has
-        self._size: int | None = None  # bytes of one contribution on the wire: the same every round
+        self._sizes: dict[Layout, int] = {}  # bytes of one contribution on the wire, by layout
+        self.peak_bytes = 0  # the most bytes a member sent in one round's average
 
     def join(self, peer: PeerId) -> SimAveraging:
         self.members.add(peer)
@@ -81,6 +98,8 @@ class AveragingRoom:
             self._hand_out(round_, None)
             return
         mean = {name: torch.stack([arrived[peer][name] for peer in members]).mean(0) for name in arrived[members[0]]}
+        if not (self.codec.sparse or self.codec.lossless):
+            mean = self._through_codec(mean, round_)
         delay = self._charge(members, arrived[members[0]])
         asyncio.get_running_loop().call_later(delay, self._hand_out, round_, Averaged(mean, frozenset(members)))
 
@@ -89,17 +108,26 @@ class AveragingRoom:
         self._groups.pop(round_).done.set_result(result)
         self._over.add(round_)
 
+    def _through_codec(self, mean: State, round_: int) -> State:
+        """The mean as the ring's all-gather hands it on: encoded and decoded by the codec."""
+        messages = ModelMessages(mean, self.codec)
+        tensors, meta, spec = messages.encode(mean, seed=round_)
+        return {**mean, **messages.decode(tensors, spec, meta)}
+
     def _charge(self, members: list[PeerId], contribution: State) -> float:
-        """Count each member's traffic of a ring all-reduce; the seconds it takes."""
-        if self._size is None:
+        """Count each member's traffic and hold its links; the seconds until the mean arrives."""
+        k, size = len(members), self.wire_size(contribution)
+        moved, hops = ((k - 1) * size, k - 1) if self.codec.sparse else (2 * (k - 1) * size // k, 2 * (k - 1))
+        self.peak_bytes = max(self.peak_bytes, moved)
+        return self.network.collective(members, moved, hops=hops)
+
+    def wire_size(self, contribution: State) -> int:
+        """Bytes of a contribution laid out as this one on the wire, through the codec."""
+        layout = tuple((name, tuple(tensor.shape), tensor.dtype) for name, tensor in contribution.items())
+        if layout not in self._sizes:
             tensors, _, _ = ModelMessages(contribution, self.codec).encode(contribution, seed=0)
-            self._size = wire_bytes(tensors)
-        k = len(members)
-        moved = 2 * (k - 1) * self._size // k
-        for peer in members:
-            self.network.count_collective(peer, moved)
-        link = self.network.default_link
-        return moved / link.bandwidth + 2 * (k - 1) * link.latency
+            self._sizes[layout] = wire_bytes(tensors)
+        return self._sizes[layout]
 
 
 class SimAveraging(GroupAveraging):

@@ -1,11 +1,28 @@
-"""An in-memory network of peers: per-link latency, bandwidth and loss, on the virtual clock.
+"""An in-memory network of peers on the virtual clock: each peer's uplink and downlink, latency, loss.
 
-Each directed link sends one message at a time: a message starts when the link is free,
-takes ``size / bandwidth`` to transmit and ``latency`` to arrive. A lost message is never
-delivered; the receiver notices through its own timeout, as it would on a real network.
-Loss is drawn from a generator per link seeded by the run's seed, so runs replay exactly.
-A partition cuts some peers from the rest: messages between the two sides, sent or in flight,
-are lost as well.
+Every peer has an uplink, shared by everything it sends, and a downlink, shared by everything it
+receives (``set_bandwidth``; by default each carries ``bandwidth`` bytes per second). A message
+from src to dst of ``size`` bytes:
+
+- starts when src's uplink is free (it sends one message at a time, in the order it sent them)
+  and holds it for ``size / up[src]``;
+- holds dst's downlink for ``size / down[dst]``, from the first time after it started that the
+  downlink is free for that long (a downlink busy later, with a message whose sender is still busy
+  with others, does not hold it up);
+- arrives when both are done, plus the latency.
+
+This is a store-and-forward approximation of links that share their capacity: a message takes
+the whole of a link while it is on it, rather than a fair share beside the others, and a slow
+downlink does not slow the sender's uplink down. Totals come out right (a peer that sends to 7
+takes 7 times as long as to one; two senders to one peer share its downlink), single messages
+may be early or late by a transfer's time.
+
+A lost message is never delivered and never reaches the downlink; the receiver notices through
+its own timeout, as it would on a real network. Loss is drawn from a generator per directed pair
+seeded by the run's seed, so runs replay exactly; ``set_link`` gives a pair a latency and loss of
+its own. A partition cuts some peers from the rest: messages between the two sides, sent or in
+flight, are lost as well. A collective (an all-reduce of a group, ``collective``) holds every
+member's uplink and downlink for its transfer.
 """
 
 from __future__ import annotations
@@ -13,36 +30,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gossip.message import Message, PeerId
 from gossip.transport import Admission, Handler, PeerUnreachable, TrafficCounters, Transport, admit_everyone
+from peer.sim.links import MBIT, Schedule
 
 log = logging.getLogger(__name__)
+
+DEFAULT_BANDWIDTH = 100 * MBIT  # bytes per second, each way
 
 
 @dataclass(frozen=True)
 class LinkModel:
+    """What a message meets between two peers, whatever their bandwidths."""
+
     latency: float = 0.01  # seconds, one way
-    bandwidth: float = 12.5e6  # bytes per second (100 Mbit/s)
     loss: float = 0.0  # probability that a message is lost
 
     def __post_init__(self) -> None:
         if self.latency < 0:
             raise ValueError(f"link latency must be >= 0 seconds, got {self.latency}")
-        if self.bandwidth <= 0:
-            raise ValueError(f"link bandwidth must be > 0 bytes/s, got {self.bandwidth}")
         if not 0.0 <= self.loss <= 1.0:
             raise ValueError(f"link loss must be a probability in [0, 1], got {self.loss}")
 
 
 class SimNetwork:
-    def __init__(self, default_link: LinkModel | None = None, *, seed: int = 0):
+    def __init__(self, default_link: LinkModel | None = None, *, bandwidth: float = DEFAULT_BANDWIDTH, seed: int = 0):
+        """``bandwidth``: bytes per second of the uplink and of the downlink of a peer not given its own."""
+        _check_bandwidth(bandwidth)
         self.default_link = default_link or LinkModel()
+        self.default_bandwidth = bandwidth
         self.seed = seed
         self._links: dict[tuple[PeerId, PeerId], LinkModel] = {}
-        self._free_at: dict[tuple[PeerId, PeerId], float] = {}
+        self._bandwidths: dict[PeerId, tuple[float, float]] = {}
+        self._uplinks: dict[PeerId, Schedule] = {}
+        self._downlinks: dict[PeerId, Schedule] = {}
         self._loss_rng: dict[tuple[PeerId, PeerId], random.Random] = {}
         self._endpoints: dict[PeerId, SimTransport] = {}
         self._down: set[PeerId] = set()
@@ -59,7 +83,20 @@ class SimNetwork:
         return transport
 
     def set_link(self, src: PeerId, dst: PeerId, link: LinkModel) -> None:
+        """The latency and loss of messages from ``src`` to ``dst``, from now on."""
         self._links[(src, dst)] = link
+
+    def set_bandwidth(self, peer_id: PeerId, up: float, down: float | None = None) -> None:
+        """Bytes per second of the peer's uplink and downlink (``down``: as ``up`` unless given);
+        a peer may be given them before it attaches."""
+        down = up if down is None else down
+        _check_bandwidth(up)
+        _check_bandwidth(down)
+        self._bandwidths[peer_id] = (up, down)
+
+    def bandwidth(self, peer_id: PeerId) -> tuple[float, float]:
+        """Bytes per second of the peer's uplink and downlink."""
+        return self._bandwidths.get(peer_id, (self.default_bandwidth, self.default_bandwidth))
 
     def crash(self, peer_id: PeerId) -> None:
         """From now on the peer neither sends nor receives anything, and what it was doing stops."""
@@ -95,12 +132,28 @@ class SimNetwork:
         """By every peer of the network, up or down, since the start."""
         return self._bytes_sent
 
-    def count_collective(self, peer_id: PeerId, size: int) -> None:
-        """A peer's part in a collective (an all-reduce): ``size`` bytes sent and as many received."""
-        counters = self._endpoints[peer_id].counters
-        counters.bytes_sent += size
-        counters.bytes_received += size
-        self._bytes_sent += size
+    def collective(self, members: Sequence[PeerId], size: int, hops: int) -> float:
+        """A collective of a group (an all-reduce) in which each member sends ``size`` bytes and
+        receives as many, in ``hops`` steps one after the other: counts that traffic, holds every
+        member's uplink and downlink for it, and returns the simulated seconds until it completes.
+
+        It starts once all the members' links are through with what they carry already, moves at
+        the pace of the slowest of them (a ring waits for its slowest hop), and each hop adds a latency.
+        """
+        now = asyncio.get_running_loop().time()
+        schedules = [self._uplink(peer) for peer in members] + [self._downlink(peer) for peer in members]
+        for schedule in schedules:
+            schedule.forget_before(now)
+        start = max(schedule.free_after(now) for schedule in schedules)
+        transfer = size / min(min(self.bandwidth(peer)) for peer in members)
+        for schedule in schedules:
+            schedule.reserve(start, transfer)
+        for peer in members:
+            counters = self._endpoints[peer].counters
+            counters.bytes_sent += size
+            counters.bytes_received += size
+            self._bytes_sent += size
+        return start + transfer + hops * self.default_link.latency - now
 
     def rejected(self) -> int:
         return sum(endpoint.counters.rejected for endpoint in self._endpoints.values())
@@ -119,14 +172,35 @@ class SimNetwork:
         self._endpoints[src].counters.messages_sent += 1
         link = self._links.get((src, dst), self.default_link)
         loop = asyncio.get_running_loop()
-        start = max(loop.time(), self._free_at.get((src, dst), 0.0))
-        self._free_at[(src, dst)] = start + size / link.bandwidth
+        start, sent = self._upload(src, size, loop.time())
         if link.loss and self._rng(src, dst).random() < link.loss:
             return
         if self._severed(src, dst):
             return
-        arrival = start + size / link.bandwidth + link.latency
-        loop.call_at(arrival, self._arrive, src, dst, size, on_arrival)
+        # A peer that is down takes nothing off its downlink; should it be back before the message
+        # arrives, the message is delivered, as before there were downlinks.
+        received = sent if dst in self._down else self._download(dst, size, start, loop.time())
+        loop.call_at(max(sent, received) + link.latency, self._arrive, src, dst, size, on_arrival)
+
+    def _upload(self, src: PeerId, size: int, now: float) -> tuple[float, float]:
+        """When the message starts on src's uplink, after what src sent before it, and when it is off."""
+        uplink = self._uplink(src)
+        uplink.forget_before(now)
+        start = uplink.free_after(now)
+        return start, uplink.reserve(start, size / self.bandwidth(src)[0])
+
+    def _download(self, dst: PeerId, size: int, start: float, now: float) -> float:
+        """When the message, on its way from ``start``, is through dst's downlink."""
+        downlink = self._downlink(dst)
+        downlink.forget_before(now)
+        duration = size / self.bandwidth(dst)[1]
+        return downlink.reserve(downlink.first_gap(start, duration), duration)
+
+    def _uplink(self, peer_id: PeerId) -> Schedule:
+        return self._uplinks.setdefault(peer_id, Schedule())
+
+    def _downlink(self, peer_id: PeerId) -> Schedule:
+        return self._downlinks.setdefault(peer_id, Schedule())
 
     def _arrive(self, src: PeerId, dst: PeerId, size: int, on_arrival: Callable[[SimTransport], None]) -> None:
         if dst in self._down or self._severed(src, dst):
@@ -141,6 +215,11 @@ class SimNetwork:
         if key not in self._loss_rng:
             self._loss_rng[key] = random.Random(f"{self.seed}:{src}->{dst}")
         return self._loss_rng[key]
+
+
+def _check_bandwidth(bytes_per_second: float) -> None:
+    if not bytes_per_second > 0:
+        raise ValueError(f"link bandwidth must be > 0 bytes/s, got {bytes_per_second}")
 
 
 class SimTransport(Transport):

@@ -8,6 +8,8 @@ Test modules share helpers through ``tests.helpers`` (real processes, daemons, s
 """
 
 import logging
+import signal
+import warnings
 
 import pytest
 
@@ -20,6 +22,17 @@ def root_logger_restored():
     yield
     root.setLevel(level)
     root.handlers[:] = handlers
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_handler_restored(request):
+    """Each test ends with Python's own Ctrl-C handler back: code that starts hivemind's processes
+    ignores SIGINT while it does, and a test that left it ignored would hand that on to every peer
+    process that later tests start (which would then ignore Ctrl-C). Such a test is named."""
+    yield
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        warnings.warn(f"{request.node.nodeid} left SIGINT's handler changed; restored", stacklevel=1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -13,6 +13,13 @@ from tests.helpers import wait_for_exits, wait_for_round
 pytestmark = pytest.mark.network
 
 
+def our_tracebacks(logs: str) -> list[str]:
+    """The tracebacks in the logs other than hivemind's own report of an all-reduce that a killed
+    member broke (it logs one for every such round, which the survivors then refuse, as they should)."""
+    blocks = logs.split("Traceback (most recent call last):")[1:]
+    return [block[:600] for block in blocks if "in _aggregate_with_group" not in block[:400]]
+
+
 def records(swarm: LocalSwarm, index: int) -> list[dict]:
     path = swarm.folder(index) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -49,4 +56,4 @@ def test_the_survivors_finish_every_outer_round_after_a_peer_is_killed(tmp_path,
     # After the crash every survivor still averaged with others (in pairs, one of three left over each round).
     later = {i: [r["neighbours_heard"] for r in records(swarm, i) if r["round"] > killed_at + 1] for i in survivors}
     assert all(max(heard) >= 1 for heard in later.values()), later
-    assert "Traceback" not in logs
+    assert our_tracebacks(logs) == []

@@ -30,8 +30,9 @@ def ctrl_c_handler_restored(request):
     ignores SIGINT while it does, and a test that left it ignored would hand that on to every peer
     process that later tests start (which would then ignore Ctrl-C). Such a test is named."""
     yield
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        warnings.warn(f"{request.node.nodeid} left SIGINT's handler changed; restored", stacklevel=1)
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is not signal.default_int_handler:
+        warnings.warn(f"{request.node.nodeid} (or a fixture's teardown before it) left SIGINT's handler at {handler!r}; restored", stacklevel=1)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

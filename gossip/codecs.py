@@ -542,9 +542,7 @@ def _parse_stage(spec: str, stage: str) -> Codec:
         return Cast(name, _CASTS[name])
     try:
         if name == "int8":
-            if has_argument and not _BLOCK.fullmatch(argument):
-                raise CodecError(f"int8 BLOCK {argument!r} is not an integer")
-            return BlockInt8(int(argument)) if has_argument else BlockInt8()
+            return BlockInt8(_integer("int8 BLOCK", argument)) if has_argument else BlockInt8()
         if name in _SPARSIFIERS:
             return _SPARSIFIERS[name](_decimal(f"{name} RATIO", argument))
         if name == "quant":

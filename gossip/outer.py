@@ -112,7 +112,7 @@ class ErrorFeedback:
                 return cls(float(beta))
         except ValueError:
             pass
-        raise ValueError(f"--error-feedback {spec[:40]!r} is not one of {FEEDBACK_HELP}")
+        raise ValueError(f"bad error feedback {spec[:40]!r}; valid: {FEEDBACK_HELP}")
 
     def with_residual(self, delta: State) -> State:
         """What to send instead of ``delta``: it plus the residual (and whatever a failed round held back)."""

@@ -162,7 +162,7 @@ class CommonSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(1, ge=1, description="evaluate every N rounds (the last round always)")
     exchange_timeout: float = Field(30.0, gt=0, description="seconds to wait for a neighbour's model")
-    codec: str = Field("none", description="model compression: none, fp16, bf16, int8[:BLOCK], topk:RATIO, randk:RATIO, or e.g. topk:0.01+int8")
+    codec: str = Field("none", description="compression of what peers send: none, fp16, bf16, int8[:BLOCK], quant:BITS[:CHUNK], topk:RATIO, randk:RATIO, chunktopk:DENSITY:BITS[:CHUNK], or e.g. topk:0.01+int8")
     error_feedback: str | None = Field(
         None, description=f"for models: {ERROR_FEEDBACK_SPECS}; for pseudo-gradients (diloco): {FEEDBACK_HELP}; "
         "choco or residual when --codec is lossy, none otherwise",

@@ -291,7 +291,6 @@ class DiLoCo(Protocol):
             fragment = self.fragments[round_ % len(self.fragments)]
             delta = difference(subset(self.start, fragment), learner.state())
             self.pending = Pending(fragment, asyncio.ensure_future(self.combine(round_, delta)))
-            await asyncio.sleep(0)  # the combination sends its share now, before the round is reported
             out_of_time = self.context.past_deadline()
             if not (self.streaming.overlap and round_ + 1 < rounds and not out_of_time):
                 seconds, combined = await self._settle(late=False)

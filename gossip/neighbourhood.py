@@ -94,6 +94,8 @@ class GraphNeighbourhood(Neighbourhood):
         return {self._ids[j]: p for j, p in row.items() if self._ids[j] == me or self._ids[j] not in self._absent}
 
     def linked(self, step: int) -> set[PeerId]:
+        if self._topology.drawn:  # a fresh graph each step: this step's links are all there is
+            return set(self.in_weights(step)) | set(self.out_neighbours(step))
         # A time-varying graph cycles through its period: a link unused this step comes back.
         if self._linked is None:
             self._linked = {

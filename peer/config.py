@@ -34,6 +34,7 @@ from peer.sim.byzantine import ByzantineSpec, check_byzantine, parse_byzantine
 from peer.sim.faults import Fault, parse_faults
 from peer.sim.links import BANDWIDTHS_HELP, Bandwidths, parse_bandwidths
 from peer.sim.speeds import SPEEDS_HELP, Speeds, parse_speeds
+from topology import is_drawn
 
 C = TypeVar("C", bound="TrainingConfig")
 
@@ -240,6 +241,12 @@ class CommonSettings(BaseModel):
                 f"--error-feedback {self.error_feedback}: {self.algorithm}'s codec compresses {compresses}, whose error "
                 f"feedback is {valid}"
             )
+        if is_drawn(self.topology) and self.error_feedback not in (None, "none") and compresses == "models":
+            raise ValueError(
+                f"--error-feedback {self.error_feedback} keeps a copy of the model on each link, and "
+                f"--topology {self.topology} draws new links every round; use --error-feedback none, or a "
+                "topology whose links stay (regular:D, base:K)"
+            )
         self.gossip  # noqa: B018 - raises ValueError for gossip settings that do not go together
         self.protocol.check(self)
         return self
@@ -292,6 +299,8 @@ class CommonSettings(BaseModel):
             return self.error_feedback
         if parse_codec(self.codec).lossless or "error_feedback" not in self.protocol.taken():
             return "none"
+        if self.protocol.compresses == "models" and is_drawn(self.topology):
+            return "none"  # its copies per link would not outlive a round's draw
         return "choco" if self.protocol.compresses == "models" else "residual"
 
     @cached_property
@@ -439,6 +448,7 @@ class SimulationConfig(TrainingConfig):
             check_byzantine(
                 self.attack, peers=self.peers, algorithm=self.algorithm, attackable=self.protocol.attackers,
                 error_feedback=self.gossip.error_feedback, simulated_for=[protocol.name for protocol in registered() if protocol.attackers],
+                topology=self.topology,
             )
         return self
 

@@ -151,7 +151,7 @@ def plot_runs(runs: list[Run], out: Path, x: str = "round", *, y: str = "accurac
 
 def plot_topology(spec: str, peers: int, out: Path, *, weights: str = "metropolis", seed: int = 0) -> None:
     """The graph that ``spec`` gives on ``peers`` peers (for a time-varying one, every link of its
-    period), with the spectral gap of its mixing matrix in the title."""
+    period; for a drawn one, round 0's draw), with the spectral gap of its mixing matrix in the title."""
     topology = parse_topology(spec, peers, weights=weights, seed=seed)
     graph = communication_graph(topology)
     directed = graph.is_directed()
@@ -173,18 +173,21 @@ def plot_topology(spec: str, peers: int, out: Path, *, weights: str = "metropoli
         )
     axis.set_axis_off()
     title = f"{spec}, {peers} peers: spectral gap {topology.spectral_gap():.4f}"
-    if topology.time_varying:
+    if topology.drawn:
+        degrees = topology.in_degrees(1)
+        title += f"\n(round 0's draw: in-degrees {min(degrees)} to {max(degrees)}; the gap is in expectation over draws)"
+    elif topology.time_varying:
         title += f"\n(all links of its {topology.period}-round period; the gap is of one period's product)"
     axis.set_title(title, fontsize="medium")
     _save(figure, out)
 
 
 def communication_graph(topology: Topology) -> nx.Graph:
-    """Who sends to whom over a whole period: j -> i wherever some W(t)[i, j] > 0; undirected
-    when every link goes both ways."""
+    """Who sends to whom over a whole period (a drawn topology: in round 0): j -> i wherever
+    some W(t)[i, j] > 0; undirected when every link goes both ways."""
     links = {
         (int(j), int(i))
-        for phase in range(topology.period)
+        for phase in range(topology.period or 1)
         for i, j in zip(*np.nonzero(topology.mixing_matrix(phase)))
         if i != j
     }

@@ -25,7 +25,7 @@ from peer.sim import LinkModel, SimClock, SimNetwork, SpeedProfile, VirtualTimeL
 from peer.sim.alone import REFERENCE_LABEL, LocalTraining
 from peer.sim.averaging import AveragingRoom
 from peer.sim.batched import CHUNK_PEERS, BatchedTraining, BatchingError, StackedTrainer, batching_refusal
-from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers
+from peer.sim.byzantine import Adversary, Attacker, HonestModels, choose_attackers, choose_victims, targeted_topology
 from peer.sim.links import MBIT
 from peer.summary import summary as common_summary
 from peer.tasks import Task, load_task, partition
@@ -137,6 +137,11 @@ class World:
             [peer for peer in self.initial if peer not in self.attackers], config.eval_peers, config.seed
         )
         self.topology = self._topology()
+        self.victims: list[str] = []
+        if attack and attack.targeted:
+            self.victims = choose_victims(self.topology, self.initial, self.attackers, config.seed)
+            index = {peer: i for i, peer in enumerate(self.ids)}
+            self.topology = targeted_topology(self.topology, {index[p] for p in self.attackers}, {index[p] for p in self.victims})
         self.task = load_task(config.task, config.data_dir, peers=len(self.ids), download=config.download)
         trainers = self._trainers()
         self.trainers = dict(zip(self.ids, trainers))
@@ -396,6 +401,14 @@ class World:
         point of the curve waits for (with --eval-peers, the sample's; else every honest peer)."""
         return [peer for peer in self._honest_up() if self._evaluates(peer)]
 
+    def _in_degrees(self) -> dict[str, float]:
+        """How many models a peer was sent per gossip step, over every peer and step of the run."""
+        degrees = np.array(self.topology.in_degrees((self.last_round + 1) * self.config.gossip_steps))
+        return {
+            "mean": round(float(degrees.mean()), 3), "std": round(float(degrees.std()), 3),
+            "min": int(degrees.min()), "max": int(degrees.max()),
+        }
+
     def summary(self, virtual_seconds: float, wall_seconds: float) -> tuple[dict[str, Any], list[RoundRecord]]:
         config, protocol = self.config, self.protocol
         live = self._honest_up()
@@ -415,6 +428,7 @@ class World:
             spectral_gap=self.topology.spectral_gap() if mixing else None,
         )
         summary.update(
+            in_degree=self._in_degrees() if mixing and self.last_round >= 0 else None,
             batch_size=config.batch_size,
             lr=self.trainers[self.ids[0]].lr,
             speeds=config.speeds,
@@ -424,6 +438,11 @@ class World:
             faults=config.faults,
             byzantine=config.byzantine,
             attackers=sorted(self.attackers),
+            victims=self.victims,
+            mean_accuracy_victims=_mean([r.accuracy for r in final if r.peer in self.victims and r.accuracy is not None]),
+            mean_accuracy_spared=_mean([
+                r.accuracy for r in final if self.victims and r.peer not in self.victims and r.accuracy is not None
+            ]),
             peers_up_at_end=len(live),
             stalled=self.stalled,
             stopped_at_target=self.stopped_at_target,

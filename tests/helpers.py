@@ -8,6 +8,7 @@ from one another.
 import asyncio
 import contextlib
 import gzip
+import json
 import re
 import signal
 import socket
@@ -96,6 +97,46 @@ def wait_for_round(swarm, round_, timeout, *, everyone=False):
         assert time.monotonic() < deadline, f"the swarm did not complete round {round_}"
         assert all(p.poll() is None for p in swarm.processes.values()), "a peer exited early"
         time.sleep(0.1)
+
+
+def gossip_round(topology, values, round):
+    """One mixing round of a ``topology.Topology`` on an array of values (one row per peer),
+    computed peer by peer, the way peers do it."""
+    mixed = np.empty_like(values)
+    for peer in range(topology.n):
+        incoming = topology.in_weights(peer, round)
+        mixed[peer] = topology.self_weight(peer, round) * values[peer] + sum(
+            weight * values[j] for j, weight in incoming.items()
+        )
+    return mixed
+
+
+def records(swarm, index):
+    """The metrics records a peer of a ``LocalSwarm`` has written so far."""
+    path = swarm.folder(index) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_with_a_peer_killed(swarm, victim, rounds):
+    """Run a ``LocalSwarm`` (paced, so that a round lasts a while), SIGKILL ``victim`` once every peer
+    has recorded round 1, and wait for the others to finish on their own. Returns the survivors,
+    the last round any of them had recorded when the victim died, and their logs; asserts that
+    every survivor exited 0 and recorded every round."""
+    try:
+        swarm.bootstrap()
+        survivors = [index for index in swarm.processes if index != victim]
+        wait_for_round(swarm, 1, 150, everyone=True)
+        swarm.kill(victim)
+        killed_at = max(swarm.last_round(i) for i in survivors)
+        assert killed_at < rounds - 2, "the run was almost over before the peer was killed"
+        wait_for_exits([swarm.processes[i] for i in survivors], 180, "the survivors")
+    finally:
+        swarm.stop()
+    logs = "\n".join((swarm.folder(i) / "log.txt").read_text() for i in survivors)
+    assert [swarm.processes[i].returncode for i in survivors] == [0] * len(survivors), logs
+    for index in survivors:
+        assert [r["round"] for r in records(swarm, index)] == list(range(rounds)), logs
+    return survivors, killed_at, logs
 
 
 # --- live metrics -----------------------------------------------------------------------

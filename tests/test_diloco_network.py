@@ -2,13 +2,11 @@
 outer round, streamed through hivemind's all-reduce (fragments in turn, each combined while the next
 inner steps run) and through random pairs with 4-bit pseudo-gradients alike."""
 
-import json
-
 import pytest
 
 from peer.config import SwarmConfig
 from peer.net.swarm import LocalSwarm
-from tests.helpers import wait_for_exits, wait_for_round
+from tests.helpers import records, run_with_a_peer_killed
 
 pytestmark = pytest.mark.network
 
@@ -20,37 +18,20 @@ def our_tracebacks(logs: str) -> list[str]:
     return [block[:600] for block in blocks if "in _aggregate_with_group" not in block[:400]]
 
 
-def records(swarm: LocalSwarm, index: int) -> list[dict]:
-    path = swarm.folder(index) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 STREAMED = {"outer_mix": "all", "fragments": 2, "overlap": 5, "codec": "fp16"}
 PAIRS = {"outer_mix": "gossip:1", "codec": "quant:4"}
 
 
 @pytest.mark.parametrize("settings", [STREAMED, PAIRS], ids=["streamed-all", "pairs-quant4"])
 def test_the_survivors_finish_every_outer_round_after_a_peer_is_killed(tmp_path, settings):
-    rounds, victim, survivors = 8, 3, [0, 1, 2]
+    rounds = 8
     config = SwarmConfig(
         peers=4, rounds=rounds, algorithm="diloco", local_steps=5, partition="iid", exchange_timeout=8,
         join_timeout=90, **settings,
     )
     # --pace: a round takes at least 1.5 s, so that the victim dies while the run goes on.
     swarm = LocalSwarm(config, tmp_path, extra_args=("--pace", "1.5"))
-    try:
-        swarm.bootstrap()
-        wait_for_round(swarm, 1, 150, everyone=True)
-        swarm.kill(victim)
-        killed_at = max(swarm.last_round(i) for i in survivors)
-        assert killed_at < rounds - 2, "the run was almost over before the peer was killed"
-        wait_for_exits([swarm.processes[i] for i in survivors], 180, "the survivors")
-    finally:
-        swarm.stop()
-    logs = "\n".join((swarm.folder(i) / "log.txt").read_text() for i in survivors)
-    assert [swarm.processes[i].returncode for i in survivors] == [0, 0, 0], logs
-    for index in survivors:
-        assert [r["round"] for r in records(swarm, index)] == list(range(rounds)), logs
+    survivors, killed_at, logs = run_with_a_peer_killed(swarm, victim=3, rounds=rounds)
     summaries = swarm.summaries()
     assert all(summaries[i]["rounds_completed"] == rounds for i in survivors)
     # After the crash every survivor still averaged with others (in pairs, one of three left over each round).

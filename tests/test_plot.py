@@ -70,14 +70,14 @@ def test_an_unwritable_destination_is_a_clear_error(runs, tmp_path):
 @pytest.mark.parametrize(
     ("spec", "n", "directed", "edges"),
     [("ring", 8, False, 8), ("torus", 9, False, 18), ("star", 5, False, 4), ("exponential", 8, True, 24),
-     ("onepeer-exponential", 8, True, 24)],
+     ("onepeer-exponential", 8, True, 24), ("el-oracle:3", 8, True, 24), ("base:1", 8, False, 12)],
 )
 def test_the_drawn_graph_has_every_link_of_the_period(spec, n, directed, edges):
     graph = communication_graph(parse_topology(spec, n))
     assert graph.is_directed() == directed and graph.number_of_edges() == edges
 
 
-@pytest.mark.parametrize("spec", ["ring", "torus", "star", "regular:3", "onepeer-exponential"])
+@pytest.mark.parametrize("spec", ["ring", "torus", "star", "regular:3", "onepeer-exponential", "el-local:3", "base:2"])
 def test_a_topology_is_drawn(tmp_path, spec):
     plot_topology(spec, 12, tmp_path / "graph.png")
     assert_image(tmp_path / "graph.png")

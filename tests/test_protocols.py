@@ -45,7 +45,9 @@ def test_dpsgd_mixes_the_trained_models_or_the_starting_ones_with_the_update_aft
     np.testing.assert_allclose(np.stack([learner.value.numpy() for learner in learners]), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("spec", ["ring", "complete", "star", "exponential", "onepeer-exponential"])
+@pytest.mark.parametrize(
+    "spec", ["ring", "complete", "star", "exponential", "onepeer-exponential", "base:2", "el-oracle:3", "el-local:3"]
+)
 def test_dpsgd_rounds_apply_the_mixing_matrices(spec):
     n, rounds = 8, 5
     topology = parse_topology(spec, n, seed=0)

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import gossip_round
 from topology import (
     TOPOLOGY_NAMES,
-    Topology,
     TopologyError,
     metropolis_hastings,
     parse_topology,
@@ -43,17 +43,6 @@ def assert_doubly_stochastic(matrix: np.ndarray) -> None:
 
 def average_matrix(n: int) -> np.ndarray:
     return np.full((n, n), 1.0 / n)
-
-
-def gossip_round(topology: Topology, values: np.ndarray, round: int) -> np.ndarray:
-    """One mixing round computed peer by peer, the way peers do it."""
-    mixed = np.empty_like(values)
-    for peer in range(topology.n):
-        incoming = topology.in_weights(peer, round)
-        mixed[peer] = topology.self_weight(peer, round) * values[peer] + sum(
-            weight * values[j] for j, weight in incoming.items()
-        )
-    return mixed
 
 
 # --- weights on every generator ---------------------------------------------------------
@@ -359,7 +348,8 @@ def test_unknown_weights_are_rejected() -> None:
 
 def test_every_listed_name_parses() -> None:
     examples = {
-        "regular:D": "regular:4", "erdos:P": "erdos:0.9", "smallworld:K:P": "smallworld:4:0.1"
+        "regular:D": "regular:4", "erdos:P": "erdos:0.9", "smallworld:K:P": "smallworld:4:0.1",
+        "base:K": "base:2", "el-oracle:S": "el-oracle:3", "el-local:S": "el-local:3",
     }
     for name in TOPOLOGY_NAMES:
         if name == "file:PATH":

@@ -2,11 +2,13 @@
 
 - ``graphs.py``: graph generators on peers 0..n-1, parsed from a spec such as ``erdos:0.1``.
 - ``weights.py``: mixing matrices (Metropolis-Hastings, uniform) and their spectral gap.
+- ``drawn.py``: overlays drawn afresh every round (epidemic learning's ``el-oracle``, ``el-local``).
+- ``base_graph.py``: Base-(k+1) graphs, exact consensus after a short period for any n.
 - ``schedule.py``: the ``Topology`` object: who mixes with whom, with what weights, in each round.
 - ``walk.py``: a token's random walk: the base chain, the self-repellent kernel and lazy visit counts.
 """
 
-from topology.graphs import TOPOLOGY_NAMES, TopologyError
+from topology.graphs import TOPOLOGY_NAMES, TopologyError, is_drawn
 from topology.schedule import Topology, parse_topology
 from topology.walk import VisitCounts, base_chain, next_holder, srrw_probabilities, step_size
 from topology.weights import metropolis_hastings, spectral_gap, uniform
@@ -17,6 +19,7 @@ __all__ = [
     "TopologyError",
     "VisitCounts",
     "base_chain",
+    "is_drawn",
     "metropolis_hastings",
     "next_holder",
     "parse_topology",

@@ -25,8 +25,20 @@ TOPOLOGY_NAMES = [
     "smallworld:K:P",
     "exponential",
     ONE_PEER_EXPONENTIAL,
+    "base:K",
+    "el-oracle:S",
+    "el-local:S",
     "file:PATH",
 ]
+
+# The graph changes from round to round: a period of graphs, or a fresh draw every round.
+TIME_VARYING = (ONE_PEER_EXPONENTIAL, "base", "el-oracle", "el-local")
+DRAWN = ("el-oracle", "el-local")  # a fresh draw every round: no link outlives its round
+
+
+def is_drawn(spec: str) -> bool:
+    """Whether ``spec`` draws its graph afresh every round."""
+    return spec.strip().partition(":")[0] in DRAWN
 
 _USAGE = {usage.partition(":")[0]: usage for usage in TOPOLOGY_NAMES}
 
@@ -106,6 +118,16 @@ def _int_param(spec: str, label: str, text: str) -> int:
     except ValueError:
         message = f"topology {spec!r}: {label} must be an integer, got {text!r}"
         raise TopologyError(message) from None
+
+
+def positive_int_param(spec: str, text: str) -> int:
+    """The one integer parameter of ``base:K``, ``el-oracle:S`` or ``el-local:S``, at least 1."""
+    name, _, _ = spec.partition(":")
+    label = "K" if name == "base" else "S"
+    value = _int_param(spec, label, text)
+    if value < 1:
+        raise TopologyError(f"topology {spec!r}: {label} must be at least 1, got {value}")
+    return value
 
 
 def _float_param(spec: str, label: str, text: str) -> float:

@@ -5,6 +5,8 @@ Row i of a mixing matrix W is what peer i computes: x_i <- sum_j W[i, j] x_j.
 
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 import numpy as np
 
@@ -37,9 +39,23 @@ def uniform(graph: nx.Graph) -> np.ndarray:
 
 
 def spectral_gap(weights: np.ndarray) -> float:
-    """1 - ||W - 11^T/n||_2: how much one mixing step contracts the distance to consensus.
+    """1 - ||P W P||_2 with P = I - 11^T/n: how much one mixing step contracts the distance to
+    consensus (W maps consensus to itself, so only the disagreement P x is contracted).
 
-    For a symmetric doubly stochastic W this is 1 - max(|lambda_2|, |lambda_n|).
+    For a doubly stochastic W this is 1 - ||W - 11^T/n||_2, and for a symmetric one
+    1 - max(|lambda_2|, |lambda_n|).
     """
-    n = weights.shape[0]
-    return 1.0 - float(np.linalg.norm(weights - 1.0 / n, ord=2))
+    return mean_spectral_gap([weights])
+
+
+def mean_spectral_gap(draws: list[np.ndarray]) -> float:
+    """1 - sqrt(||E[(P W P)^T (P W P)]||_2) over equally likely W: the contraction of the squared
+    distance to consensus in expectation, for graphs drawn afresh each round (with one W, the
+    gap of that W)."""
+    n = draws[0].shape[0]
+    projection = np.eye(n) - 1.0 / n
+    second_moment = np.zeros((n, n))
+    for weights in draws:
+        step = projection @ weights @ projection
+        second_moment += step.T @ step / len(draws)
+    return 1.0 - math.sqrt(max(float(np.linalg.eigvalsh(second_moment)[-1]), 0.0))

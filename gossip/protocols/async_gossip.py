@@ -33,6 +33,7 @@ from gossip.learner import with_update
 from gossip.message import PeerId
 from gossip.protocols.base import Protocol, ProtocolContext, RoundReport, Settings
 from gossip.wait_free import STALENESS_HELP, parse_staleness
+from topology import is_drawn
 
 WITHOUT_ROUNDS = ", whose peers do not share rounds"
 
@@ -65,6 +66,15 @@ class AsyncGossip(Protocol):
     }
     rounds_shared = False
     round_word = "iterations"
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        if is_drawn(settings.topology):
+            raise ValueError(
+                f"async-gossip: --topology {settings.topology} draws its links afresh for each step, and peers without "
+                "rounds are at different steps, so a model would seldom reach a peer that waits for it; use a fixed "
+                "graph (regular:D) or base:K"
+            )
 
     @classmethod
     def build(cls, context: ProtocolContext, settings: Settings, *, peers: list[PeerId], joining: bool) -> AsyncGossip:

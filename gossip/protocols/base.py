@@ -213,8 +213,11 @@ class Protocol(ABC):
     @classmethod
     def describe_overlay(cls, summary: Mapping[str, Any]) -> str:
         """The overlay as the result table shows it."""
-        gap = summary.get("spectral_gap")
-        return summary["topology"] if gap is None else f"{summary['topology']} (spectral gap {gap:.4f})"
+        gap, degree = summary.get("spectral_gap"), summary.get("in_degree")
+        if gap is None:
+            return summary["topology"]
+        spread = f"; in-degree {degree['mean']:.2f} ± {degree['std']:.2f}" if degree and degree["std"] else ""
+        return f"{summary['topology']} (spectral gap {gap:.4f}{spread})"
 
     @classmethod
     def table_rows(cls, summary: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -5,7 +5,9 @@ attackers. They are omniscient, as in the robustness literature (He, Karimireddy
 arXiv 2202.01545): every honest peer's transport is tapped, so the attackers see the model
 each honest peer sends at each gossip step. At every step an attacker sends each of its
 honest neighbours (its targets) a model crafted for that target, as an ordinary gossip
-model message: same kind, step numbering and codec as the honest exchange.
+model message: same kind, step numbering and codec as the honest exchange. On an overlay drawn
+every round the targets are the round's draw; ``F:ATTACK:targeted`` makes every attacker send to
+the same S honest victims every round instead (``targeted_topology``), which the victims mix.
 
 With x_i the target's model, H_i the honest models around it (x_i and those of its honest
 in-neighbours, as He et al. take them; x_i keeps the set from being empty), and mean and
@@ -28,7 +30,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,13 +43,16 @@ from gossip.model_codec import ModelMessages
 from gossip.protocols.base import Protocol, ProtocolContext
 from gossip.transport import Clock, Handler, PeerUnreachable, Transport
 from gossip.validation import InvalidState
-from topology import Topology
+from topology import Topology, is_drawn
 
 log = logging.getLogger(__name__)
 
 # The attacks, and whether each takes a parameter.
 ATTACKS = {"signflip": False, "alie": True, "ipm": True, "dissensus": True, "noise": True, "huge": False}
-VALID_SPECS = "F:ATTACK with F in (0, 1) and ATTACK one of signflip, alie:Z, ipm:EPS, dissensus:EPS, noise:SCALE, huge"
+VALID_SPECS = (
+    "F:ATTACK[:targeted] with F in (0, 1) and ATTACK one of signflip, alie:Z, ipm:EPS, dissensus:EPS, noise:SCALE, huge"
+)
+TARGETED = ":targeted"
 HUGE = 1e30  # finite in float32, so it passes a receiver's checks and lands in its average
 
 
@@ -60,6 +65,7 @@ class ByzantineSpec:
     fraction: float
     attack: str
     parameter: float | None = None  # Z, EPS or SCALE; None for the attacks without one
+    targeted: bool = False  # on a drawn overlay, the same victims every round instead of the draw's
 
     def count(self, peers: int) -> int:
         """Attackers among ``peers``: the fraction rounded to the nearest whole peer (0.2 of 16 is 3)."""
@@ -70,7 +76,13 @@ def parse_byzantine(spec: str) -> ByzantineSpec | None:
     """The attack a spec names; None for ``none``; ByzantineError naming what is wrong otherwise."""
     if spec == "none":
         return None
-    fraction_text, _, attack_text = spec.partition(":")
+    targeted = spec.endswith(TARGETED)
+    parsed = _parse_attack(spec.removesuffix(TARGETED) if targeted else spec, spec)
+    return replace(parsed, targeted=targeted)
+
+
+def _parse_attack(text: str, spec: str) -> ByzantineSpec:
+    fraction_text, _, attack_text = text.partition(":")
     attack, has_parameter, parameter_text = attack_text.partition(":")
     fraction = _number(fraction_text)
     if fraction is None or not 0 < fraction < 1:
@@ -100,11 +112,17 @@ def _number(text: str) -> float | None:
 
 
 def check_byzantine(
-    spec: ByzantineSpec, *, peers: int, algorithm: str, attackable: bool, error_feedback: str, simulated_for: list[str]
+    spec: ByzantineSpec, *, peers: int, algorithm: str, attackable: bool, error_feedback: str, simulated_for: list[str],
+    topology: str,
 ) -> None:
     """ByzantineError when the attackers do not fit the run: the protocol (``attackable``: the
     simulator has attackers for it; ``simulated_for``: the protocols it has them for), the
-    exchange, the swarm's size."""
+    exchange, the swarm's size, the overlay (``targeted`` needs one drawn every round)."""
+    if spec.targeted and not is_drawn(topology):
+        raise ByzantineError(
+            f"--byzantine ...{TARGETED}: on --topology {topology} the attackers' neighbours are the same every round "
+            "already; targeted attackers are for a drawn overlay (el-oracle:S, el-local:S)"
+        )
     if not attackable:
         raise ByzantineError(
             f"--byzantine: attackers are simulated for the protocols {' and '.join(simulated_for)}, not {algorithm}"
@@ -125,6 +143,30 @@ def check_byzantine(
 def choose_attackers(spec: ByzantineSpec, peers: list[PeerId], seed: int) -> frozenset[PeerId]:
     """The attackers among ``peers``; the same for a seed, whatever the order of ``peers``."""
     return frozenset(random.Random(f"{seed}:byzantine").sample(sorted(peers), spec.count(len(peers))))
+
+
+def choose_victims(topology: Topology, ids: list[PeerId], attackers: frozenset[PeerId], seed: int) -> list[PeerId]:
+    """The honest peers that targeted attackers send to every round: as many as an attacker's
+    draw names (S), the same for a seed."""
+    honest = [peer for peer in ids if peer not in attackers]
+    fanout = len(topology.out_neighbours(ids.index(min(attackers)), 0))
+    return sorted(random.Random(f"{seed}:victims").sample(honest, min(fanout, len(honest))))
+
+
+def targeted_topology(topology: Topology, attackers: set[int], victims: set[int]) -> Topology:
+    """A drawn ``topology`` in which every attacker sends to ``victims`` each round instead of the
+    peers it drew, and each receiver still averages uniformly what it was sent: victims the
+    attackers' models too, the others their honest senders only."""
+
+    def rows(round: int) -> list[dict[int, float]]:
+        mixed = []
+        for i, row in enumerate(topology.rows(round)):
+            senders = [j for j in row if j != i and j not in attackers] + (sorted(attackers) if i in victims else [])
+            weight = 1.0 / (1 + len(senders))
+            mixed.append({i: weight} | dict.fromkeys(senders, weight))
+        return mixed
+
+    return Topology(topology.spec, topology.n, None, rows)
 
 
 # The attacks' arithmetic, on models flattened to vectors. ``honest`` stacks the honest models

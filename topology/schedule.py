@@ -46,14 +46,17 @@ class _Round:
     @property
     def matrix(self) -> np.ndarray:
         if self._matrix is None:
-            n = len(self.rows)
-            matrix = np.zeros((n, n))
-            for i, row in enumerate(self.rows):
-                for j, w in row.items():
-                    matrix[i, j] = w
-            matrix.flags.writeable = False  # shared by every caller, so nobody may edit it
-            self._matrix = matrix
+            self._matrix = dense(self.rows)
+            self._matrix.flags.writeable = False  # shared by every caller, so nobody may edit it
         return self._matrix
+
+
+def dense(rows: Rows) -> np.ndarray:
+    """W as a matrix."""
+    matrix = np.zeros((len(rows), len(rows)))
+    for i, row in enumerate(rows):
+        matrix[i, list(row)] = list(row.values())
+    return matrix
 
 
 def rows_of_matrix(matrix: np.ndarray) -> Rows:
@@ -144,7 +147,8 @@ class Topology:
         drawn one, the gap in expectation over its first GAP_DRAWS rounds (``mean_spectral_gap``)."""
         if self._spectral_gap is None:
             if self.period is None:
-                self._spectral_gap = mean_spectral_gap([self.mixing_matrix(r) for r in range(GAP_DRAWS)])
+                # Not through the rounds' cache: n x n matrices of rounds long gone need not stay.
+                self._spectral_gap = mean_spectral_gap(dense(self._rows_for_round(r)) for r in range(GAP_DRAWS))
             else:
                 product = np.eye(self.n)
                 for phase in range(self.period):

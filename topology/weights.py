@@ -6,6 +6,7 @@ Row i of a mixing matrix W is what peer i computes: x_i <- sum_j W[i, j] x_j.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import networkx as nx
 import numpy as np
@@ -48,14 +49,17 @@ def spectral_gap(weights: np.ndarray) -> float:
     return mean_spectral_gap([weights])
 
 
-def mean_spectral_gap(draws: list[np.ndarray]) -> float:
+def mean_spectral_gap(draws: Iterable[np.ndarray]) -> float:
     """1 - sqrt(||E[(P W P)^T (P W P)]||_2) over equally likely W: the contraction of the squared
     distance to consensus in expectation, for graphs drawn afresh each round (with one W, the
-    gap of that W)."""
-    n = draws[0].shape[0]
-    projection = np.eye(n) - 1.0 / n
-    second_moment = np.zeros((n, n))
+    gap of that W). The draws are taken one at a time."""
+    second_moment, count = None, 0
     for weights in draws:
+        n = weights.shape[0]
+        projection = np.eye(n) - 1.0 / n
         step = projection @ weights @ projection
-        second_moment += step.T @ step / len(draws)
-    return 1.0 - math.sqrt(max(float(np.linalg.eigvalsh(second_moment)[-1]), 0.0))
+        second_moment = step.T @ step if second_moment is None else second_moment + step.T @ step
+        count += 1
+    if second_moment is None:
+        raise ValueError("no mixing matrix to take a gap of")
+    return 1.0 - math.sqrt(max(float(np.linalg.eigvalsh(second_moment / count)[-1]), 0.0))

@@ -136,12 +136,7 @@ class World:
         self.sampled = evaluation_sample(
             [peer for peer in self.initial if peer not in self.attackers], config.eval_peers, config.seed
         )
-        self.topology = self._topology()
-        self.victims: list[str] = []
-        if attack and attack.targeted:
-            self.victims = choose_victims(self.topology, self.initial, self.attackers, config.seed)
-            index = {peer: i for i, peer in enumerate(self.ids)}
-            self.topology = targeted_topology(self.topology, {index[p] for p in self.attackers}, {index[p] for p in self.victims})
+        self.topology, self.victims = self._overlay()
         self.task = load_task(config.task, config.data_dir, peers=len(self.ids), download=config.download)
         trainers = self._trainers()
         self.trainers = dict(zip(self.ids, trainers))
@@ -193,6 +188,15 @@ class World:
         for peer, up, down in zip(self.ids, bandwidths.up, bandwidths.down):
             network.set_bandwidth(peer, up * MBIT, down * MBIT)
         return network
+
+    def _overlay(self) -> tuple[Topology | None, list[str]]:
+        """The graph of the run, and the victims of targeted attackers (who then send to them only)."""
+        topology, attack = self._topology(), self.config.attack
+        if not (attack and attack.targeted):
+            return topology, []
+        victims = choose_victims(topology, self.initial, self.attackers, self.config.seed)
+        index = {peer: i for i, peer in enumerate(self.ids)}
+        return targeted_topology(topology, {index[p] for p in self.attackers}, {index[p] for p in victims}), victims
 
     def _topology(self) -> Topology | None:
         """The graph of every peer, newcomers included (they have their place on it from the start);
@@ -438,11 +442,7 @@ class World:
             faults=config.faults,
             byzantine=config.byzantine,
             attackers=sorted(self.attackers),
-            victims=self.victims,
-            mean_accuracy_victims=_mean([r.accuracy for r in final if r.peer in self.victims and r.accuracy is not None]),
-            mean_accuracy_spared=_mean([
-                r.accuracy for r in final if self.victims and r.peer not in self.victims and r.accuracy is not None
-            ]),
+            **self._victims_figures(final),
             peers_up_at_end=len(live),
             stalled=self.stalled,
             stopped_at_target=self.stopped_at_target,
@@ -472,6 +472,17 @@ class World:
             # The algorithm did not run: the table says what did, and there was no graph.
             summary.update(label=REFERENCE_LABEL, topology="none")
         return summary, final
+
+    def _victims_figures(self, final: list[RoundRecord]) -> dict[str, Any]:
+        """Targeted attackers' victims, and their final mean accuracy beside the other honest peers'."""
+        victims = self.victims
+        return {
+            "victims": victims,
+            "mean_accuracy_victims": _mean([r.accuracy for r in final if r.peer in victims and r.accuracy is not None]),
+            "mean_accuracy_spared": _mean([
+                r.accuracy for r in final if victims and r.peer not in victims and r.accuracy is not None
+            ]),
+        }
 
     def _protocol_figures(self) -> dict[str, Any]:
         """The algorithm's own figures; with one peer, its keys with no value, as it did not run."""

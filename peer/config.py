@@ -34,7 +34,7 @@ from peer.sim.byzantine import ByzantineSpec, check_byzantine, parse_byzantine
 from peer.sim.faults import Fault, parse_faults
 from peer.sim.links import BANDWIDTHS_HELP, Bandwidths, parse_bandwidths
 from peer.sim.speeds import SPEEDS_HELP, Speeds, parse_speeds
-from topology import is_drawn
+from topology import TopologyError, check_spec, is_drawn
 
 C = TypeVar("C", bound="TrainingConfig")
 
@@ -284,6 +284,17 @@ class CommonSettings(BaseModel):
         start = parse_lr_schedule(self.lr_schedule)
         total = self.rounds * self.local_steps
         return self.protocol.learning_rate(self, None if start is None else CosineDecay(round(start * total), total))
+
+    @field_validator("topology")
+    @classmethod
+    def _known_topology(cls, spec: str) -> str:
+        # A real peer builds its graph only once it sees the swarm, and falls back to a ring for a
+        # size the graph does not exist at: a spec that names no graph at all is refused now.
+        try:
+            check_spec(spec)
+        except TopologyError as error:
+            raise ValueError(str(error)) from None
+        return spec
 
     @field_validator("error_feedback")
     @classmethod

@@ -10,7 +10,7 @@ import torch
 
 from gossip.neighbourhood import GraphNeighbourhood
 from peer.cli import main
-from peer.config import SimulationConfig
+from peer.config import SimulationConfig, SwarmConfig
 from peer.sim.byzantine import ByzantineError, choose_victims, parse_byzantine, targeted_topology
 from peer.simulate import peer_ids, simulate
 from tests.helpers import gossip_round
@@ -219,3 +219,16 @@ def test_a_targeted_run_reports_its_victims_apart(tmp_path):
     summary = result.summary
     assert len(summary["victims"]) == 2 and not set(summary["victims"]) & set(summary["attackers"])
     assert summary["mean_accuracy_victims"] is not None and summary["mean_accuracy_spared"] is not None
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [("nonsense", "unknown topology"), ("el-local:0", "S must be at least 1"), ("erdos:2", r"P must be in \(0, 1\]"),
+     ("smallworld:3:0.1", "K must be even"), ("file:/no/such/edges", "cannot read edge list")],
+)
+def test_a_real_peer_refuses_a_topology_that_names_no_graph_before_it_starts(spec, reason):
+    # A real peer lays its view out on the graph only later, falling back to a ring for sizes the
+    # graph does not exist at; a spec that names no graph at all must not get that far.
+    with pytest.raises(ValueError, match=reason):
+        SwarmConfig(topology=spec)
+    assert SwarmConfig(topology="torus").topology == "torus"  # 7 live peers would make a ring, 9 a torus

@@ -8,7 +8,7 @@
 - ``walk.py``: a token's random walk: the base chain, the self-repellent kernel and lazy visit counts.
 """
 
-from topology.graphs import TOPOLOGY_NAMES, TopologyError, is_drawn
+from topology.graphs import TOPOLOGY_NAMES, TopologyError, check_spec, is_drawn
 from topology.schedule import Topology, parse_topology
 from topology.walk import VisitCounts, base_chain, next_holder, srrw_probabilities, step_size
 from topology.weights import metropolis_hastings, spectral_gap, uniform
@@ -19,6 +19,7 @@ __all__ = [
     "TopologyError",
     "VisitCounts",
     "base_chain",
+    "check_spec",
     "is_drawn",
     "metropolis_hastings",
     "next_holder",

@@ -72,6 +72,38 @@ def split_spec(spec: str) -> tuple[str, list[str]]:
     return name, params
 
 
+def check_spec(spec: str) -> None:
+    """TopologyError when ``spec`` names no topology at any number of peers: an unknown name, a
+    parameter that is not a number or is out of its range, an edge list that cannot be read.
+    What depends on the number of peers (a torus of a prime number) is checked when the graph is
+    built."""
+    name, params = split_spec(spec)
+    match name:
+        case "regular":
+            _at_least(spec, "D", _int_param(spec, "D", params[0]), 1)
+        case "erdos":
+            if not 0 < _float_param(spec, "P", params[0]) <= 1:
+                raise TopologyError(f"topology {spec!r}: P must be in (0, 1]")
+        case "smallworld":
+            k = _int_param(spec, "K", params[0])
+            if k < 2 or k % 2:
+                raise TopologyError(f"topology {spec!r}: K must be even and at least 2")
+            if not 0 <= _float_param(spec, "P", params[1]) <= 1:
+                raise TopologyError(f"topology {spec!r}: P must be in [0, 1]")
+        case "base" | "el-oracle" | "el-local":
+            positive_int_param(spec, params[0])
+        case "file":
+            try:
+                Path(params[0]).read_text()
+            except (OSError, UnicodeDecodeError) as error:
+                raise TopologyError(f"cannot read edge list {params[0]}: {error}") from None
+
+
+def _at_least(spec: str, label: str, value: int, least: int) -> None:
+    if value < least:
+        raise TopologyError(f"topology {spec!r}: {label} must be at least {least}, got {value}")
+
+
 def build_graph(spec: str, n: int, seed: int = 0) -> nx.Graph:
     """The static graph ``spec`` names on n peers; connected (strongly, if directed) or an error."""
     if n < 2:
@@ -125,8 +157,7 @@ def positive_int_param(spec: str, text: str) -> int:
     name, _, _ = spec.partition(":")
     label = "K" if name == "base" else "S"
     value = _int_param(spec, label, text)
-    if value < 1:
-        raise TopologyError(f"topology {spec!r}: {label} must be at least 1, got {value}")
+    _at_least(spec, label, value, 1)
     return value
 
 
